@@ -41,7 +41,7 @@ run *ARGS: setup
 
 # Benchmarks: print tables, write JSON
 bench *ARGS: setup
-    {{bin}}/python -m benchmarks {{ARGS}}
+    {{bin}}/greeksd bench {{ARGS}}
 
 # Lint and type-check
 lint: setup

@@ -66,7 +66,7 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _brokers(text: str) -> tuple[str, ...]:
+def parse_brokers(text: str) -> tuple[str, ...]:
     names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     unknown = [name for name in names if name not in {"ibkr", "tastytrade", "synthetic"}]
     if unknown:
@@ -96,45 +96,76 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("DATABASE_URL", "", _optional_str,
-            "PostgreSQL URL; unset starts an embedded PostgreSQL under DATA_DIR", secret=True),
-    Setting("DATA_DIR", _default_data_dir, lambda t: Path(t).expanduser(),
-            "where the embedded database (and later the spool) live"),
+    Setting(
+        "DATABASE_URL",
+        "",
+        _optional_str,
+        "PostgreSQL URL; unset starts an embedded PostgreSQL under DATA_DIR",
+        secret=True,
+    ),
+    Setting(
+        "DATA_DIR",
+        _default_data_dir,
+        lambda t: Path(t).expanduser(),
+        "where the embedded database (and later the spool) live",
+    ),
     Setting("API_HOST", "127.0.0.1", str, "HTTP bind address"),
     Setting("API_PORT", "8765", _port, "HTTP port (0 = pick a free one)"),
-    Setting("API_TOKEN", "", _optional_str,
-            "bearer token for mutating routes; required when API_HOST is not loopback",
-            secret=True),
+    Setting(
+        "API_TOKEN",
+        "",
+        _optional_str,
+        "bearer token for mutating routes; required when API_HOST is not loopback",
+        secret=True,
+    ),
     Setting("FLUSH_ROWS", "50", _positive_int, "writer flushes a batch at this many rows"),
-    Setting("FLUSH_MS", "1000", _positive_int,
-            "... or this many ms after the batch's first row"),
-    Setting("QUEUE_SIZE", "100000", _positive_int,
-            "snapshots the channel to the writer holds before conflating per contract"),
+    Setting("FLUSH_MS", "1000", _positive_int, "... or this many ms after the batch's first row"),
+    Setting(
+        "QUEUE_SIZE",
+        "100000",
+        _positive_int,
+        "snapshots the channel to the writer holds before conflating per contract",
+    ),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
-    Setting("LATENCY_SLO_MS", "500", _positive_int,
-            "warn when p95 write latency over the last minute exceeds this"),
-    Setting("PARTITION_DAYS_AHEAD", "3", _non_negative_int,
-            "daily partitions created ahead of today"),
-    Setting("RETENTION_DAYS", "0", _non_negative_int,
-            "drop daily partitions older than this many days; 0 keeps everything"),
-    Setting("BROKERS", "ibkr,tastytrade", _brokers, "streams `greeksd run` starts"),
+    Setting(
+        "LATENCY_SLO_MS",
+        "500",
+        _positive_int,
+        "warn when p95 write latency over the last minute exceeds this",
+    ),
+    Setting(
+        "PARTITION_DAYS_AHEAD", "3", _non_negative_int, "daily partitions created ahead of today"
+    ),
+    Setting(
+        "RETENTION_DAYS",
+        "0",
+        _non_negative_int,
+        "drop daily partitions older than this many days; 0 keeps everything",
+    ),
+    Setting("BROKERS", "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"),
     Setting("IBKR_URL", "https://localhost:5000", str, "Client Portal Gateway base URL"),
     Setting("IBKR_CA_FILE", "", _optional_path, "CA bundle to verify the gateway with"),
-    Setting("IBKR_VERIFY_TLS", "0", _bool,
-            "verify the gateway certificate even on localhost"),
+    Setting("IBKR_VERIFY_TLS", "0", _bool, "verify the gateway certificate even on localhost"),
     Setting("IBKR_HEARTBEAT_S", "60", _positive_float, "seconds between websocket `tic`s"),
-    Setting("IBKR_POSITIONS_REFRESH_S", "60", _positive_float,
-            "seconds between IBKR position refreshes"),
-    Setting("IBKR_MAX_LINES", "100", _positive_int,
-            "concurrent market-data lines the IBKR account allows"),
+    Setting(
+        "IBKR_POSITIONS_REFRESH_S", "60", _positive_float, "seconds between IBKR position refreshes"
+    ),
+    Setting(
+        "IBKR_MAX_LINES",
+        "100",
+        _positive_int,
+        "concurrent market-data lines the IBKR account allows",
+    ),
     Setting("TT_SECRET", "", _optional_str, "Tastytrade OAuth provider secret", secret=True),
     Setting("TT_REFRESH", "", _optional_str, "Tastytrade OAuth refresh token", secret=True),
-    Setting("TT_ACCOUNT", "", _optional_str,
-            "Tastytrade account number (unset: every account)"),
-    Setting("TT_API_URL", "", _optional_str,
-            "Tastytrade REST base URL override (the simulator)"),
-    Setting("TT_POSITIONS_REFRESH_S", "60", _positive_float,
-            "seconds between Tastytrade position refreshes"),
+    Setting("TT_ACCOUNT", "", _optional_str, "Tastytrade account number (unset: every account)"),
+    Setting("TT_API_URL", "", _optional_str, "Tastytrade REST base URL override (the simulator)"),
+    Setting(
+        "TT_POSITIONS_REFRESH_S",
+        "60",
+        _positive_float,
+        "seconds between Tastytrade position refreshes",
+    ),
 )
 
 

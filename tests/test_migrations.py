@@ -1,0 +1,96 @@
+"""Schema migrations and daily partitions against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from greeksd.store.migrations import MigrationError, migrate, status
+from greeksd.store.partitions import create_partition, drop_expired, ensure_partitions
+from greeksd.store.writer import Writer
+from tests.factories import make_snapshot
+from tests.helpers import fetch_rows
+
+
+def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
+    assert migrate(empty_db_url) == ["001_init"]
+    tables = {
+        r[0]
+        for r in fetch_rows(
+            empty_db_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+    }
+    assert {"greek_snapshots_default", "trades", "schema_migrations"} <= tables
+    partitioned = fetch_rows(
+        empty_db_url, "SELECT relkind FROM pg_class WHERE relname = 'greek_snapshots'"
+    )
+    assert partitioned == [("p",)]
+    indexes = {
+        r[0]
+        for r in fetch_rows(
+            empty_db_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'greek_snapshots'"
+        )
+    }
+    assert any("(event_time DESC)" in d for d in indexes)
+    assert any("(broker, account_id, contract_key, event_time DESC" in d for d in indexes)
+    assert status(empty_db_url) == [("001_init", True)]
+
+
+def test_second_migrate_is_a_no_op(empty_db_url: str) -> None:
+    migrate(empty_db_url)
+    before = fetch_rows(empty_db_url, "SELECT version, applied_at FROM schema_migrations")
+    assert migrate(empty_db_url) == []
+    assert fetch_rows(empty_db_url, "SELECT version, applied_at FROM schema_migrations") == before
+
+
+def test_edited_applied_migration_is_refused(empty_db_url: str, tmp_path: Path) -> None:
+    schema = tmp_path / "schema"
+    schema.mkdir()
+    (schema / "001_one.sql").write_text("CREATE TABLE one (id int);")
+    migrate(empty_db_url, schema)
+    (schema / "001_one.sql").write_text("CREATE TABLE one (id bigint);")
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        migrate(empty_db_url, schema)
+
+
+def test_failed_migration_leaves_nothing_half_applied(empty_db_url: str, tmp_path: Path) -> None:
+    schema = tmp_path / "schema"
+    schema.mkdir()
+    (schema / "001_bad.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();")
+    with pytest.raises(psycopg.Error):
+        migrate(empty_db_url, schema)
+    assert fetch_rows(empty_db_url, "SELECT to_regclass('half')") == [(None,)]
+    assert fetch_rows(empty_db_url, "SELECT count(*) FROM schema_migrations") == [(0,)]
+
+
+async def test_far_future_row_lands_in_default_partition_and_moves_later(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ensure_partitions(conn, date(2026, 11, 25), 1)
+    far = datetime(2031, 3, 4, 12, 0, tzinfo=UTC)
+    writer = Writer(db_url)
+    await writer.write_batch([make_snapshot(0), make_snapshot(1, event_time=far)])
+    where = dict(
+        fetch_rows(
+            db_url, "SELECT tableoid::regclass::text, count(*) FROM greek_snapshots GROUP BY 1"
+        )
+    )
+    assert where == {"greek_snapshots_p20261125": 1, "greek_snapshots_default": 1}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert create_partition(conn, date(2031, 3, 4))
+    where = dict(
+        fetch_rows(
+            db_url, "SELECT tableoid::regclass::text, count(*) FROM greek_snapshots GROUP BY 1"
+        )
+    )
+    assert where == {"greek_snapshots_p20261125": 1, "greek_snapshots_p20310304": 1}
+
+
+def test_expired_partitions_are_dropped_and_retention_zero_keeps_all(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ensure_partitions(conn, date(2026, 11, 1), 2)
+        assert drop_expired(conn, date(2026, 11, 25), 0) == []
+        dropped = drop_expired(conn, date(2026, 11, 25), 23)
+    assert dropped == ["greek_snapshots_p20261101"]

@@ -1,0 +1,123 @@
+"""The `greeksd` process as a user runs it: config errors, API, and SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import count_rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREEKSD_")}
+    env.update(overrides)
+    return env
+
+
+def _greeksd(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "greeksd.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_status(
+    port: int, predicate: object, proc: subprocess.Popen[str], timeout: float = 30.0
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"greeksd exited early: {proc.communicate()[1]}")
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/v1/streaming/status", timeout=2).json()
+            if predicate(body):  # type: ignore[operator]
+                return body
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("status condition not reached")
+
+
+def test_bad_flush_rows_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    proc = _greeksd("run", env=_env(GREEKSD_FLUSH_ROWS="lots"), cwd=tmp_path)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "GREEKSD_FLUSH_ROWS" in err and "positive integer" in err
+    assert len(err.strip().splitlines()) == 1, "one clear line"
+
+
+def test_non_loopback_api_without_token_refuses_to_start(tmp_path: Path) -> None:
+    proc = _greeksd("run", env=_env(GREEKSD_API_HOST="0.0.0.0"), cwd=tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "GREEKSD_API_TOKEN" in err
+
+
+def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    # Batches never fill and never time out on their own: whatever reaches the
+    # database was flushed by the shutdown path.
+    env = _env(
+        GREEKSD_DATABASE_URL=db_url,
+        GREEKSD_API_PORT=str(port),
+        GREEKSD_FLUSH_ROWS="1000000",
+        GREEKSD_FLUSH_MS="3600000",
+        GREEKSD_BROKERS="synthetic",
+        GREEKSD_DATA_DIR=str(tmp_path),
+    )
+    proc = _greeksd("run", env=env, cwd=tmp_path)
+    try:
+        _wait_for_status(port, lambda s: s["streams"]["synthetic"]["ticks"] >= 20, proc)
+        assert count_rows(db_url) == 0
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    accepted = int(re.search(r"event=service_stopped accepted=(\d+)", err).group(1))  # type: ignore[union-attr]
+    assert accepted >= 20
+    assert count_rows(db_url) == accepted
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/streaming/status"])
+def test_api_serves_json_on_loopback(db_url: str, tmp_path: Path, path: str) -> None:
+    port = _free_port()
+    env = _env(
+        GREEKSD_DATABASE_URL=db_url,
+        GREEKSD_API_PORT=str(port),
+        GREEKSD_BROKERS="synthetic",
+        GREEKSD_FLUSH_MS="50",
+    )
+    proc = _greeksd("run", env=env, cwd=tmp_path)
+    try:
+        status = _wait_for_status(port, lambda s: s["writer"]["rows_written"] > 0, proc)
+        assert status["writer"]["latency_ms"]["p95"] is not None
+        response = httpx.get(f"http://127.0.0.1:{port}{path}")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        missing = httpx.get(f"http://127.0.0.1:{port}/no/such/route")
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
