@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -39,6 +40,10 @@ def build_sources(settings: Settings) -> list[Source]:
 
             today = datetime.now(UTC).date()
             sources.append(SyntheticSource(SyntheticMarket(default_contracts(today), as_of=today)))
+        elif name == "ibkr":
+            from greeksd.brokers.ibkr.stream import IbkrStream
+
+            sources.append(IbkrStream.from_settings(settings))
         else:
             raise ConfigError(f"broker {name!r} is not available in this build yet")
     return sources
@@ -95,6 +100,25 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
+    if args.broker == "ibkr":
+        from greeksd.sim.ibkr_gateway import run_ibkr_sim
+
+        print(f"IBKR gateway simulator on https://{args.host}:{args.port} (Ctrl-C to stop)",
+              flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(partial(run_ibkr_sim, args.port, host=args.host,
+                             contracts=args.contracts, tick_interval=args.tick_interval))
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
+    from greeksd.brokers.ibkr.probe import run_ibkr_probe
+
+    return int(trio.run(partial(run_ibkr_probe, settings, duration_s=args.duration,
+                                out_dir=Path(args.out))))
+
+
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
@@ -140,6 +164,25 @@ def make_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("status", help="list migrations and whether applied").set_defaults(
         handler=_cmd_db
     )
+    sim = commands.add_parser("sim", help="run a broker simulator alone",
+                              description="Serve a protocol-faithful broker simulator.")
+    sim.add_argument("broker", choices=["ibkr"])
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=5000)
+    sim.add_argument("--contracts", type=int, default=8, help="option positions held")
+    sim.add_argument("--tick-interval", type=float, default=0.2,
+                     help="seconds between market-data updates")
+    sim.set_defaults(handler=_cmd_sim)
+
+    probe = commands.add_parser("probe", help="check a broker connection and Greek coverage",
+                                description="Connect, subscribe the option positions for a "
+                                "bounded time, write a JSON summary and a per-contract coverage "
+                                "CSV; exit 1 when no Greeks arrived.")
+    probe.add_argument("broker", choices=["ibkr"])
+    probe.add_argument("--duration", type=float, default=30.0, help="seconds to listen")
+    probe.add_argument("--out", default="probe-results", help="directory for the reports")
+    probe.set_defaults(handler=_cmd_probe)
+
     bench = commands.add_parser("bench", help="run the benchmarks, print tables, write JSON")
     bench.add_argument(
         "--database-url",

@@ -1,0 +1,472 @@
+"""Sans-I/O core of the IBKR Client Portal websocket and REST shapes.
+
+Text frames in, events out; commands out as plain `TOPIC+{ARGS}` text (not JSON objects:
+a JSON-object subscription is the classic "connected but no Greeks" bug). Market data is
+sent as partial updates, so `MarketDataBook` keeps per-conid state, merges, and maps an
+option's merged fields to a `Snapshot`. Shared by the stream, the probe and the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
+
+LAST, BID, ASK, MARK = "31", "84", "86", "7635"
+DELTA, GAMMA, THETA, VEGA, IV = "7308", "7309", "7310", "7311", "7633"
+AVAILABILITY = "6509"
+OPTION_FIELDS: tuple[str, ...] = (LAST, BID, ASK, DELTA, GAMMA, THETA, VEGA, IV)
+UNDERLYING_FIELDS: tuple[str, ...] = (LAST,)
+SNAPSHOT_TRIGGERS = frozenset({LAST, BID, ASK, MARK, DELTA, GAMMA, THETA, VEGA, IV})
+CLEARED = frozenset({"", "N/A"})
+TIC = "tic"
+ECHO_HB = "ech+hb"
+_SCALE = {"K": 1e3, "M": 1e6, "B": 1e9}
+
+
+# ---- events ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    """`system` success: the gateway accepted this socket."""
+
+    username: str
+    is_paper: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    epoch_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TicReply:
+    alive: bool
+    last_accessed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStatus:
+    authenticated: bool
+    competing: bool
+    message: str
+    fail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accounts:
+    accounts: tuple[str, ...]
+    selected: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Bulletins (`blt`), notifications (`ntf`), trades (`str`), other `system` frames:
+    logged, not acted on here."""
+
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MarketData:
+    conid: int
+    fields: dict[str, str]
+    updated_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayErrorMessage:
+    message: str
+    code: Any
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingForSession:
+    """Legacy handshake prompt: the socket has no session yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """The raw `ech+hb` text the gateway echoes back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    reason: str
+    raw: str
+
+
+Event = (
+    LoggedIn
+    | Heartbeat
+    | TicReply
+    | AuthStatus
+    | Accounts
+    | Notice
+    | MarketData
+    | GatewayErrorMessage
+    | WaitingForSession
+    | Echo
+    | Unknown
+    | Malformed
+)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def parse_frame(data: str | bytes) -> Event:
+    """Decode one websocket frame. Never raises: bad input becomes `Malformed`."""
+    raw = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) else data
+    if raw.strip() == ECHO_HB:
+        return Echo()
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Malformed(f"invalid JSON: {exc}", raw[:200])
+    if not isinstance(obj, dict):
+        return Malformed(f"expected a JSON object, got {type(obj).__name__}", raw[:200])
+    try:
+        return _classify(obj)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return Malformed(f"bad {obj.get('topic', 'frame')!s:.40}: {exc}", raw[:200])
+
+
+def _classify(obj: dict[str, Any]) -> Event:
+    topic = obj.get("topic")
+    if topic is None or not isinstance(topic, str):
+        if "error" in obj:
+            return GatewayErrorMessage(str(obj["error"]), obj.get("code"))
+        if obj.get("message") == "waiting for session":
+            return WaitingForSession()
+        return Unknown(obj)
+    if topic.startswith("smd+"):
+        conid = _int_or_none(obj.get("conid")) or _int_or_none(topic[4:].split("@")[0])
+        if conid is None:
+            raise ValueError(f"no conid in {topic!r}")
+        values = {k: v for k, v in obj.items() if k[:1].isdigit()}
+        if any(not isinstance(v, str) for v in values.values()):
+            values = {k: _as_text(v) for k, v in values.items()}
+        return MarketData(conid, values, _int_or_none(obj.get("_updated")))
+    args = obj.get("args")
+    if topic == "system":
+        if "hb" in obj:
+            hb = _int_or_none(obj["hb"])
+            if hb is None:
+                raise ValueError(f"bad heartbeat {obj['hb']!r}")
+            return Heartbeat(hb)
+        if "success" in obj:
+            return LoggedIn(str(obj["success"]), bool(obj.get("isPaper", False)))
+        return Notice(topic, obj)
+    if topic == "sts" and isinstance(args, dict):
+        return AuthStatus(
+            bool(args.get("authenticated")),
+            bool(args.get("competing")),
+            str(args.get("message") or ""),
+            str(args.get("fail") or ""),
+        )
+    if topic == "act" and isinstance(args, dict):
+        accounts = tuple(str(a) for a in args.get("accounts") or ())
+        selected = args.get("selectedAccount")
+        return Accounts(accounts, str(selected) if selected else None)
+    if topic == "tic":
+        return TicReply(bool(obj.get("alive")), _int_or_none(obj.get("lastAccessed")))
+    if topic in {"blt", "ntf", "str"}:
+        return Notice(topic, obj)
+    if topic == "error" or "error" in obj:
+        return GatewayErrorMessage(str(obj.get("error", args)), obj.get("code"))
+    return Unknown(obj)
+
+
+# ---- values ------------------------------------------------------------------------------
+def parse_value(raw: Any) -> float | None:
+    """'193.18', 'C193.10' (prior close), 'H…' (halted), '28.4%', '1.2M', '15.3K', '1,234'.
+    Empty, 'N/A' or unparseable => None (never 0, never NaN)."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw) if math.isfinite(raw) else None
+    if not isinstance(raw, str):
+        return None
+    text = raw.strip().replace(",", "")
+    if text in CLEARED or text.upper() == "N/A":
+        return None
+    if text[0] in "CH":
+        text = text[1:]
+    scale = 1.0
+    if text.endswith("%"):
+        text = text[:-1]
+    elif text[-1:] in _SCALE:
+        scale, text = _SCALE[text[-1]], text[:-1]
+    try:
+        value = float(text) * scale
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_fraction(raw: Any) -> float | None:
+    """Field 7633 is a percent ('28.4%'); greeksd stores IV as a fraction like Tastytrade."""
+    value = parse_value(raw)
+    if value is None:
+        return None
+    return float(Decimal(repr(value)) / 100)
+
+
+def epoch_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+# ---- commands ----------------------------------------------------------------------------
+def _args(args: Mapping[str, Any]) -> str:
+    return orjson.dumps(dict(args)).decode()
+
+
+def smd_command(conid: int, fields: Iterable[str] = OPTION_FIELDS, exchange: str = "") -> str:
+    """`smd+265598+{"fields":["31",...]}`; `exchange` routes to one venue (`265598@CBOE`)."""
+    target = f"{conid}@{exchange}" if exchange else str(conid)
+    return f"smd+{target}+{_args({'fields': [str(f) for f in fields]})}"
+
+
+def umd_command(conid: int) -> str:
+    return f"umd+{conid}+{{}}"
+
+
+def session_cookie(session: str) -> str:
+    """The upgrade request's cookie value: `api={"session": "<tickle session>"}`."""
+    return 'api={"session": ' + orjson.dumps(session).decode() + "}"
+
+
+def session_from_cookie(header: str | None) -> str | None:
+    """Inverse of `session_cookie`, tolerant of other cookies in the same header."""
+    for part in (header or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == "api":
+            try:
+                obj = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return None
+            token = obj.get("session") if isinstance(obj, dict) else None
+            return token if isinstance(token, str) else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A client text command as the gateway sees it: `smd+265598@CBOE+{...}`."""
+
+    topic: str
+    target: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conid(self) -> int | None:
+        return _int_or_none(self.target.split("@")[0])
+
+
+def parse_command(text: str) -> Command | None:
+    """Parse a client frame; None when it is not `TOPIC[+TARGET][+{JSON}]` text."""
+    head, _, rest = text.strip().partition("+")
+    if not re.fullmatch(r"[a-z]{3}", head):
+        return None
+    target, _, args = ("", "", rest) if rest.startswith("{") else rest.partition("+")
+    if not args:
+        return Command(head, target)
+    try:
+        obj = orjson.loads(args)
+    except orjson.JSONDecodeError:
+        return None
+    return Command(head, target, obj) if isinstance(obj, dict) else None
+
+
+# ---- positions (REST) --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OptionPosition:
+    conid: int
+    und_conid: int | None
+    contract: Contract
+
+
+_OCC_LOCAL = re.compile(r"\[(?P<root>[A-Z0-9.]{1,6})\s+\d{6}[CP]\d{8}")
+
+
+def position_root(position: Mapping[str, Any]) -> str | None:
+    """The option's trading class, which is greeksd's root (SPXW, not SPX, for weeklies):
+    `tradingClass` (secdef), else the OCC local symbol inside `contractDesc`
+    ('SPX JUN2024 5000 C [SPXW  240621C05000000 100]'), else `ticker`, else `undSym`."""
+    trading_class = position.get("tradingClass")
+    if isinstance(trading_class, str) and trading_class:
+        return trading_class
+    match = _OCC_LOCAL.search(str(position.get("contractDesc") or ""))
+    if match:
+        return match["root"]
+    for key in ("ticker", "undSym"):
+        if isinstance(position.get(key), str) and position[key]:
+            return str(position[key])
+    return None
+
+
+def missing_option_fields(position: Mapping[str, Any]) -> list[str]:
+    """What a position lacks to become a `Contract`; fill those from secdef."""
+    needed = ("expiry", "putOrCall", "strike", "multiplier")
+    missing = [k for k in needed if position.get(k) in (None, "")]
+    if not isinstance(position.get("tradingClass"), str) and not _OCC_LOCAL.search(
+        str(position.get("contractDesc") or "")
+    ):
+        missing.append("tradingClass")
+    return missing
+
+
+def parse_option_position(position: Mapping[str, Any], account_id: str) -> OptionPosition:
+    """One `/portfolio/{acct}/positions` entry (optionally overlaid with its secdef) to an
+    `OptionPosition`. Raises ValueError naming what is wrong."""
+    root = position_root(position)
+    if not root:
+        raise ValueError("no trading class, contractDesc, ticker or undSym")
+    try:
+        expiry = datetime.strptime(str(position["expiry"]), "%Y%m%d").date()
+        right = OptionRight(str(position["putOrCall"]).upper()[:1])
+        strike = Decimal(str(position["strike"]))
+        quantity = Decimal(str(position["position"]))
+        multiplier = Decimal(str(position["multiplier"]))
+    except (KeyError, ValueError, InvalidOperation) as exc:
+        raise ValueError(f"bad option position {position.get('conid')}: {exc!r}") from None
+    if not strike.is_finite() or strike <= 0:
+        raise ValueError(f"bad strike {position['strike']!r}")
+    key = ContractKey(root, expiry, right, strike.normalize())
+    underlying = str(position.get("undSym") or position.get("ticker") or root)
+    acct = str(position.get("acctId") or account_id)
+    return OptionPosition(
+        int(position["conid"]),
+        _int_or_none(position.get("undConid")),
+        Contract(key, underlying, multiplier, quantity, acct),
+    )
+
+
+def is_option(position: Mapping[str, Any]) -> bool:
+    return position.get("assetClass") == "OPT" and _int_or_none(position.get("conid")) is not None
+
+
+# ---- market data state -------------------------------------------------------------------
+class MarketDataBook:
+    """Per-conid merged fields: a later message without a field keeps the earlier value,
+    an explicit '' or 'N/A' clears it. Snapshots only for options whose Greeks or prices
+    changed; the underlying's last price (its own conid) is joined by `undConid`."""
+
+    def __init__(self) -> None:
+        self._fields: dict[int, dict[str, str]] = {}
+        self._options: dict[int, OptionPosition] = {}
+
+    def track(self, position: OptionPosition) -> None:
+        self._options[position.conid] = position
+
+    def untrack(self, conid: int) -> None:
+        self._options.pop(conid, None)
+        self._fields.pop(conid, None)
+
+    def forget_values(self) -> None:
+        """After a reconnect the gateway resends a full image; stale values must not mix."""
+        self._fields.clear()
+
+    def fields(self, conid: int) -> dict[str, str]:
+        return self._fields.get(conid, {})
+
+    def apply(self, event: MarketData, received_at: datetime) -> Snapshot | None:
+        merged = self._fields.setdefault(event.conid, {})
+        changed = False
+        for key, value in event.fields.items():
+            old = merged.get(key)
+            if value.strip() in CLEARED:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+            changed = changed or (key in SNAPSHOT_TRIGGERS and old != merged.get(key))
+        position = self._options.get(event.conid)
+        if position is None or not changed:
+            return None
+        und = self._fields.get(position.und_conid, {}) if position.und_conid else {}
+        event_time = epoch_ms(event.updated_ms) if event.updated_ms else received_at
+        return Snapshot.for_contract(
+            Broker.IBKR,
+            position.contract,
+            event_time=event_time,
+            received_at=received_at,
+            delta=parse_value(merged.get(DELTA)),
+            gamma=parse_value(merged.get(GAMMA)),
+            theta=parse_value(merged.get(THETA)),
+            vega=parse_value(merged.get(VEGA)),
+            rho=None,
+            implied_volatility=parse_fraction(merged.get(IV)),
+            underlying_price=parse_value(und.get(LAST)),
+            bid=parse_value(merged.get(BID)),
+            ask=parse_value(merged.get(ASK)),
+            last=parse_value(merged.get(LAST)),
+            mark=parse_value(merged.get(MARK)),
+            source_payload=dict(merged),
+        )
+
+
+# ---- server frames (the simulator speaks with these) -------------------------------------
+WAITING_FOR_SESSION = '{"message":"waiting for session"}'
+
+
+def frame(obj: Mapping[str, Any]) -> str:
+    return orjson.dumps(dict(obj)).decode()
+
+
+def market_data_frame(conid: int, values: Mapping[str, str], updated_ms: int) -> str:
+    return frame(
+        {
+            "server_id": "q0",
+            "conidEx": str(conid),
+            "conid": conid,
+            "_updated": updated_ms,
+            **values,
+            "topic": f"smd+{conid}",
+        }
+    )
+
+
+def sts_frame(
+    authenticated: bool, *, competing: bool = False, message: str = "", username: str = ""
+) -> str:
+    return frame(
+        {
+            "topic": "sts",
+            "args": {
+                "authenticated": authenticated,
+                "competing": competing,
+                "message": message,
+                "fail": "",
+                "serverName": "greeksd-sim",
+                "serverVersion": "sim",
+                "username": username,
+            },
+        }
+    )
+
+
+def expiry_text(day: date) -> str:
+    return day.strftime("%Y%m%d")

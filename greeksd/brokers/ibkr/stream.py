@@ -1,0 +1,327 @@
+"""The IBKR I/O shell: gateway session, websocket, heartbeats, re-subscription, positions.
+
+One connection = one `_Link` with its own nursery: a reader (which is also the watchdog),
+a `tic` loop, a `/tickle` loop, an smd renewal loop (IBKR ends every smd stream after 10
+minutes) and a positions refresher. Any of them losing the link cancels the others; `run`
+then backs off and starts over with a fresh session and full re-subscription.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from greeksd.backoff import Backoff
+from greeksd.brokers.ibkr import protocol as p
+from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, NotAuthenticated
+from greeksd.brokers.ibkr.protocol import OptionPosition
+from greeksd.config import Settings
+from greeksd.logs import get_logger, log_context
+from greeksd.model import SnapshotSink, StreamState, StreamStatus
+from greeksd.redact import register_secret
+
+log = get_logger("greeksd.ibkr.stream")
+
+LINK_ERRORS = (GatewayError, HandshakeError, ConnectionClosed, trio.BrokenResourceError, OSError)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class LinkLost(Exception):
+    """The websocket or the session is gone; `run` reconnects."""
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for status and logs (never a cookie: those are not in exceptions)."""
+    if isinstance(exc, NotAuthenticated):
+        return exc.reason
+    if isinstance(exc, ConnectionRejected):
+        return f"websocket upgrade refused (HTTP {exc.status_code})"
+    if isinstance(exc, ConnectionClosed):
+        why = exc.reason
+        return f"websocket closed ({why.code} {why.name})" if why else "websocket closed"
+    if isinstance(exc, LinkLost | GatewayError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class LinePlan:
+    """Which conids get one of the account's limited market-data lines: options first,
+    largest |position| first (Greeks matter more than the underlying's price), then the
+    underlyings of the subscribed options with what is left."""
+
+    options: list[OptionPosition]
+    underlyings: list[int]
+    left_out: list[OptionPosition]
+
+    @classmethod
+    def build(cls, positions: Iterable[OptionPosition], max_lines: int) -> LinePlan:
+        ranked = sorted(positions, key=lambda o: (-abs(o.contract.quantity), str(o.contract.key)))
+        options, left_out = ranked[:max_lines], ranked[max_lines:]
+        unds = list(dict.fromkeys(o.und_conid for o in options if o.und_conid is not None))
+        return cls(options, unds[: max_lines - len(options)], left_out)
+
+    def wanted(self) -> dict[int, tuple[str, ...]]:
+        lines = {o.conid: p.OPTION_FIELDS for o in self.options}
+        return lines | {u: p.UNDERLYING_FIELDS for u in self.underlyings}
+
+
+def open_socket(
+    gw: GatewayClient,
+    session: str,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    disconnect_timeout: float = 2.0,
+) -> Any:
+    """The websocket, logged in by the `api={"session": …}` cookie on the upgrade."""
+    cookie = p.session_cookie(session).encode()
+    return open_websocket_url(
+        gw.ws_url,
+        ssl_context=ssl_context or gw.ssl_context,
+        extra_headers=[(b"Cookie", cookie)],
+        connect_timeout=10.0,
+        disconnect_timeout=disconnect_timeout,
+    )
+
+
+class IbkrStream:
+    """`Source` for IBKR: every Greeks tick of every option position into the sink."""
+
+    name = "ibkr"
+
+    def __init__(
+        self,
+        url: str = "https://localhost:5000",
+        *,
+        ca_file: Path | None = None,
+        verify_tls: bool = False,
+        heartbeat_s: float = 60.0,
+        tickle_s: float = 60.0,
+        watchdog_s: float = 30.0,
+        positions_refresh_s: float = 60.0,
+        smd_refresh_s: float = 540.0,
+        max_lines: int = 100,
+        rest_min_interval: float = 0.1,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.url = url
+        self.ca_file = ca_file
+        self.verify_tls = verify_tls
+        self.heartbeat_s = heartbeat_s
+        self.tickle_s = tickle_s
+        self.watchdog_s = watchdog_s
+        self.positions_refresh_s = positions_refresh_s
+        self.smd_refresh_s = smd_refresh_s
+        self.max_lines = max_lines
+        self.rest_min_interval = rest_min_interval
+        self.backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IbkrStream:
+        return cls(
+            settings.ibkr_url,
+            ca_file=settings.ibkr_ca_file,
+            verify_tls=settings.ibkr_verify_tls,
+            heartbeat_s=settings.ibkr_heartbeat_s,
+            positions_refresh_s=settings.ibkr_positions_refresh_s,
+            max_lines=settings.ibkr_max_lines,
+        )
+
+    async def run(self, sink: SnapshotSink, status: StreamStatus) -> None:
+        with log_context(broker="ibkr"):
+            status.set_state(StreamState.CONNECTING, now=_now())
+            async with GatewayClient(
+                self.url,
+                ca_file=self.ca_file,
+                verify_tls=self.verify_tls,
+                min_interval=self.rest_min_interval,
+            ) as gw:
+                while True:
+                    try:
+                        await self._connect_once(gw, sink, status)
+                    except (LinkLost, *LINK_ERRORS) as exc:
+                        reason = describe(exc)
+                    status.last_error = reason
+                    status.reconnects += 1
+                    status.set_state(StreamState.DEGRADED, reason, now=_now())
+                    delay = self.backoff.next_delay()
+                    log.warning("ibkr_link_lost", reason=reason, retry_in_s=round(delay, 2))
+                    await trio.sleep(delay)
+
+    async def _connect_once(
+        self, gw: GatewayClient, sink: SnapshotSink, status: StreamStatus
+    ) -> None:
+        info = await gw.tickle()
+        if info.problem:
+            raise NotAuthenticated(info.problem)
+        if not info.session:
+            raise GatewayError("/tickle returned no session token")
+        register_secret(info.session)
+        await gw.iserver_accounts()  # without this call the gateway sends no market data
+        positions = await load_option_positions(gw)
+        async with open_socket(gw, info.session) as ws:
+            link = _Link(self, gw, ws, sink, status, positions, info.session)
+            async with trio.open_nursery() as nursery:
+                link.scope = nursery.cancel_scope
+                nursery.start_soon(link.guard, link.read)
+                nursery.start_soon(link.guard, link.tic_loop)
+                nursery.start_soon(link.guard, link.tickle_loop)
+                nursery.start_soon(link.guard, link.renew_loop)
+                nursery.start_soon(link.guard, link.positions_loop)
+        raise LinkLost(link.lost or "websocket closed")
+
+
+async def load_option_positions(gw: GatewayClient) -> list[OptionPosition]:
+    positions, problems = await gw.option_positions()
+    for problem in problems:
+        log.warning("ibkr_position_skipped", reason=problem)
+    return positions
+
+
+@dataclass(eq=False)
+class _Link:
+    """State of one websocket connection; discarded on reconnect."""
+
+    stream: IbkrStream
+    gw: GatewayClient
+    ws: WebSocketConnection
+    sink: SnapshotSink
+    status: StreamStatus
+    positions: list[OptionPosition]
+    session: str
+    book: p.MarketDataBook = field(default_factory=p.MarketDataBook)
+    lines: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    ready: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    lost: str | None = None
+
+    async def guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Turn any link failure into one recorded reason and a cancelled link."""
+        try:
+            await task()
+        except (LinkLost, *LINK_ERRORS) as exc:
+            self.lose(describe(exc))
+
+    def lose(self, reason: str) -> None:
+        self.lost = self.lost or reason
+        self.scope.cancel()
+
+    async def read(self) -> None:
+        watchdog = self.stream.watchdog_s
+        while True:
+            with trio.move_on_after(watchdog) as timer:
+                message = await self.ws.get_message()
+            if timer.cancelled_caught:
+                raise LinkLost(f"no message for {watchdog:g}s (watchdog)")
+            received_at = _now()
+            self.status.last_message_at = received_at
+            await self.handle(p.parse_frame(message), received_at)
+
+    async def handle(self, event: p.Event, received_at: datetime) -> None:
+        status = self.status
+        match event:
+            case p.MarketData():
+                snapshot = self.book.apply(event, received_at)
+                if snapshot is not None:
+                    self.sink.put(snapshot)
+                    status.ticks += 1
+            case p.AuthStatus(authenticated=True, competing=False):
+                if not self.ready.is_set():
+                    await self.subscribe(self.positions)
+                    self.ready.set()
+                    self.stream.backoff.reset()
+                    status.set_state(StreamState.CONNECTED, now=_now())
+                    log.info("ibkr_connected", lines=len(self.lines))
+            case p.AuthStatus(competing=competing, message=message):
+                raise NotAuthenticated(
+                    "competing session"
+                    if competing
+                    else "not authenticated" + (f": {message}" if message else "")
+                )
+            case p.Malformed(reason=reason, raw=raw):
+                status.rejected_frames += 1
+                log.warning("ibkr_bad_frame", reason=reason, frame=raw[:80])
+            case p.GatewayErrorMessage(message=message, code=code):
+                status.details["gateway_errors"] = status.details.get("gateway_errors", 0) + 1
+                log.warning("ibkr_gateway_error", message=message, code=code)
+            case p.WaitingForSession():  # an old gateway ignored the cookie: legacy login
+                await self.ws.send_message(p.frame({"session": self.session}))
+            case p.LoggedIn() | p.Accounts() | p.Notice():
+                log.info("ibkr_notice", kind=type(event).__name__, detail=str(event)[:200])
+            case p.Unknown(payload=payload):
+                log.debug("ibkr_unknown_frame", topic=payload.get("topic"))
+
+    async def subscribe(self, positions: list[OptionPosition]) -> None:
+        """Bring the lines to the plan for `positions`: smd what is new, umd what is gone."""
+        plan = LinePlan.build(positions, self.stream.max_lines)
+        wanted = plan.wanted()
+        for option in plan.options:
+            self.book.track(option)
+        for conid in [c for c in self.lines if c not in wanted]:
+            self.book.untrack(conid)
+            del self.lines[conid]
+            await self.ws.send_message(p.umd_command(conid))
+        for conid, fields in wanted.items():
+            if conid not in self.lines:
+                self.lines[conid] = fields
+                await self.ws.send_message(p.smd_command(conid, fields))
+        left_out = [str(o.contract.key) for o in plan.left_out]
+        if left_out != self.status.details.get("left_out", []):
+            log.warning(
+                "ibkr_lines_left_out",
+                count=len(left_out),
+                max_lines=self.stream.max_lines,
+                contracts=",".join(left_out),
+            )
+        self.status.details["left_out"] = left_out
+        self.status.subscriptions = len(self.lines)
+
+    async def tic_loop(self) -> None:
+        while True:
+            await trio.sleep(self.stream.heartbeat_s)
+            await self.ws.send_message(p.TIC)
+
+    async def tickle_loop(self) -> None:
+        while True:
+            await trio.sleep(self.stream.tickle_s)
+            info = await self.gw.tickle()
+            if info.problem:
+                raise NotAuthenticated(info.problem)
+
+    async def renew_loop(self) -> None:
+        """Re-send every smd before IBKR's 10-minute stream expiry."""
+        await self.ready.wait()
+        while True:
+            await trio.sleep(self.stream.smd_refresh_s)
+            for conid, fields in list(self.lines.items()):
+                if conid in self.lines:  # not unsubscribed while we were sending
+                    await self.ws.send_message(p.smd_command(conid, fields))
+
+    async def positions_loop(self) -> None:
+        await self.ready.wait()
+        while True:
+            await trio.sleep(self.stream.positions_refresh_s)
+            try:
+                self.positions = await load_option_positions(self.gw)
+            except NotAuthenticated:
+                raise
+            except GatewayError as exc:  # keep streaming what we have; next refresh retries
+                log.warning("ibkr_positions_refresh_failed", error=str(exc))
+                continue
+            await self.subscribe(self.positions)

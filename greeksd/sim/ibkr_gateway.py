@@ -1,0 +1,648 @@
+"""A protocol-faithful fake Client Portal Gateway: one HTTPS port (self-signed, trustme)
+with the REST calls under /v1/api and the websocket at /v1/api/ws.
+
+It behaves like the real gateway where clients usually go wrong: text commands, the
+`api={"session": …}` cookie, a sparse first market-data message, only changed fields
+afterwards, Greeks after prices, smd streams that end `smd_expiry_s` after they were
+requested, a lines limit that silently ignores extra subscriptions, a preflight snapshot
+that is empty the first time, and no data until /iserver/accounts was called. Fault
+switches (methods, or POST /sim/fault) let tests and demos break it on purpose.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+
+from greeksd.brokers.ibkr import protocol as p
+from greeksd.logs import get_logger
+from greeksd.model import ContractKey, format_strike
+from greeksd.sim.market import SimContract, SyntheticMarket, Tick, default_contracts
+
+log = get_logger("greeksd.sim.ibkr")
+
+UNDERLYING_CONIDS = {"AAPL": 265598, "SPY": 756733, "SPX": 416904, "MSFT": 272093, "QQQ": 320227}
+PRICE_FIELDS = frozenset({p.LAST, p.BID, p.ASK, p.MARK})
+BOOKKEEPING = {"6119": "q0", p.AVAILABILITY: "RpB"}
+MALFORMED_FRAMES: tuple[str | bytes, ...] = (
+    "not json {",
+    "[1, 2, 3]",
+    '"just a string"',
+    '{"topic":"smd+abc","31":"1"}',
+    b"\xff\xfe binary garbage",
+)
+FAULTS = (
+    "drop",
+    "stall",
+    "malformed",
+    "expire_session",
+    "refuse_ws",
+    "slow_rest",
+    "throttle",
+    "restore",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SentTick:
+    """One market-data message the simulator queued: what a test compares rows with."""
+
+    conid: int
+    key: ContractKey | None  # None for an underlying's price line
+    fields: dict[str, str]
+    updated_ms: int
+
+
+@dataclass(slots=True)
+class _Line:
+    fields: tuple[str, ...]
+    requested_at: float
+    stage: int = 1  # 0 sparse (sent at subscribe), 1 prices only, 2 everything
+    sent: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Conn:
+    ident: int
+    outbox: trio.MemorySendChannel[str | bytes]
+    scope: trio.CancelScope
+    logged_in: bool = False
+    lines: dict[int, _Line] = field(default_factory=dict)
+
+
+def _fmt(value: float, places: int) -> str:
+    return f"{value:.{places}f}"
+
+
+def tick_values(tick: Tick) -> dict[str, str]:
+    """The option's field strings as the gateway formats them (IV in percent)."""
+    g = tick.greeks
+    return {
+        p.LAST: _fmt(g.price, 2),
+        p.BID: _fmt(tick.bid, 2),
+        p.ASK: _fmt(tick.ask, 2),
+        p.MARK: _fmt((tick.bid + tick.ask) / 2, 3),
+        p.DELTA: _fmt(g.delta, 4),
+        p.GAMMA: _fmt(g.gamma, 5),
+        p.THETA: _fmt(g.theta, 4),
+        p.VEGA: _fmt(g.vega, 4),
+        p.IV: _fmt(g.implied_volatility * 100, 1) + "%",
+    }
+
+
+class IbkrGatewaySim:
+    def __init__(
+        self,
+        contracts: Sequence[SimContract] | None = None,
+        *,
+        as_of: date | None = None,
+        seed: int = 7,
+        tick_interval: float | None = 0.05,
+        heartbeat_s: float = 10.0,
+        smd_expiry_s: float = 600.0,
+        max_lines: int = 100,
+        account: str = "U1234567",
+        username: str = "simuser",
+        bare_positions: bool = False,
+    ) -> None:
+        as_of = as_of or date.today()
+        self.market = SyntheticMarket(contracts or default_contracts(as_of), as_of=as_of, seed=seed)
+        self.tick_interval = tick_interval
+        self.heartbeat_s = heartbeat_s
+        self.smd_expiry_s = smd_expiry_s
+        self.max_lines = max_lines
+        self.account = account
+        self.username = username
+        self.bare_positions = bare_positions
+        self.url = ""
+        self.ca_file: Path | None = None
+        self.conids: dict[ContractKey, int] = {}
+        self.underlying_conids = dict(UNDERLYING_CONIDS)
+        self.sent_ticks: list[SentTick] = []
+        self.received: list[tuple[float, str]] = []  # (trio time, client text)
+        self.ignored_subscriptions: list[int] = []
+        self.ws_connects = 0
+        self.market_ticks = 0
+        self.logins: list[str] = []  # "cookie", "legacy" or "cookieless", per socket
+        self.rest_calls: list[str] = []
+        self._latest: dict[int, dict[str, str]] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._next_conn = 0
+        self._session = secrets.token_hex(16)
+        self._authenticated = True
+        self._iserver_accounts_called = False
+        self._preflighted: set[int] = set()
+        self._stalled = False
+        self._refuse_ws = False
+        self._rest_delay = 0.0
+        self._throttle = 0
+        for contract in self.market.contracts:
+            self._assign_conid(contract)
+        self.app = self._build_app()
+
+    # ---- positions ------------------------------------------------------------------
+    def _assign_conid(self, contract: SimContract) -> int:
+        self.underlying_conids.setdefault(contract.underlying, 900000 + len(self.underlying_conids))
+        return self.conids.setdefault(contract.key, 700000001 + len(self.conids))
+
+    def conid_of(self, key: ContractKey) -> int:
+        return self.conids[key]
+
+    def open_position(self, contract: SimContract) -> int:
+        """Add a held option at runtime; returns its conid."""
+        self.market.add_contract(contract)
+        return self._assign_conid(contract)
+
+    def close_position(self, key: ContractKey) -> None:
+        self.market.remove_contract(key)
+
+    def _position_json(self, c: SimContract) -> dict[str, Any]:
+        k = c.key
+        strike = format_strike(k.strike)
+        local = f"{k.root:<6}{k.expiration:%y%m%d}{k.right.value}{int(k.strike * 1000):08d}"
+        row: dict[str, Any] = {
+            "acctId": self.account,
+            "conid": self.conids[k],
+            "assetClass": "OPT",
+            "contractDesc": f"{c.underlying} {k.expiration:%b%Y}".upper()
+            + f" {strike} {k.right.value} [{local} {c.multiplier}]",
+            "position": float(c.quantity),
+            "mktPrice": 0.0,
+            "mktValue": 0.0,
+            "avgCost": 0.0,
+            "currency": "USD",
+            "ticker": c.underlying,
+            "undSym": c.underlying,
+            "undConid": self.underlying_conids[c.underlying],
+            "multiplier": float(c.multiplier),
+            "expiry": p.expiry_text(k.expiration),
+            "putOrCall": k.right.value,
+            "strike": strike,
+        }
+        if self.bare_positions:
+            for key in ("expiry", "putOrCall", "strike", "multiplier"):
+                row.pop(key)
+            row["contractDesc"] = c.underlying
+        return row
+
+    def _secdef_json(self, c: SimContract) -> dict[str, Any]:
+        return {
+            **self._position_json(c),
+            "tradingClass": c.key.root,
+            "expiry": p.expiry_text(c.key.expiration),
+            "putOrCall": c.key.right.value,
+            "strike": format_strike(c.key.strike),
+            "multiplier": float(c.multiplier),
+        }
+
+    # ---- faults ---------------------------------------------------------------------
+    def drop_connections(self) -> None:
+        for conn in list(self._conns.values()):
+            conn.scope.cancel()
+
+    def stall(self) -> None:
+        """Send nothing at all (no heartbeats either) until `restore`."""
+        self._stalled = True
+
+    def send_malformed(self) -> None:
+        for conn in self._conns.values():
+            for frame in MALFORMED_FRAMES:
+                self._send(conn, frame)
+
+    def expire_session(self) -> None:
+        """Brokerage session gone (daily reset): sts false, REST unauthenticated."""
+        self._authenticated = False
+        self._broadcast_sts()
+
+    def refuse_websocket(self) -> None:
+        self._refuse_ws = True
+
+    def slow_rest(self, seconds: float) -> None:
+        self._rest_delay = seconds
+
+    def throttle(self, requests: int) -> None:
+        """The next `requests` REST calls get 429."""
+        self._throttle = requests
+
+    def restore(self) -> None:
+        """Clear every fault; a re-authenticated session has a new token and needs
+        /iserver/accounts again."""
+        if not self._authenticated:
+            self._session = secrets.token_hex(16)
+            self._iserver_accounts_called = False
+            self._authenticated = True
+            self._broadcast_sts()
+        self._stalled = self._refuse_ws = False
+        self._rest_delay, self._throttle = 0.0, 0
+
+    def apply_fault(self, name: str, value: float = 0.0) -> None:
+        actions = {
+            "drop": self.drop_connections,
+            "stall": self.stall,
+            "malformed": self.send_malformed,
+            "expire_session": self.expire_session,
+            "refuse_ws": self.refuse_websocket,
+            "restore": self.restore,
+            "slow_rest": lambda: self.slow_rest(value),
+            "throttle": lambda: self.throttle(int(value)),
+        }
+        if name not in actions:
+            raise ValueError(f"unknown fault {name!r}; use one of {', '.join(FAULTS)}")
+        log.info("ibkr_sim_fault", fault=name, value=value)
+        actions[name]()
+
+    # ---- websocket ------------------------------------------------------------------
+    def _send(self, conn: _Conn, frame: str | bytes) -> None:
+        if self._stalled:
+            return
+        try:
+            conn.outbox.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.warning("ibkr_sim_outbox_dropped", conn=conn.ident)
+
+    def _broadcast_sts(self) -> None:
+        for conn in self._conns.values():
+            if conn.logged_in:
+                self._send(conn, self._sts())
+
+    def _sts(self) -> str:
+        message = "" if self._authenticated else "session expired"
+        return p.sts_frame(self._authenticated, message=message, username=self.username)
+
+    def _login(self, conn: _Conn, how: str) -> None:
+        self.logins.append(how)
+        conn.logged_in = True
+        self._send(
+            conn,
+            p.frame({"topic": "system", "success": self.username, "isFT": False, "isPaper": False}),
+        )
+        self._send(conn, self._sts())
+        self._send(
+            conn,
+            p.frame(
+                {
+                    "topic": "act",
+                    "args": {
+                        "accounts": [self.account],
+                        "selectedAccount": self.account,
+                        "acctProps": {self.account: {"hasChildAccounts": False}},
+                        "isPaper": False,
+                    },
+                }
+            ),
+        )
+
+    def _handle_text(self, conn: _Conn, text: str) -> None:
+        self.received.append((trio.current_time(), text))
+        if text.startswith("{"):  # legacy handshake: {"session": "<token>"}
+            if p.session_from_cookie("api=" + text) == self._session and not conn.logged_in:
+                self._login(conn, "legacy")
+            elif not conn.logged_in:
+                self._send(conn, p.frame({"error": "Topic unknown: " + text[:20], "code": 1}))
+            return
+        command = p.parse_command(text)
+        if command is None or command.topic not in {"smd", "umd", "tic", "ech", "str", "utr"}:
+            self._send(conn, p.frame({"error": "Topic unknown: " + text[:20], "code": 1}))
+            return
+        if not conn.logged_in:  # a cookie-less socket: the local gateway's session serves it
+            self._login(conn, "cookieless")
+        if command.topic == "tic":
+            self._send(
+                conn,
+                p.frame(
+                    {
+                        "topic": "tic",
+                        "alive": self._authenticated,
+                        "id": f"sim{conn.ident}",
+                        "lastAccessed": int(time.time() * 1000),
+                    }
+                ),
+            )
+        elif command.topic == "ech":
+            self._send(conn, p.ECHO_HB)
+        elif command.topic == "smd" and command.conid is not None:
+            self._subscribe(conn, command.conid, command.args.get("fields") or [])
+        elif command.topic == "umd" and command.conid is not None:
+            conn.lines.pop(command.conid, None)
+
+    def _subscribe(self, conn: _Conn, conid: int, fields: list[Any]) -> None:
+        now = trio.current_time()
+        self._expire(conn, now)
+        line = conn.lines.get(conid)
+        if line is not None:  # a repeat request renews the 10-minute stream, may add fields
+            line.requested_at = now
+            line.fields = tuple(dict.fromkeys((*line.fields, *map(str, fields))))
+            return
+        if len(conn.lines) >= self.max_lines or not self._iserver_accounts_called:
+            self.ignored_subscriptions.append(conid)  # silently, like the gateway
+            return
+        conn.lines[conid] = _Line(tuple(map(str, fields)), now)
+        self._send(conn, p.market_data_frame(conid, BOOKKEEPING, int(time.time() * 1000)))
+
+    def _expire(self, conn: _Conn, now: float) -> None:
+        for conid in [
+            c for c, line in conn.lines.items() if now - line.requested_at >= self.smd_expiry_s
+        ]:
+            del conn.lines[conid]
+
+    def lines(self) -> set[int]:
+        """Conids with a live (requested, not expired) smd stream on any socket."""
+        now = trio.current_time()
+        return {
+            conid
+            for conn in self._conns.values()
+            for conid, line in conn.lines.items()
+            if now - line.requested_at < self.smd_expiry_s
+        }
+
+    def push(self, conid: int, values: dict[str, str]) -> None:
+        """Send exactly these field values to every subscriber of `conid` (tests use it
+        for partial updates and explicit clears)."""
+        self._deliver(conid, values, raw=True)
+
+    def _deliver(self, conid: int, values: dict[str, str], *, raw: bool = False) -> None:
+        self._latest.setdefault(conid, {}).update(values)
+        if not self._authenticated or self._stalled:
+            return
+        now = trio.current_time()
+        key = next((k for k, c in self.conids.items() if c == conid), None)
+        for conn in self._conns.values():
+            self._expire(conn, now)
+            line = conn.lines.get(conid)
+            if line is None:
+                continue
+            wanted = {
+                k: v
+                for k, v in values.items()
+                if raw or (k in line.fields and (line.stage > 1 or k in PRICE_FIELDS))
+            }
+            changed = {k: v for k, v in wanted.items() if raw or line.sent.get(k) != v}
+            line.stage += 1
+            if not changed:
+                continue
+            line.sent.update(changed)
+            updated = int(time.time() * 1000)
+            self.sent_ticks.append(SentTick(conid, key, changed, updated))
+            self._send(conn, p.market_data_frame(conid, changed, updated))
+
+    def tick(self) -> Tick:
+        """Advance the market one step and send what changed."""
+        tick = self.market.next_tick()
+        self.market_ticks += 1
+        self._deliver(
+            self.underlying_conids[tick.contract.underlying],
+            {p.LAST: _fmt(tick.underlying_price, 2)},
+        )
+        self._deliver(self.conids[tick.contract.key], tick_values(tick))
+        return tick
+
+    async def _run_conn(
+        self, conn: _Conn, outbox: trio.MemoryReceiveChannel[str | bytes], session: str | None
+    ) -> None:
+        ws = websocket._get_current_object()  # type: ignore[attr-defined]
+
+        async def writer() -> None:
+            async for frame in outbox:
+                if not self._stalled:
+                    await ws.send(frame)
+
+        async def heartbeat() -> None:
+            while True:
+                await trio.sleep(self.heartbeat_s)
+                self._send(conn, p.frame({"topic": "system", "hb": int(time.time() * 1000)}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(heartbeat)
+            if session is not None and session == self._session:
+                self._login(conn, "cookie")
+            else:
+                self._send(conn, p.WAITING_FOR_SESSION)
+            while True:
+                data = await ws.receive()
+                self._handle_text(conn, data if isinstance(data, str) else data.decode())
+
+    # ---- HTTP -----------------------------------------------------------------------
+    def _build_app(self) -> QuartTrio:
+        app = QuartTrio("greeksd-ibkr-sim")
+        sim = self
+
+        @app.websocket("/v1/api/ws")
+        async def ws_endpoint() -> Any:
+            if sim._refuse_ws:
+                return Response("websocket refused", status=401)
+            await websocket.accept()
+            sim.ws_connects += 1
+            sim._next_conn += 1
+            send, receive = trio.open_memory_channel[str | bytes](10000)
+            conn = _Conn(sim._next_conn, send, trio.CancelScope())
+            sim._conns[conn.ident] = conn
+            try:
+                with conn.scope:
+                    await sim._run_conn(
+                        conn, receive, p.session_from_cookie(websocket.headers.get("Cookie"))
+                    )
+            finally:
+                del sim._conns[conn.ident]
+            return None
+
+        @app.before_request
+        async def pace() -> Any:
+            sim.rest_calls.append(request.path)
+            if sim._rest_delay:
+                await trio.sleep(sim._rest_delay)
+            if sim._throttle > 0 and request.path.startswith("/v1/api"):
+                sim._throttle -= 1
+                return Response("Too Many Requests", status=429)
+            guarded = (
+                "/v1/api/iserver/accounts",
+                "/v1/api/portfolio",
+                "/v1/api/trsrv",
+                "/v1/api/iserver/marketdata",
+            )
+            if not sim._authenticated and request.path.startswith(guarded):
+                return {"error": "not authenticated"}, 401
+            return None
+
+        @app.route("/v1/api/iserver/auth/status", methods=["GET", "POST"])
+        async def auth_status() -> Any:
+            return sim._auth_json()
+
+        @app.route("/v1/api/tickle", methods=["GET", "POST"])
+        async def tickle() -> Any:
+            return {
+                "session": sim._session,
+                "ssoExpires": 600000,
+                "collission": False,
+                "userId": 1,
+                "iserver": {"authStatus": sim._auth_json()},
+            }
+
+        @app.get("/v1/api/iserver/accounts")
+        async def iserver_accounts() -> Any:
+            sim._iserver_accounts_called = True
+            return {
+                "accounts": [sim.account],
+                "selectedAccount": sim.account,
+                "aliases": {sim.account: sim.account},
+                "isPaper": False,
+            }
+
+        @app.get("/v1/api/portfolio/accounts")
+        async def portfolio_accounts() -> Any:
+            return [
+                {
+                    "id": sim.account,
+                    "accountId": sim.account,
+                    "currency": "USD",
+                    "type": "INDIVIDUAL",
+                    "accountTitle": "greeksd sim",
+                }
+            ]
+
+        @app.get("/v1/api/portfolio/<account>/positions/<int:page>")
+        async def positions(account: str, page: int) -> Any:
+            if account != sim.account:
+                return {"error": f"unknown account {account}"}, 400
+            rows = [sim._position_json(c) for c in sim.market.contracts]
+            rows.insert(
+                0,
+                {
+                    "acctId": sim.account,
+                    "conid": 265598,
+                    "assetClass": "STK",
+                    "contractDesc": "AAPL",
+                    "position": 100.0,
+                    "ticker": "AAPL",
+                },
+            )
+            return rows[page * 100 : (page + 1) * 100]
+
+        @app.get("/v1/api/trsrv/secdef")
+        async def secdef() -> Any:
+            wanted = {int(c) for c in request.args.get("conids", "").split(",") if c.isdigit()}
+            return {
+                "secdef": [
+                    sim._secdef_json(c) for c in sim.market.contracts if sim.conids[c.key] in wanted
+                ]
+            }
+
+        @app.get("/v1/api/iserver/marketdata/snapshot")
+        async def snapshot() -> Any:
+            fields = request.args.get("fields", "").split(",")
+            rows = []
+            for text in request.args.get("conids", "").split(","):
+                if not text.isdigit():
+                    continue
+                conid = int(text)
+                row: dict[str, Any] = {"conid": conid, "conidEx": text}
+                if conid in sim._preflighted and sim._iserver_accounts_called:
+                    values = sim._latest.get(conid, {})
+                    row |= {f: values[f] for f in fields if f in values}
+                    row |= {p.AVAILABILITY: "RpB", "_updated": int(time.time() * 1000)}
+                sim._preflighted.add(conid)
+                rows.append(row)
+            return rows
+
+        @app.post("/sim/fault")
+        async def fault() -> Any:
+            body = await request.get_json(force=True, silent=True) or {}
+            try:
+                sim.apply_fault(str(body.get("fault")), float(body.get("value") or 0))
+            except ValueError as exc:
+                return {"error": str(exc)}, 400
+            return {"ok": True}
+
+        return app
+
+    def _auth_json(self) -> dict[str, Any]:
+        return {
+            "authenticated": self._authenticated,
+            "competing": False,
+            "connected": True,
+            "message": "" if self._authenticated else "expired",
+            "fail": "",
+            "serverInfo": {"serverName": "greeksd-sim"},
+        }
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def _pump(self) -> None:
+        if self.tick_interval is None:
+            return
+        while True:
+            await trio.sleep(self.tick_interval)
+            self.tick()
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; `task_status.started(url)` once listening."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        with tempfile.TemporaryDirectory(prefix="greeksd-ibkr-sim-") as tmp:
+            pem = Path(tmp) / "server.pem"
+            cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+            self.ca_file = Path(tmp) / "ca.pem"
+            ca.cert_pem.write_to_path(str(self.ca_file))
+            config = Config()
+            config.bind = [f"{host}:{port}"]
+            config.certfile = config.keyfile = str(pem)
+            config.accesslog = None
+            config.graceful_timeout = 0.1
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(hypercorn_serve, self.app, config)
+                self.url = "https://" + binds[0].split("://", 1)[1]
+                nursery.start_soon(self._pump)
+                log.info("ibkr_sim_listening", url=self.url, contracts=len(self.conids))
+                task_status.started(self.url)
+
+
+@asynccontextmanager
+async def open_ibkr_sim(
+    contracts: Sequence[SimContract] | None = None,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    **options: Any,
+) -> AsyncIterator[IbkrGatewaySim]:
+    """`async with open_ibkr_sim(tick_interval=0.01) as sim:` — listening on `sim.url`."""
+    sim = IbkrGatewaySim(contracts, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, host, port)
+        yield sim
+        nursery.cancel_scope.cancel()
+
+
+async def run_ibkr_sim(
+    port: int = 5000,
+    *,
+    host: str = "127.0.0.1",
+    contracts: int = 8,
+    tick_interval: float = 0.2,
+    smd_expiry_s: float = 600.0,
+) -> None:
+    """`greeksd sim ibkr --port 5000`: serve until interrupted."""
+    sim = IbkrGatewaySim(
+        default_contracts(date.today(), contracts),
+        tick_interval=tick_interval,
+        smd_expiry_s=smd_expiry_s,
+    )
+    await sim.serve(host, port)

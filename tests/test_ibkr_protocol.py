@@ -1,0 +1,240 @@
+"""The sans-I/O IBKR core against recorded frame shapes (tests/fixtures/ibkr)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from greeksd.brokers.ibkr import protocol as p
+from greeksd.model import Broker, ContractKey, OptionRight
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ibkr"
+FRAMES = [json.loads(line) for line in (FIXTURES / "frames.jsonl").read_text().splitlines()]
+VALUES = json.loads((FIXTURES / "values.json").read_text())
+POSITIONS = json.loads((FIXTURES / "positions.json").read_text())
+RECEIVED = datetime(2024, 6, 3, 14, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("case", FRAMES, ids=[c["name"] for c in FRAMES])
+def test_every_recorded_frame_kind_parses_to_its_event(case: dict[str, Any]) -> None:
+    event = p.parse_frame(case["frame"])
+    assert type(event).__name__ == case["event"], event
+    values = asdict(event)
+    for name, expected in case["attrs"].items():
+        actual = values[name]
+        assert (list(actual) if isinstance(actual, tuple) else actual) == expected, name
+
+
+def test_bytes_frames_parse_like_text() -> None:
+    assert p.parse_frame(b'{"topic":"system","hb":5}') == p.Heartbeat(5)
+    assert isinstance(p.parse_frame(b"\xff\xfe"), p.Malformed)
+
+
+@pytest.mark.parametrize(("raw", "expected"), VALUES, ids=[repr(v[0]) for v in VALUES])
+def test_value_formats(raw: Any, expected: float | None) -> None:
+    assert p.parse_value(raw) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_iv_percent_is_stored_as_a_fraction() -> None:
+    assert p.parse_fraction("28.4%") == 0.284
+    assert p.parse_fraction("N/A") is None
+
+
+def test_commands_are_text_in_topic_args_format() -> None:
+    assert p.smd_command(265598) == (
+        'smd+265598+{"fields":["31","84","86","7308","7309","7310","7311","7633"]}'
+    )
+    assert p.smd_command(265598, ["31"], exchange="CBOE") == 'smd+265598@CBOE+{"fields":["31"]}'
+    assert p.umd_command(265598) == "umd+265598+{}"
+    assert (p.TIC, p.ECHO_HB) == ("tic", "ech+hb")
+
+
+def test_session_cookie_round_trips() -> None:
+    cookie = p.session_cookie("4f3b2a1c")
+    assert cookie == 'api={"session": "4f3b2a1c"}'
+    assert p.session_from_cookie("x=1; " + cookie + "; y=2") == "4f3b2a1c"
+    assert p.session_from_cookie("api=garbage") is None
+    assert p.session_from_cookie(None) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('smd+265598+{"fields":["31"]}', p.Command("smd", "265598", {"fields": ["31"]})),
+        ('smd+265598@CBOE+{"fields":[]}', p.Command("smd", "265598@CBOE", {"fields": []})),
+        ("umd+265598+{}", p.Command("umd", "265598")),
+        ("tic", p.Command("tic")),
+        ("ech+hb", p.Command("ech", "hb")),
+        ("str+{}", p.Command("str")),
+        ('{"session":"abc"}', None),
+        ("smd+1+{broken", None),
+        ("SMD+1+{}", None),
+    ],
+)
+def test_parse_command(text: str, expected: p.Command | None) -> None:
+    assert p.parse_command(text) == expected
+    if expected and expected.topic == "smd":
+        assert expected.conid == 265598
+
+
+def _positions() -> list[p.OptionPosition]:
+    return [p.parse_option_position(row, "U1") for row in POSITIONS[:2]]
+
+
+def test_positions_become_contracts_with_trading_class_roots() -> None:
+    spxw, aapl = _positions()
+    assert spxw.contract.key == ContractKey(
+        "SPXW", date(2024, 6, 21), OptionRight.CALL, Decimal(5000)
+    )
+    assert (spxw.conid, spxw.und_conid, spxw.contract.underlying) == (688415710, 416904, "SPX")
+    assert (spxw.contract.quantity, spxw.contract.multiplier) == (Decimal(-2), Decimal(100))
+    assert spxw.contract.account_id == "U1234567"
+    assert str(aapl.contract.key) == "AAPL 2025-01-17 P 192.5"
+    assert [p.is_option(row) for row in POSITIONS] == [True, True, False, True]
+
+
+def test_incomplete_position_names_what_secdef_must_fill() -> None:
+    bare = POSITIONS[3]
+    assert set(p.missing_option_fields(bare)) == {
+        "expiry",
+        "putOrCall",
+        "strike",
+        "multiplier",
+        "tradingClass",
+    }
+    with pytest.raises(ValueError, match="712345678"):
+        p.parse_option_position(bare, "U1")
+    secdef = {
+        "expiry": "20250321",
+        "putOrCall": "C",
+        "strike": "420",
+        "multiplier": 100,
+        "tradingClass": "MSFT",
+    }
+    merged = p.parse_option_position({**secdef, **bare}, "U1")
+    assert str(merged.contract.key) == "MSFT 2025-03-21 C 420"
+
+
+def _book() -> tuple[p.MarketDataBook, p.OptionPosition]:
+    book = p.MarketDataBook()
+    option = _positions()[1]
+    book.track(option)
+    return book, option
+
+
+def _md(conid: int, fields: dict[str, str], updated: int | None = 1717425000000) -> p.MarketData:
+    return p.MarketData(conid, fields, updated)
+
+
+def test_sparse_first_message_emits_nothing_then_values_do() -> None:
+    book, option = _book()
+    assert book.apply(_md(option.conid, {"6119": "q0", "6509": "RpB"}), RECEIVED) is None
+    snap = book.apply(_md(option.conid, {"31": "4.10", "7308": "-0.41", "7633": "28.4%"}), RECEIVED)
+    assert snap is not None
+    assert snap.broker is Broker.IBKR and snap.contract_key == "AAPL 2025-01-17 P 192.5"
+    assert (snap.last, snap.delta, snap.implied_volatility) == (4.10, -0.41, 0.284)
+    assert snap.gamma is None and snap.theta is None and snap.vega is None and snap.rho is None
+    assert snap.event_time == datetime(2024, 6, 3, 14, 30, tzinfo=UTC)
+    assert snap.received_at == RECEIVED
+    assert snap.source_payload == {
+        "6119": "q0",
+        "6509": "RpB",
+        "31": "4.10",
+        "7308": "-0.41",
+        "7633": "28.4%",
+    }
+
+
+def test_partial_updates_merge_absent_keeps_and_empty_clears() -> None:
+    book, option = _book()
+    book.apply(_md(option.conid, {"7308": "-0.41", "7309": "0.03", "7310": "-0.18"}), RECEIVED)
+    snap = book.apply(_md(option.conid, {"7309": "0.031"}), RECEIVED)
+    assert snap is not None and (snap.delta, snap.gamma, snap.theta) == (-0.41, 0.031, -0.18)
+    snap = book.apply(_md(option.conid, {"7308": "", "7310": "N/A"}), RECEIVED)
+    assert snap is not None and (snap.delta, snap.gamma, snap.theta) == (None, 0.031, None)
+    assert "7308" not in snap.source_payload  # type: ignore[operator]
+
+
+def test_only_greek_or_price_changes_emit() -> None:
+    book, option = _book()
+    assert book.apply(_md(option.conid, {"7308": "-0.41"}), RECEIVED) is not None
+    assert book.apply(_md(option.conid, {"7308": "-0.41"}), RECEIVED) is None  # unchanged
+    assert book.apply(_md(option.conid, {"6509": "DpB"}), RECEIVED) is None  # bookkeeping
+    assert book.apply(_md(999, {"7308": "0.5"}), RECEIVED) is None  # not an option we hold
+
+
+def test_underlying_price_is_joined_by_und_conid_and_missing_time_uses_received() -> None:
+    book, option = _book()
+    assert book.apply(_md(265598, {"31": "C193.10"}), RECEIVED) is None
+    snap = book.apply(_md(option.conid, {"84": "4.0"}, updated=None), RECEIVED)
+    assert snap is not None and snap.underlying_price == 193.10 and snap.bid == 4.0
+    assert snap.event_time == RECEIVED
+
+
+def test_untrack_forgets_the_option() -> None:
+    book, option = _book()
+    book.untrack(option.conid)
+    assert book.apply(_md(option.conid, {"7308": "-0.4"}), RECEIVED) is None
+
+
+def test_server_frames_parse_back() -> None:
+    frame = p.market_data_frame(42, {"7308": "0.5"}, 1700000000000)
+    assert p.parse_frame(frame) == p.MarketData(42, {"7308": "0.5"}, 1700000000000)
+    assert p.parse_frame(p.sts_frame(False, competing=True)) == p.AuthStatus(False, True, "", "")
+    assert p.parse_frame(p.WAITING_FOR_SESSION) == p.WaitingForSession()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+frame_like = st.fixed_dictionaries(
+    {
+        "topic": st.sampled_from(
+            ["smd+1", "smd+x", "system", "sts", "act", "tic", "blt", "error", "zzz"]
+        )
+    },
+    optional={
+        "args": json_values,
+        "hb": json_values,
+        "conid": json_values,
+        "31": json_values,
+        "7633": json_values,
+        "_updated": json_values,
+        "success": json_values,
+        "error": json_values,
+    },
+)
+
+
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_random_input_never_raises(data: bytes | str) -> None:
+    assert p.parse_frame(data) is not None
+
+
+@given(json_values | frame_like)
+def test_random_json_never_raises(value: Any) -> None:
+    event = p.parse_frame(
+        orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS) if _encodable(value) else b"null"
+    )
+    if isinstance(event, p.MarketData):
+        for raw in event.fields.values():
+            p.parse_value(raw)  # no exception, whatever the value
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
