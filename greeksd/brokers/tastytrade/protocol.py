@@ -1,0 +1,819 @@
+"""Sans-I/O DXLink: JSON frames in, typed messages out; messages in, JSON frames out.
+
+No sockets and no clocks (times are passed in), so the same code serves the client
+stream, the simulator and tests with recorded frames. `parse` never raises: anything it
+cannot make sense of becomes a `Malformed` message carrying the reason. FEED_DATA is the
+hot path, so market events stay plain dicts (one `dict(zip(...))` per event, no
+per-event model objects) until `SnapshotMapper` turns Greeks into `Snapshot` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, format_strike
+
+CLIENT_VERSION = "0.1-DXF-JS/0.3.0"
+SERVER_VERSION = "1.0-greeksd-sim"
+NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
+SUBSCRIPTION_CHUNK_BYTES = 8192
+
+#: What greeksd asks for: exactly the fields it stores (plus identity and time).
+GREEKS_FIELDS = (
+    "eventType",
+    "eventSymbol",
+    "eventTime",
+    "time",
+    "price",
+    "volatility",
+    "delta",
+    "gamma",
+    "theta",
+    "rho",
+    "vega",
+)
+QUOTE_FIELDS = ("eventType", "eventSymbol", "bidPrice", "askPrice")
+TRADE_FIELDS = ("eventType", "eventSymbol", "price")
+ACCEPT_EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "Greeks": GREEKS_FIELDS,
+    "Quote": QUOTE_FIELDS,
+    "Trade": TRADE_FIELDS,
+}
+
+Subscription = tuple[str, str]
+"""(event type, symbol), e.g. ("Greeks", ".AAPL250620C190")."""
+
+FeedEvent = dict[str, Any]
+"""One market event: field name -> value, always with `eventType` and `eventSymbol`;
+non-finite values are None."""
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    keepalive_timeout: float | None
+    accept_keepalive_timeout: float | None
+    version: str
+    channel: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "SETUP", "channel": self.channel, "version": self.version}
+        if self.keepalive_timeout is not None:
+            out["keepaliveTimeout"] = self.keepalive_timeout
+        if self.accept_keepalive_timeout is not None:
+            out["acceptKeepaliveTimeout"] = self.accept_keepalive_timeout
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AuthState:
+    state: str
+    user_id: str | None = None
+    channel: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "AUTH_STATE", "channel": self.channel, "state": self.state}
+        if self.user_id is not None:
+            out["userId"] = self.user_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str = field(repr=False)
+    channel: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": "AUTH", "channel": self.channel, "token": self.token}
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    channel: int
+    service: str = "FEED"
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"contract": "AUTO"})
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "type": "CHANNEL_REQUEST",
+            "channel": self.channel,
+            "service": self.service,
+            "parameters": dict(self.parameters),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpened:
+    channel: int
+    service: str = "FEED"
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "type": "CHANNEL_OPENED",
+            "channel": self.channel,
+            "service": self.service,
+            "parameters": dict(self.parameters),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    channel: int
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": "CHANNEL_CLOSED", "channel": self.channel}
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCancel:
+    channel: int
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": "CHANNEL_CANCEL", "channel": self.channel}
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSetup:
+    channel: int
+    event_fields: Mapping[str, tuple[str, ...]] | None
+    data_format: str | None = "COMPACT"
+    aggregation_period: float | None = 0.1
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "FEED_SETUP", "channel": self.channel}
+        if self.aggregation_period is not None:
+            out["acceptAggregationPeriod"] = self.aggregation_period
+        if self.data_format is not None:
+            out["acceptDataFormat"] = self.data_format
+        if self.event_fields is not None:
+            out["acceptEventFields"] = {k: list(v) for k, v in self.event_fields.items()}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    channel: int
+    data_format: str | None
+    aggregation_period: float | None
+    event_fields: Mapping[str, tuple[str, ...]] | None
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "FEED_CONFIG", "channel": self.channel}
+        if self.aggregation_period is not None:
+            out["aggregationPeriod"] = self.aggregation_period
+        if self.data_format is not None:
+            out["dataFormat"] = self.data_format
+        if self.event_fields is not None:
+            out["eventFields"] = {k: list(v) for k, v in self.event_fields.items()}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSubscription:
+    channel: int
+    add: tuple[Subscription, ...] = ()
+    remove: tuple[Subscription, ...] = ()
+    reset: bool = False
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "FEED_SUBSCRIPTION", "channel": self.channel}
+        if self.reset:
+            out["reset"] = True
+        if self.add:
+            out["add"] = [{"type": t, "symbol": s} for t, s in self.add]
+        if self.remove:
+            out["remove"] = [{"type": t, "symbol": s} for t, s in self.remove]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FeedData:
+    """`data` stays raw until `decode_feed_data`, which needs the channel's layout."""
+
+    channel: int
+    data: list[Any]
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": "FEED_DATA", "channel": self.channel, "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    channel: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        return {"type": "KEEPALIVE", "channel": self.channel}
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    error: str
+    message: str
+    channel: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "type": "ERROR",
+            "channel": self.channel,
+            "error": self.error,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame `parse` rejected; `excerpt` is the start of the frame, for the log."""
+
+    reason: str
+    excerpt: str = ""
+
+
+Message = (
+    Setup
+    | AuthState
+    | Auth
+    | ChannelRequest
+    | ChannelOpened
+    | ChannelClosed
+    | ChannelCancel
+    | FeedSetup
+    | FeedConfig
+    | FeedSubscription
+    | FeedData
+    | Keepalive
+    | Error
+    | Malformed
+)
+Outgoing = (
+    Setup
+    | AuthState
+    | Auth
+    | ChannelRequest
+    | ChannelOpened
+    | ChannelClosed
+    | ChannelCancel
+    | FeedSetup
+    | FeedConfig
+    | FeedSubscription
+    | FeedData
+    | Keepalive
+    | Error
+)
+
+
+def build(message: Outgoing) -> str:
+    return orjson.dumps(message.wire()).decode()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Invalid(ValueError):
+    """Internal: a field has the wrong shape; `parse` turns it into Malformed."""
+
+
+def _none(_: str) -> None:
+    return None
+
+
+def _finite_float(text: str) -> float | None:
+    value = float(text)
+    return value if value - value == 0.0 else None
+
+
+def _loads(frame: str | bytes) -> Any:
+    """orjson first (fast, exact 64-bit ints); the stdlib only for frames orjson refuses,
+    such as bare NaN/Infinity tokens, which it maps to None."""
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return json.loads(frame, parse_constant=_none, parse_float=_finite_float)
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if value.__class__ is not int:
+        raise _Invalid(f"{key} must be an integer, got {value!r:.40}")
+    return value  # type: ignore[no-any-return]
+
+
+def _str(obj: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise _Invalid(f"{key} must be a string, got {value!r:.40}")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return None if value is None else _str(obj, key)
+
+
+def _opt_number(obj: Mapping[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if value.__class__ not in (int, float):
+        raise _Invalid(f"{key} must be a number, got {value!r:.40}")
+    return value  # type: ignore[no-any-return]
+
+
+def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key, {})
+    if not isinstance(value, dict):
+        raise _Invalid(f"{key} must be an object")
+    return value
+
+
+def _fields(obj: Mapping[str, Any], key: str) -> dict[str, tuple[str, ...]] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(f"{key} must be an object of field lists")
+    out: dict[str, tuple[str, ...]] = {}
+    for event_type, names in value.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _Invalid(f"{key}.{event_type} must be a list of field names")
+        if not names or len(set(names)) != len(names):
+            raise _Invalid(f"{key}.{event_type} must list distinct field names")
+        out[event_type] = tuple(names)
+    return out
+
+
+def _subscriptions(obj: Mapping[str, Any], key: str) -> tuple[Subscription, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _Invalid(f"{key} must be a list")
+    out: list[Subscription] = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise _Invalid(f"{key} items must be objects")
+        out.append((_str(item, "type"), _str(item, "symbol")))
+    return tuple(out)
+
+
+def _parse_feed_data(obj: Mapping[str, Any], channel: int) -> FeedData:
+    data = obj.get("data")
+    if not isinstance(data, list) or not data:
+        raise _Invalid("FEED_DATA data must be a non-empty list")
+    return FeedData(channel, data)
+
+
+_PARSERS: dict[str, Any] = {
+    "FEED_DATA": _parse_feed_data,
+    "KEEPALIVE": lambda obj, ch: Keepalive(ch),
+    "SETUP": lambda obj, ch: Setup(
+        _opt_number(obj, "keepaliveTimeout"),
+        _opt_number(obj, "acceptKeepaliveTimeout"),
+        _str(obj, "version", ""),
+        ch,
+    ),
+    "AUTH_STATE": lambda obj, ch: AuthState(_str(obj, "state"), _opt_str(obj, "userId"), ch),
+    "AUTH": lambda obj, ch: Auth(_str(obj, "token"), ch),
+    "CHANNEL_REQUEST": lambda obj, ch: ChannelRequest(
+        ch, _str(obj, "service"), _dict(obj, "parameters")
+    ),
+    "CHANNEL_OPENED": lambda obj, ch: ChannelOpened(
+        ch, _str(obj, "service", ""), _dict(obj, "parameters")
+    ),
+    "CHANNEL_CLOSED": lambda obj, ch: ChannelClosed(ch),
+    "CHANNEL_CANCEL": lambda obj, ch: ChannelCancel(ch),
+    "FEED_SETUP": lambda obj, ch: FeedSetup(
+        ch,
+        _fields(obj, "acceptEventFields"),
+        _opt_str(obj, "acceptDataFormat"),
+        _opt_number(obj, "acceptAggregationPeriod"),
+    ),
+    "FEED_CONFIG": lambda obj, ch: FeedConfig(
+        ch,
+        _opt_str(obj, "dataFormat"),
+        _opt_number(obj, "aggregationPeriod"),
+        _fields(obj, "eventFields"),
+    ),
+    "FEED_SUBSCRIPTION": lambda obj, ch: FeedSubscription(
+        ch, _subscriptions(obj, "add"), _subscriptions(obj, "remove"), obj.get("reset") is True
+    ),
+    "ERROR": lambda obj, ch: Error(_str(obj, "error", "UNKNOWN"), _str(obj, "message", ""), ch),
+}
+
+
+def parse(frame: str | bytes) -> Message:
+    """One websocket frame -> one message. Never raises."""
+    try:
+        obj = _loads(frame)
+    except (ValueError, RecursionError):
+        return Malformed("not valid JSON", _excerpt(frame))
+    if not isinstance(obj, dict):
+        return Malformed("not a JSON object", _excerpt(frame))
+    kind = obj.get("type")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        return Malformed(f"unknown message type {kind!r:.40}", _excerpt(frame))
+    try:
+        channel = _int(obj, "channel")
+        if channel < 0:
+            raise _Invalid("channel must not be negative")
+        return parser(obj, channel)  # type: ignore[no-any-return]
+    except _Invalid as exc:
+        return Malformed(f"{kind}: {exc}", _excerpt(frame))
+
+
+def _excerpt(frame: str | bytes, limit: int = 200) -> str:
+    text = frame if isinstance(frame, str) else frame[:limit].decode("utf-8", "replace")
+    return text[:limit]
+
+
+# --------------------------------------------------------------------------- FEED_DATA
+
+
+def field_layouts(
+    requested: Mapping[str, Sequence[str]], config: FeedConfig | None
+) -> dict[str, tuple[str, ...]]:
+    """The field order COMPACT data follows: the server's FEED_CONFIG when it states one,
+    else the order we asked for (the real server may omit `eventFields`)."""
+    layouts = {k: tuple(v) for k, v in requested.items()}
+    if config is not None and config.event_fields:
+        layouts.update(config.event_fields)
+    return layouts
+
+
+def _clean_full(item: dict[str, Any]) -> FeedEvent:
+    return {k: None if (v.__class__ is str and v in NON_FINITE) else v for k, v in item.items()}
+
+
+def decode_feed_data(
+    data: list[Any], layouts: Mapping[str, Sequence[str]]
+) -> tuple[list[FeedEvent], list[str]]:
+    """Raw FEED_DATA `data` (COMPACT or FULL) -> (events, problems). Never raises.
+
+    A COMPACT group `"Greeks", [v1 .. vN, v1 .. vN, ...]` holds any number of events of
+    one type back to back, each `len(layout)` values long; a group whose length is not a
+    multiple is rejected whole, since its alignment (hence every value) is unknowable.
+    """
+    events: list[FeedEvent] = []
+    problems: list[str] = []
+    if data and isinstance(data[0], dict):
+        for item in data:
+            if not isinstance(item, dict):
+                problems.append("FULL data item is not an object")
+                continue
+            if not isinstance(item.get("eventType"), str):
+                problems.append("FULL event without eventType")
+                continue
+            _append_event(events, problems, _clean_full(item))
+        return events, problems
+    if len(data) % 2:
+        problems.append("COMPACT data must alternate event type and value list")
+    for i in range(0, len(data) - 1, 2):
+        event_type, values = data[i], data[i + 1]
+        if not isinstance(event_type, str) or not isinstance(values, list):
+            problems.append(f"COMPACT group {i // 2} is not (type, list)")
+            continue
+        names = layouts.get(event_type)
+        if not names:
+            problems.append(f"no field layout for event type {event_type!r:.40}")
+            continue
+        width = len(names)
+        if len(values) % width:
+            problems.append(
+                f"{event_type}: {len(values)} values is not a multiple of {width} fields"
+            )
+            continue
+        dirty = "NaN" in values or "Infinity" in values or "-Infinity" in values
+        checked = "index" in names  # the slow path validates it
+        append = events.append
+        for start in range(0, len(values), width):
+            event = dict(zip(names, values[start : start + width], strict=False))
+            if dirty:
+                event = _clean_full(event)
+            event["eventType"] = event_type
+            if checked or event.get("eventSymbol").__class__ is not str:
+                _append_event(events, problems, event)
+            else:
+                append(event)
+    return events, problems
+
+
+def _append_event(events: list[FeedEvent], problems: list[str], event: FeedEvent) -> None:
+    if not isinstance(event.get("eventSymbol"), str):
+        problems.append(f"{event['eventType']} event without a string eventSymbol")
+        return
+    if "index" in event:
+        index = event["index"]
+        if index.__class__ is not int:
+            if index is not None:
+                problems.append(f"{event['eventSymbol']}: index {index!r:.40} is not a 64-bit int")
+            event["index"] = None
+    events.append(event)
+
+
+def compact_data(groups: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> list[Any]:
+    """Build COMPACT `data`: each (type, [event values, ...]) becomes one flat group."""
+    data: list[Any] = []
+    for event_type, rows in groups:
+        flat: list[Any] = []
+        for row in rows:
+            flat.extend(row)
+        data.append(event_type)
+        data.append(flat)
+    return data
+
+
+def chunk_subscription(
+    channel: int,
+    *,
+    add: Sequence[Subscription] = (),
+    remove: Sequence[Subscription] = (),
+    reset: bool = False,
+    max_bytes: int = SUBSCRIPTION_CHUNK_BYTES,
+) -> list[FeedSubscription]:
+    """Split a subscription change into messages of about `max_bytes` each: the server
+    refuses very large ones (close 1009). Removals go first; `reset` rides on the first
+    message only."""
+    messages: list[FeedSubscription] = []
+    overhead = 90
+    for kind, items in (("remove", remove), ("add", add)):
+        batch: list[Subscription] = []
+        size = overhead
+        for item in items:
+            item_size = len(item[0]) + len(item[1]) + 30
+            if batch and size + item_size > max_bytes:
+                messages.append(_subscription(channel, kind, batch, reset and not messages))
+                batch, size = [], overhead
+            batch.append(item)
+            size += item_size
+        if batch:
+            messages.append(_subscription(channel, kind, batch, reset and not messages))
+    if reset and not messages:
+        messages.append(FeedSubscription(channel, reset=True))
+    return messages
+
+
+def _subscription(
+    channel: int, kind: str, batch: list[Subscription], reset: bool
+) -> FeedSubscription:
+    items = tuple(batch)
+    if kind == "add":
+        return FeedSubscription(channel, add=items, reset=reset)
+    return FeedSubscription(channel, remove=items, reset=reset)
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+@dataclass(slots=True)
+class KeepaliveTimer:
+    """Both halves of DXLink liveness, on a clock the caller supplies.
+
+    We must send *something* at least every `send_interval` (half the peer's announced
+    timeout), and a peer silent for `receive_timeout` is a dead link even if TCP says
+    otherwise (a half-open connection never errors by itself).
+    """
+
+    send_interval: float
+    receive_timeout: float
+    last_sent: float
+    last_received: float
+
+    def sent(self, now: float) -> None:
+        self.last_sent = now
+
+    def received(self, now: float) -> None:
+        self.last_received = now
+
+    def send_due(self, now: float) -> bool:
+        return now >= self.last_sent + self.send_interval
+
+    def expired(self, now: float) -> bool:
+        return now >= self.last_received + self.receive_timeout
+
+    def next_deadline(self) -> float:
+        return min(self.last_sent + self.send_interval, self.last_received + self.receive_timeout)
+
+
+# --------------------------------------------------------------------------- symbols
+
+
+class SymbolError(ValueError):
+    """A symbol greeksd cannot map to a ContractKey; the message says why."""
+
+
+class UnsupportedSymbol(SymbolError):
+    """A valid symbol of a kind greeksd does not record (futures options)."""
+
+
+_STREAMER = re.compile(r"\.([A-Z0-9]+)(\d{6})([CP])(\d+(?:\.\d+)?)")
+_OCC_ROOT = re.compile(r"[A-Z0-9]{1,6}")
+_OCC_REST = re.compile(r"(\d{6})([CP])(\d{8})")
+_MILLI = Decimal("0.001")
+
+
+def _expiry(yymmdd: str, symbol: str) -> date:
+    try:
+        return date(2000 + int(yymmdd[:2]), int(yymmdd[2:4]), int(yymmdd[4:]))
+    except ValueError:
+        raise SymbolError(f"bad expiration {yymmdd!r} in {symbol!r}") from None
+
+
+def _tidy(strike: Decimal) -> Decimal:
+    integral = strike.to_integral_value()
+    return integral if strike == integral else strike.normalize()
+
+
+def parse_streamer_symbol(symbol: str) -> ContractKey:
+    """`.AAPL250620C190` / `.SPY250620C512.5` / `.SPXW251219P5800` -> ContractKey."""
+    if symbol.startswith("./"):
+        raise UnsupportedSymbol(f"futures option {symbol!r} is not recorded")
+    match = _STREAMER.fullmatch(symbol)
+    if match is None:
+        raise SymbolError(f"not an option streamer symbol: {symbol!r}")
+    root, yymmdd, right, strike = match.groups()
+    value = Decimal(strike)
+    if value <= 0:
+        raise SymbolError(f"bad strike in {symbol!r}")
+    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), _tidy(value))
+
+
+def streamer_symbol(key: ContractKey) -> str:
+    return f".{key.root}{key.expiration:%y%m%d}{key.right.value}{format_strike(key.strike)}"
+
+
+def parse_occ(symbol: str) -> ContractKey:
+    """`AAPL  250620C00190000` (root padded to 6, strike x1000 in 8 digits) -> key."""
+    if symbol.startswith("./") or symbol.startswith("/"):
+        raise UnsupportedSymbol(f"futures option {symbol!r} is not recorded")
+    root, rest = symbol[:6].rstrip(" "), symbol[6:]
+    if len(symbol) != 21 or not _OCC_ROOT.fullmatch(root):
+        raise SymbolError(f"not an OCC option symbol: {symbol!r}")
+    match = _OCC_REST.fullmatch(rest)
+    if match is None:
+        raise SymbolError(f"not an OCC option symbol: {symbol!r}")
+    yymmdd, right, strike = match.groups()
+    value = Decimal(int(strike)) * _MILLI
+    if value <= 0:
+        raise SymbolError(f"bad strike in {symbol!r}")
+    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), _tidy(value))
+
+
+def occ_symbol(key: ContractKey) -> str:
+    try:
+        milli = (key.strike / _MILLI).to_integral_exact()
+    except InvalidOperation:
+        raise SymbolError(f"strike {key.strike} does not fit an OCC symbol") from None
+    if milli != key.strike / _MILLI or not 0 < milli < 10**8 or len(key.root) > 6:
+        raise SymbolError(f"{key} does not fit an OCC symbol")
+    return f"{key.root:<6}{key.expiration:%y%m%d}{key.right.value}{int(milli):08d}"
+
+
+# --------------------------------------------------------------------------- snapshots
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FLOAT_EXACT_MS = 7258118400000  # 2200-01-01: below it ms / 1000 rounds back exactly
+_MAX_MS = 253402300800000  # 10000-01-01: datetime's limit
+
+
+def _ms_time(stamp: int) -> datetime | None:
+    """Milliseconds since the epoch -> aware datetime, exactly; None when out of range."""
+    if 0 < stamp < _FLOAT_EXACT_MS:
+        return datetime.fromtimestamp(stamp / 1000, UTC)  # 3x faster than timedelta
+    if _FLOAT_EXACT_MS <= stamp < _MAX_MS:
+        return _EPOCH + timedelta(milliseconds=stamp)
+    return None
+
+
+class SnapshotMapper:
+    """Turns decoded events into Snapshot rows for the positions we hold.
+
+    Quote/Trade events of underlyings only update per-underlying state (Quote mid first,
+    else last trade), which later Greeks rows carry as `underlying_price`. One streamer
+    symbol held in two accounts yields one row per account.
+    """
+
+    __slots__ = ("_broker", "_by_symbol", "_last", "_mid")
+
+    def __init__(self, broker: Broker = Broker.TASTYTRADE) -> None:
+        self._broker = broker
+        self._by_symbol: dict[str, list[Contract]] = {}
+        self._mid: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+
+    def set_contracts(self, contracts: Iterable[Contract]) -> dict[str, list[Contract]]:
+        """Replace the held contracts; returns them by streamer symbol."""
+        by_symbol: dict[str, list[Contract]] = {}
+        for contract in contracts:
+            by_symbol.setdefault(streamer_symbol(contract.key), []).append(contract)
+        self._by_symbol = by_symbol
+        return by_symbol
+
+    def underlying_price(self, underlying: str) -> float | None:
+        mid = self._mid.get(underlying)
+        return mid if mid is not None else self._last.get(underlying)
+
+    def map(
+        self, events: Iterable[FeedEvent], received_at: datetime
+    ) -> tuple[list[Snapshot], list[str]]:
+        rows: list[Snapshot] = []
+        problems: list[str] = []
+        for event in events:
+            kind = event["eventType"]
+            if kind == "Greeks":
+                contracts = self._by_symbol.get(event["eventSymbol"])
+                if contracts:
+                    self._greeks(event, contracts, received_at, rows, problems)
+            elif kind == "Quote":
+                self._quote(event, problems)
+            elif kind == "Trade":
+                price = _number(event, "price", problems)
+                if price is not None and price > 0:
+                    self._last[event["eventSymbol"]] = price
+        return rows, problems
+
+    def _quote(self, event: FeedEvent, problems: list[str]) -> None:
+        bid = _number(event, "bidPrice", problems)
+        ask = _number(event, "askPrice", problems)
+        sides = [side for side in (bid, ask) if side is not None and side > 0]
+        if len(sides) == 2:
+            self._mid[event["eventSymbol"]] = (sides[0] + sides[1]) / 2
+        elif sides:
+            self._mid[event["eventSymbol"]] = sides[0]
+        else:
+            self._mid.pop(event["eventSymbol"], None)
+
+    def _greeks(
+        self,
+        event: FeedEvent,
+        contracts: list[Contract],
+        received_at: datetime,
+        rows: list[Snapshot],
+        problems: list[str],
+    ) -> None:
+        # Floats out of `decode_feed_data` are always finite (orjson refuses non-finite
+        # numbers, the fallback parser maps them to None), so a float needs no check.
+        get = event.get
+        price, vol, delta = get("price"), get("volatility"), get("delta")
+        gamma, theta, rho, vega = get("gamma"), get("theta"), get("rho"), get("vega")
+        if price.__class__ is not float:
+            price = _number(event, "price", problems)
+        if vol.__class__ is not float:
+            vol = _number(event, "volatility", problems)
+        if delta.__class__ is not float:
+            delta = _number(event, "delta", problems)
+        if gamma.__class__ is not float:
+            gamma = _number(event, "gamma", problems)
+        if theta.__class__ is not float:
+            theta = _number(event, "theta", problems)
+        if rho.__class__ is not float:
+            rho = _number(event, "rho", problems)
+        if vega.__class__ is not float:
+            vega = _number(event, "vega", problems)
+        stamp = get("time")
+        if stamp.__class__ is not int or stamp <= 0:
+            stamp = get("eventTime")
+        event_time = _ms_time(stamp) if stamp.__class__ is int else None
+        for contract in contracts:
+            underlying = contract.underlying
+            mid = self._mid.get(underlying)
+            rows.append(
+                Snapshot.for_contract(
+                    self._broker,
+                    contract,
+                    event_time=event_time or received_at,
+                    received_at=received_at,
+                    delta=delta,
+                    gamma=gamma,
+                    theta=theta,
+                    vega=vega,
+                    rho=rho,
+                    implied_volatility=vol,
+                    mark=price,
+                    underlying_price=mid if mid is not None else self._last.get(underlying),
+                    source_payload=event,
+                )
+            )
+
+
+def _number(event: FeedEvent, name: str, problems: list[str]) -> float | None:
+    """A finite float or None; a value of the wrong type is reported, never stored."""
+    value: Any = event.get(name)
+    kind = value.__class__
+    if kind is float:
+        return value if value - value == 0.0 else None  # type: ignore[no-any-return]
+    if kind is int and -(2**64) < value < 2**64:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    if value is not None:
+        problems.append(f"{event['eventSymbol']}: {name} {value!r:.40} is not a number")
+    return None

@@ -1,0 +1,188 @@
+"""Tastytrade REST through the official SDK: OAuth, accounts, option positions, quote token.
+
+The SDK is the right tool for REST (it tracks the API's models and its OAuth refresh);
+its streamer is not, so this module stops at the quote token and hands the DXLink URL
+to `stream.py`. Errors leave here as two types only: `TastytradeAuthError` (the refresh
+token or secret is refused: needs a human) and `TastytradeApiError` (anything else:
+retry with backoff).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx2
+from pydantic import ValidationError
+from tastytrade import Account, Session
+from tastytrade.order import InstrumentType
+from tastytrade.utils import TastytradeError
+
+from greeksd.brokers.tastytrade.protocol import SymbolError, parse_occ
+from greeksd.logs import get_logger
+from greeksd.model import Contract
+from greeksd.redact import register_secret
+
+log = get_logger("greeksd.tastytrade.session")
+
+
+class TastytradeAuthError(Exception):
+    """Tastytrade refused our OAuth credentials; retrying will not help until they change."""
+
+
+class TastytradeApiError(Exception):
+    """A REST call failed for a reason worth retrying (network, 5xx, unexpected body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteToken:
+    token: str = field(repr=False)
+    dxlink_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """Open option positions, plus what was held but cannot be recorded."""
+
+    contracts: list[Contract]
+    skipped_future_options: int = 0
+    skipped_unparsable: int = 0
+
+
+def point_session_at(session: Session, api_url: str) -> None:
+    """Send the SDK's REST calls to `api_url` (the simulator) instead of Tastytrade.
+
+    The SDK fixes its base URL in `Session.__init__`; its httpx2 client's `base_url` is
+    the one place to change it, and every SDK call uses relative paths.
+    """
+    session._client.base_url = api_url
+
+
+async def _refuse_auth_failures(response: httpx2.Response) -> None:
+    """Turn a refused credential into our typed error before the SDK flattens it into a
+    generic TastytradeError without the status code."""
+    oauth = response.request.url.path.endswith("/oauth/token")
+    if response.status_code == 401 or (oauth and response.status_code // 100 == 4):
+        await response.aread()
+        try:
+            detail = response.json().get("error", {})
+            code = f"{detail.get('code', '')}: {detail.get('message', '')}".strip(": ")
+        except (ValueError, AttributeError):
+            code = ""
+        raise TastytradeAuthError(
+            f"Tastytrade refused the OAuth credentials (HTTP {response.status_code}"
+            + (f", {code}" if code else "")
+            + "): check GREEKSD_TT_SECRET and GREEKSD_TT_REFRESH; a refresh token is"
+            " revoked when a new one is generated or the OAuth grant is removed"
+        )
+
+
+class TastytradeApi:
+    """What the stream needs from REST, over one SDK session (use `async with`)."""
+
+    def __init__(
+        self,
+        provider_secret: str | None,
+        refresh_token: str | None,
+        *,
+        account: str | None = None,
+        api_url: str | None = None,
+    ) -> None:
+        self._secret = provider_secret
+        self._refresh = refresh_token
+        self._account = account
+        self._api_url = api_url
+        self._session: Session | None = None
+        self._reported: set[str] = set()
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[TastytradeApi]:
+        if not self._secret or not self._refresh:
+            raise TastytradeAuthError(
+                "Tastytrade needs GREEKSD_TT_SECRET (OAuth provider secret) and "
+                "GREEKSD_TT_REFRESH (refresh token)"
+            )
+        register_secret(self._secret)
+        register_secret(self._refresh)
+        session = Session(
+            self._secret, self._refresh, event_hooks={"response": [_refuse_auth_failures]}
+        )
+        if self._api_url:
+            point_session_at(session, self._api_url)
+        async with session:
+            self._session = session
+            try:
+                yield self
+            finally:
+                self._session = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("TastytradeApi used outside `async with api.open()`")
+        return self._session
+
+    async def positions(self) -> Positions:
+        """Open option positions of the configured account (or every open account)."""
+        session = self.session
+        async with _api_errors("positions"):
+            if self._account:
+                accounts = [await Account.get(session, self._account)]
+            else:
+                accounts = await Account.get(session)
+            raw = [p for account in accounts for p in await account.get_positions(session)]
+        contracts: list[Contract] = []
+        futures = unparsable = 0
+        for position in raw:
+            if position.instrument_type is InstrumentType.FUTURE_OPTION:
+                futures += 1
+                if position.symbol not in self._reported:  # once, not every refresh
+                    self._reported.add(position.symbol)
+                    log.info("future_option_skipped", symbol=position.symbol)
+                continue
+            if position.instrument_type is not InstrumentType.EQUITY_OPTION:
+                continue
+            sign = -1 if position.quantity_direction == "Short" else 1
+            quantity = position.quantity * sign
+            if quantity == 0:
+                continue
+            try:
+                key = parse_occ(position.symbol)
+            except SymbolError as exc:
+                unparsable += 1
+                log.warning("position_symbol_unparsable", symbol=position.symbol, reason=str(exc))
+                continue
+            contracts.append(
+                Contract(
+                    key=key,
+                    underlying=position.underlying_symbol,
+                    multiplier=Decimal(position.multiplier),
+                    quantity=quantity,
+                    account_id=position.account_number,
+                )
+            )
+        return Positions(contracts, futures, unparsable)
+
+    async def quote_token(self) -> QuoteToken:
+        """A fresh DXLink token and URL (tokens live about a day)."""
+        async with _api_errors("quote token"):
+            data: dict[str, Any] = await self.session._get("/api-quote-tokens")
+            token, url = data["token"], data["dxlink-url"]
+        if not isinstance(token, str) or not isinstance(url, str):
+            raise TastytradeApiError("quote token response lacks token / dxlink-url strings")
+        return QuoteToken(token, url)
+
+
+@asynccontextmanager
+async def _api_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except TastytradeAuthError:
+        raise
+    except (TastytradeError, httpx2.HTTPError, OSError, ValidationError, KeyError) as exc:
+        raise TastytradeApiError(
+            f"Tastytrade {what} request failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        ) from exc

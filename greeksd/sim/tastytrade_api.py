@@ -1,0 +1,392 @@
+"""The Tastytrade REST endpoints the SDK calls, plus the whole Tastytrade simulator.
+
+Bodies use Tastytrade's shapes (dasherized keys, `{"data": ...}` wrapping, lists as
+`{"data": {"items": [...]}}`) with every field the SDK's pydantic models require, so the
+real SDK validates them. `/api-quote-tokens` points at the simulator's DXLink server.
+`/sim/...` is the control surface (faults, positions) for people driving the CLI
+simulator by hand; tests call the same methods directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart import request
+from quart_trio import QuartTrio
+
+from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.logs import get_logger
+from greeksd.model import ContractKey
+from greeksd.sim.dxlink_server import DxLinkServer, SentGreeks
+from greeksd.sim.market import SimContract, SyntheticMarket, default_contracts
+
+log = get_logger("greeksd.sim.tastytrade")
+
+SIM_SECRET = "sim-provider-secret"
+SIM_REFRESH = "sim-refresh-token"
+SIM_ACCOUNT = "5WT00001"
+_CREATED = "2024-01-02T15:00:00.000+00:00"
+
+
+@dataclass
+class TastytradeSim:
+    """Handle on a running simulator: URLs, counters, fault switches and positions."""
+
+    market: SyntheticMarket
+    dxlink: DxLinkServer
+    account: str = SIM_ACCOUNT
+    secret: str = SIM_SECRET
+    refresh_token: str = SIM_REFRESH
+    api_url: str = ""
+    #: non-recordable holdings every account also shows (a stock, a futures option)
+    extra_positions: list[dict[str, Any]] = field(default_factory=list)
+    access_tokens: set[str] = field(default_factory=set)
+    quote_tokens: set[str] = field(default_factory=set)
+    quote_token_requests: int = 0
+    oauth_requests: int = 0
+
+    @property
+    def dxlink_url(self) -> str:
+        return f"ws://127.0.0.1:{self.dxlink.port}/realtime"
+
+    @property
+    def sent_events(self) -> list[SentGreeks]:
+        return self.dxlink.sent_events
+
+    # faults -----------------------------------------------------------------
+
+    async def drop(self) -> None:
+        await self.dxlink.drop()
+
+    def stall(self, on: bool = True) -> None:
+        self.dxlink.stall(on)
+
+    async def send_malformed(self, frame: str | None = None) -> None:
+        await (self.dxlink.send_malformed(frame) if frame else self.dxlink.send_malformed())
+
+    async def send_error(self, error: str = "UNKNOWN", message: str = "simulated error") -> None:
+        await self.dxlink.send_error(error, message)
+
+    def refuse_tokens(self, on: bool = True) -> None:
+        """Answer every AUTH with AUTH_STATE UNAUTHORIZED, however fresh the token."""
+        self.dxlink.refuse_tokens = on
+
+    def revoke_quote_tokens(self) -> None:
+        """Expire every token issued so far; a freshly fetched one works again."""
+        self.quote_tokens.clear()
+
+    def omit_event_fields(self, on: bool = True) -> None:
+        self.dxlink.omit_event_fields = on
+
+    # positions --------------------------------------------------------------
+
+    def open_position(self, contract: SimContract) -> None:
+        self.market.add_contract(contract)
+
+    def close_position(self, key: ContractKey) -> None:
+        self.market.remove_contract(key)
+
+    # REST bodies ------------------------------------------------------------
+
+    def issue_access_token(self) -> str:
+        token = secrets.token_urlsafe(24)
+        self.access_tokens.add(token)
+        return token
+
+    def issue_quote_token(self) -> str:
+        self.quote_token_requests += 1
+        token = secrets.token_urlsafe(24)
+        self.quote_tokens.add(token)
+        return token
+
+    def account_body(self) -> dict[str, Any]:
+        return {
+            "account-number": self.account,
+            "opened-at": _CREATED,
+            "nickname": "sim",
+            "account-type-name": "Individual",
+            "is-closed": False,
+            "day-trader-status": False,
+            "is-firm-error": False,
+            "is-firm-proprietary": False,
+            "is-futures-approved": True,
+            "is-test-drive": False,
+            "margin-or-cash": "Margin",
+            "is-foreign": False,
+            "created-at": _CREATED,
+        }
+
+    def positions_body(self) -> list[dict[str, Any]]:
+        items = [
+            _position(
+                self.account,
+                dx.occ_symbol(c.key),
+                "Equity Option",
+                c.underlying,
+                c.quantity,
+                c.multiplier,
+                c.key.expiration,
+            )
+            for c in self.market.contracts
+        ]
+        return items + [dict(p, **{"account-number": self.account}) for p in self.extra_positions]
+
+    def option_body(self, occ: str) -> dict[str, Any] | None:
+        for contract in self.market.contracts:
+            if dx.occ_symbol(contract.key) == occ:
+                return _option(contract)
+        return None
+
+
+def _position(
+    account: str,
+    symbol: str,
+    kind: str,
+    underlying: str,
+    quantity: Decimal,
+    multiplier: Decimal,
+    expires: date | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "account-number": account,
+        "symbol": symbol,
+        "instrument-type": kind,
+        "underlying-symbol": underlying,
+        "quantity": str(abs(quantity)),
+        "quantity-direction": "Short" if quantity < 0 else "Long" if quantity else "Zero",
+        "close-price": "1.0",
+        "average-open-price": "1.0",
+        "multiplier": str(multiplier),
+        "cost-effect": "Debit",
+        "is-suppressed": False,
+        "is-frozen": False,
+        "realized-day-gain": "0.0",
+        "realized-day-gain-effect": "None",
+        "realized-today": "0.0",
+        "realized-today-effect": "None",
+        "created-at": _CREATED,
+        "updated-at": _CREATED,
+    }
+    if expires is not None:
+        body["expires-at"] = f"{expires.isoformat()}T20:15:00.000+00:00"
+    return body
+
+
+def _option(contract: SimContract) -> dict[str, Any]:
+    key = contract.key
+    days = (key.expiration - datetime.now(UTC).date()).days
+    return {
+        "instrument-type": "Equity Option",
+        "symbol": dx.occ_symbol(key),
+        "active": True,
+        "strike-price": str(key.strike),
+        "root-symbol": key.root,
+        "underlying-symbol": contract.underlying,
+        "expiration-date": key.expiration.isoformat(),
+        "exercise-style": "American",
+        "shares-per-contract": int(contract.multiplier),
+        "option-type": key.right.value,
+        "option-chain-type": "Standard",
+        "expiration-type": "Regular",
+        "settlement-type": "PM",
+        "stops-trading-at": f"{key.expiration.isoformat()}T20:00:00.000+00:00",
+        "market-time-instrument-collection": "Equity Option",
+        "days-to-expiration": days,
+        "is-closing-only": False,
+        "streamer-symbol": dx.streamer_symbol(key),
+    }
+
+
+def _default_extras() -> list[dict[str, Any]]:
+    return [
+        _position("", "AAPL", "Equity", "AAPL", Decimal(100), Decimal(1), None),
+        _position(
+            "",
+            "./ESU4 EW3N4 240719C4400",
+            "Future Option",
+            "/ESU4",
+            Decimal(1),
+            Decimal(50),
+            date(2024, 7, 19),
+        ),
+    ]
+
+
+def _error(status: int, code: str, message: str) -> tuple[dict[str, Any], int]:
+    return {"error": {"code": code, "message": message}}, status
+
+
+def create_app(sim: TastytradeSim) -> QuartTrio:
+    app = QuartTrio("greeksd-tastytrade-sim")
+
+    @app.before_request
+    async def require_bearer() -> Any:
+        if request.path == "/oauth/token" or request.path.startswith("/sim/"):
+            return None
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in sim.access_tokens:
+            return _error(401, "unauthorized", "access token missing, invalid or expired")
+        return None
+
+    @app.post("/oauth/token")
+    async def oauth_token() -> Any:
+        sim.oauth_requests += 1
+        body = await request.get_json(force=True, silent=True) or {}
+        if body.get("grant_type") != "refresh_token":
+            return _error(400, "unsupported_grant_type", "only refresh_token is supported")
+        if (
+            body.get("client_secret") != sim.secret
+            or body.get("refresh_token") != sim.refresh_token
+        ):
+            return _error(401, "invalid_grant", "Grant revoked")
+        token = sim.issue_access_token()
+        return {"access_token": token, "expires_in": 900, "token_type": "Bearer"}
+
+    @app.get("/customers/me/accounts")
+    async def accounts() -> Any:
+        item = {"account": sim.account_body(), "authority-level": "owner"}
+        return {"data": {"items": [item]}, "context": "/customers/me/accounts"}
+
+    @app.get("/customers/me/accounts/<number>")
+    async def account(number: str) -> Any:
+        if number != sim.account:
+            return _error(404, "record_not_found", f"account {number} not found")
+        return {"data": sim.account_body()}
+
+    @app.get("/accounts/<number>/positions")
+    async def positions(number: str) -> Any:
+        if number != sim.account:
+            return _error(404, "record_not_found", f"account {number} not found")
+        return {"data": {"items": sim.positions_body()}}
+
+    @app.get("/instruments/equity-options")
+    async def options() -> Any:
+        symbols = request.args.getlist("symbol[]")
+        items = [body for s in symbols if (body := sim.option_body(s)) is not None]
+        return {"data": {"items": items}}
+
+    @app.get("/instruments/equity-options/<path:symbol>")
+    async def option(symbol: str) -> Any:
+        body = sim.option_body(symbol)
+        return {"data": body} if body else _error(404, "record_not_found", symbol)
+
+    @app.get("/api-quote-tokens")
+    async def quote_tokens() -> Any:
+        token = sim.issue_quote_token()
+        return {"data": {"token": token, "dxlink-url": sim.dxlink_url, "level": "api"}}
+
+    @app.post("/sim/faults/<name>")
+    async def fault(name: str) -> Any:
+        on = request.args.get("on", "1") != "0"
+        actions: dict[str, Any] = {
+            "drop": sim.drop,
+            "malformed": sim.send_malformed,
+            "error": sim.send_error,
+        }
+        switches: dict[str, Any] = {
+            "stall": sim.stall,
+            "refuse-token": sim.refuse_tokens,
+            "omit-event-fields": sim.omit_event_fields,
+        }
+        if name in actions:
+            await actions[name]()
+        elif name in switches:
+            switches[name](on)
+        elif name == "revoke-tokens":
+            sim.revoke_quote_tokens()
+        else:
+            return _error(404, "unknown_fault", f"faults: {sorted([*actions, *switches])}")
+        return {"data": {"fault": name, "on": on}}
+
+    @app.post("/sim/positions")
+    async def open_position() -> Any:
+        body = await request.get_json(force=True, silent=True) or {}
+        try:
+            key = ContractKey.parse(str(body["contract_key"]))
+            quantity = Decimal(str(body.get("quantity", 1)))
+        except (KeyError, ValueError, ArithmeticError) as exc:
+            return _error(400, "bad_request", f"need contract_key and quantity: {exc}")
+        underlying = str(body.get("underlying", key.root))
+        sim.open_position(SimContract(key, underlying, Decimal(100), quantity))
+        return {"data": {"opened": str(key)}}
+
+    @app.delete("/sim/positions/<path:contract_key>")
+    async def close_position(contract_key: str) -> Any:
+        try:
+            key = ContractKey.parse(contract_key)
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        sim.close_position(key)
+        return {"data": {"closed": str(key)}}
+
+    return app
+
+
+@asynccontextmanager
+async def open_tastytrade_sim(
+    port: int = 0,
+    *,
+    contracts: Sequence[SimContract] | None = None,
+    tick_interval: float = 0.05,
+    events_per_frame: int = 3,
+    keepalive_timeout: float = 60.0,
+    nan_rho_rate: float = 0.1,
+    ws_port: int = 0,
+    host: str = "127.0.0.1",
+    seed: int = 7,
+) -> AsyncIterator[TastytradeSim]:
+    """Run the REST endpoints and the DXLink server on real sockets for the block."""
+    today = datetime.now(UTC).date()
+    market = SyntheticMarket(
+        list(contracts) if contracts is not None else default_contracts(today),
+        as_of=today,
+        seed=seed,
+    )
+    sim_ref: list[TastytradeSim] = []
+    dxlink = DxLinkServer(
+        market,
+        token_valid=lambda token: token in sim_ref[0].quote_tokens,
+        tick_interval=tick_interval,
+        events_per_frame=events_per_frame,
+        keepalive_timeout=keepalive_timeout,
+        nan_rho_rate=nan_rho_rate,
+        seed=seed,
+    )
+    sim = TastytradeSim(market, dxlink, extra_positions=_default_extras())
+    sim_ref.append(sim)
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.keep_alive_timeout = 3600.0  # idle REST connections outlive MockClock jumps
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dxlink.serve, host, ws_port)
+        binds = await nursery.start(serve, create_app(sim), config)
+        sim.api_url = binds[0]
+        log.info("sim_tastytrade_started", api_url=sim.api_url, dxlink_url=sim.dxlink_url)
+        try:
+            yield sim
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def run_tastytrade_sim(port: int, *, ws_port: int = 0, tick_interval: float = 0.25) -> None:
+    """`greeksd sim tastytrade --port N`: serve until cancelled (Ctrl-C)."""
+    async with open_tastytrade_sim(port, ws_port=ws_port, tick_interval=tick_interval) as sim:
+        print(
+            f"Tastytrade simulator: GREEKSD_TT_API_URL={sim.api_url} "
+            f"GREEKSD_TT_SECRET={sim.secret} GREEKSD_TT_REFRESH={sim.refresh_token}\n"
+            f"DXLink at {sim.dxlink_url}; faults: POST {sim.api_url}/sim/faults/<name>",
+            flush=True,
+        )
+        await trio.sleep_forever()

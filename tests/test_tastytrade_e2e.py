@@ -1,0 +1,60 @@
+"""Simulator -> TastytradeStream -> pipeline -> PostgreSQL, all real (sockets, database)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import trio
+
+from greeksd.backoff import Backoff
+from greeksd.brokers.tastytrade.session import TastytradeApi
+from greeksd.brokers.tastytrade.stream import TastytradeStream
+from greeksd.model import StreamStatus
+from greeksd.pipeline import open_pipeline
+from greeksd.sim.market import default_contracts
+from greeksd.sim.tastytrade_api import open_tastytrade_sim
+from tests.helpers import fetch_rows, wait_until
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def test_simulated_greeks_land_in_greek_snapshots(db_url: str) -> None:
+    book = default_contracts(datetime.now(UTC).date(), 4)
+    status = StreamStatus("tastytrade")
+    async with open_tastytrade_sim(contracts=book, tick_interval=0.02, nan_rho_rate=0.3) as sim:
+        api = TastytradeApi(sim.secret, sim.refresh_token, api_url=sim.api_url)
+        stream = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
+        async with (
+            open_pipeline(db_url, flush_rows=20, flush_ms=100) as pipeline,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(stream.run, pipeline.sink, status)
+            await wait_until(lambda: status.ticks >= 80, what="80 ticks")
+            nursery.cancel_scope.cancel()
+    rows = fetch_rows(
+        db_url,
+        "SELECT broker, account_id, contract_key, underlying, quantity, multiplier, mark,"
+        " implied_volatility, delta, gamma, theta, rho, vega, underlying_price, event_time"
+        " FROM greek_snapshots",
+    )
+    assert len(rows) == status.ticks, "every row the stream produced was stored"
+    sent = {(s.contract_key, s.time_ms): s for s in sim.sent_events}
+    held = {str(c.key): c for c in book}
+    for broker, account, key, underlying, quantity, multiplier, *values, event_time in rows:
+        event = sent[(key, (event_time - EPOCH) // timedelta(milliseconds=1))]
+        assert (broker, account, underlying) == ("tastytrade", sim.account, held[key].underlying)
+        assert (quantity, multiplier) == (held[key].quantity, Decimal(100))
+        assert tuple(values) == (
+            event.price,
+            event.volatility,
+            event.delta,
+            event.gamma,
+            event.theta,
+            event.rho,
+            event.vega,
+            event.underlying_price,
+        )
+    rho_nulls = [row for row in rows if row[11] is None]
+    assert rho_nulls and len(rho_nulls) < len(rows), "NaN rho is stored as NULL, others kept"
+    assert {row[2] for row in rows} == set(held)
