@@ -207,3 +207,13 @@ async def test_closing_the_channel_flushes_everything(db_url: str, n: int) -> No
         for i in range(n * 7):
             pipeline.sink.put(make_snapshot(i))
     assert count_rows(db_url) == n * 7
+
+
+async def test_out_of_order_events_are_stored_and_counted_late(db_url: str) -> None:
+    writer = Writer(db_url)
+    # Same contract (i % 5 == 0), event_time = base + i ms.
+    newer, older, newest = make_snapshot(10), make_snapshot(5), make_snapshot(15)
+    await writer.write_batch([newer, older])
+    await writer.write_batch([newest, make_snapshot(0)])
+    assert writer.stats.late == 2
+    assert count_rows(db_url) == 4

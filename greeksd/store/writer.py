@@ -164,6 +164,7 @@ class WriterStats:
     rows_received: int = 0
     rows_written: int = 0
     duplicates: int = 0
+    late: int = 0
     batches: int = 0
     failed_attempts: int = 0
     last_batch_rows: int = 0
@@ -178,6 +179,7 @@ class WriterStats:
             "rows_received": self.rows_received,
             "rows_written": self.rows_written,
             "duplicates": self.duplicates,
+            "late": self.late,
             "batches": self.batches,
             "failed_attempts": self.failed_attempts,
             "last_batch_rows": self.last_batch_rows,
@@ -212,6 +214,7 @@ class Writer:
         self._conn: psycopg.Connection | None = None
         self._last_slo_warning = -math.inf
         self._progress = trio.Event()
+        self._newest: dict[tuple[str, str, str], datetime] = {}
         self.stats = WriterStats()
 
     async def wait_settled(self, rows: int) -> None:
@@ -256,6 +259,7 @@ class Writer:
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
         """Write one batch, retrying with backoff until it is committed."""
         self.stats.rows_received += len(batch)
+        self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
             started = time.perf_counter()
@@ -280,6 +284,18 @@ class Writer:
         self._record_latency(batch, committed)
         self._progress.set()
         self._progress = trio.Event()
+
+    def _count_late(self, batch: Sequence[Snapshot]) -> None:
+        """Out-of-order policy: an event older than the newest one already accepted for
+        its contract is stored (queries order by event_time) and counted as late."""
+        newest = self._newest
+        for s in batch:
+            key = (s.broker.value, s.account_id, s.contract_key)
+            seen = newest.get(key)
+            if seen is None or s.event_time >= seen:
+                newest[key] = s.event_time
+            else:
+                self.stats.late += 1
 
     def _on_failure(self, exc: psycopg.Error, rows: int) -> None:
         self.stats.failed_attempts += 1
