@@ -107,7 +107,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DATA_DIR",
         _default_data_dir,
         lambda t: Path(t).expanduser(),
-        "where the embedded database (and later the spool) live",
+        "where the embedded database (`pg/`) and the disk spool (`spool/`) live",
     ),
     Setting("API_HOST", "127.0.0.1", str, "HTTP bind address"),
     Setting("API_PORT", "8765", _port, "HTTP port (0 = pick a free one)"),
@@ -125,6 +125,12 @@ SETTINGS: tuple[Setting, ...] = (
         "100000",
         _positive_int,
         "snapshots the channel to the writer holds before conflating per contract",
+    ),
+    Setting(
+        "SPOOL_MAX_MB",
+        "1024",
+        _positive_int,
+        "cap of the disk spool that holds batches while the database is unreachable",
     ),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting(
@@ -179,6 +185,7 @@ class Settings:
     flush_rows: int
     flush_ms: int
     queue_size: int
+    spool_max_mb: int
     log_level: str
     latency_slo_ms: int
     partition_days_ahead: int

@@ -15,6 +15,7 @@ import trio
 
 from greeksd.model import Snapshot
 from greeksd.sink import ChannelSink
+from greeksd.store.spool import Spool
 from greeksd.store.writer import Writer
 
 
@@ -32,10 +33,11 @@ async def open_pipeline(
     flush_ms: int = 1000,
     queue_size: int = 100_000,
     slo_ms: int = 500,
+    spool: Spool | None = None,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     sink = ChannelSink(send)
-    writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms)
+    writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms, spool=spool)
 
     async def pump_then_close() -> None:
         async with send:

@@ -36,6 +36,7 @@ from greeksd.redact import register_secret
 from greeksd.store.database import embedded_postgres
 from greeksd.store.migrations import migrate
 from greeksd.store.partitions import drop_expired, ensure_partitions
+from greeksd.store.spool import Spool
 from greeksd.supervisor import Supervisor
 
 log = get_logger("greeksd.service")
@@ -135,6 +136,9 @@ async def open_service(
             flush_ms=settings.flush_ms,
             queue_size=settings.queue_size,
             slo_ms=settings.latency_slo_ms,
+            spool=Spool(
+                settings.data_dir / "spool" / "snapshots.spool", settings.spool_max_mb * 1024 * 1024
+            ),
         ) as pipeline:
             supervisor = Supervisor(pipeline.sink)
             for source in sources:
@@ -186,8 +190,11 @@ async def run_until_signal(
                     if not service_holder:
                         top.cancel_scope.cancel()
                     continue
-                pending = service_holder[0].state.sink.queue_depth if service_holder else 0
-                log.error("second_signal_exiting_now", signal=name, unwritten_rows=pending)
+                saved = 0
+                if service_holder:
+                    state = service_holder[0].state
+                    saved = state.writer.spool_unwritten_now(state.sink.take_overflow())
+                log.error("second_signal_exiting_now", signal=name, spooled_rows=saved)
                 os._exit(EXIT_SECOND_SIGNAL)
 
     async with trio.open_nursery() as top:

@@ -63,6 +63,12 @@ class ChannelSink:
             _, snapshot = self._overflow.popitem(last=False)
             await self._send.send(snapshot)
 
+    def take_overflow(self) -> list[Snapshot]:
+        """Hand over (and forget) the rows waiting for room: for an emergency spool."""
+        rows = list(self._overflow.values())
+        self._overflow.clear()
+        return rows
+
     def close(self) -> None:
         """No more puts; the pump drains what is left, then the channel closes."""
         self._closed = True

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def _free_port() -> int:
 
 def _env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GREEKSD_")}
+    # Never the user's data dir: a spool left there would drain into this test's database.
+    env["GREEKSD_DATA_DIR"] = tempfile.mkdtemp(prefix="greeksd-test-data-")
     env.update(overrides)
     return env
 

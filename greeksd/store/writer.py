@@ -31,6 +31,7 @@ from greeksd.backoff import Backoff
 from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
+from greeksd.store.spool import Spool, SpoolFull, snapshot_to_dict
 
 log = get_logger("greeksd.writer")
 
@@ -169,6 +170,10 @@ class WriterStats:
     failed_attempts: int = 0
     last_batch_rows: int = 0
     last_flush_ms: float | None = None
+    spool_bytes: int = 0
+    spooled_rows: int = 0
+    spool_full: int = 0
+    rejected_rows: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def as_json(self, queue_depth: int | None = None) -> dict[str, Any]:
@@ -185,6 +190,10 @@ class WriterStats:
             "last_batch_rows": self.last_batch_rows,
             "last_flush_ms": self.last_flush_ms,
             "queue_depth": queue_depth,
+            "spool_bytes": self.spool_bytes,
+            "spooled_rows": self.spooled_rows,
+            "spool_full": self.spool_full,
+            "rejected_rows": self.rejected_rows,
             "latency_ms": {
                 "p50": pct[0.5],
                 "p95": pct[0.95],
@@ -192,6 +201,11 @@ class WriterStats:
                 "max": self.latency.max_ms or None,
             },
         }
+
+
+# The server is unreachable or the connection broke: worth retrying the same rows.
+# Anything else (a value the table refuses) would fail forever: the batch is set aside.
+UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class Writer:
@@ -204,18 +218,26 @@ class Writer:
         slo_ms: int = 500,
         backoff: Backoff | None = None,
         connect: Callable[[str], psycopg.Connection] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._url = url
         self.flush_rows = flush_rows
         self.flush_s = flush_ms / 1000.0
         self.slo_ms = slo_ms
-        self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
-        self._connect = connect or (lambda u: psycopg.connect(u, autocommit=False))
+        self._backoff = backoff or Backoff(initial=0.2, maximum=5.0)
+        self._connect = connect or (lambda u: psycopg.connect(u, connect_timeout=5))
         self._conn: psycopg.Connection | None = None
+        self._spool = spool
+        self._next_attempt = -math.inf
         self._last_slo_warning = -math.inf
+        self._last_spool_full_log = -math.inf
         self._progress = trio.Event()
         self._newest: dict[tuple[str, str, str], datetime] = {}
+        self._batch: list[Snapshot] = []
+        self._receive: trio.MemoryReceiveChannel[Snapshot] | None = None
         self.stats = WriterStats()
+        if spool is not None:
+            self.stats.spool_bytes = spool.size
 
     async def wait_settled(self, rows: int) -> None:
         """Return once `rows` rows have been committed or recognised as duplicates: how
@@ -223,67 +245,174 @@ class Writer:
         while self.stats.rows_written + self.stats.duplicates < rows:
             await self._progress.wait()
 
+    @property
+    def spool_pending(self) -> bool:
+        return self._spool is not None and self.stats.spool_bytes > 0
+
     async def run(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
         """Consume until the channel is closed and drained; every accepted row is
-        committed before this returns. Cancelling it abandons the current batch, so
-        shut down by closing the channel instead."""
+        committed (or, while the database is down, durably spooled) before this returns.
+        A leftover spool from an earlier run is drained first. Cancelling it abandons
+        the current batch, so shut down by closing the channel instead."""
+        self._receive = receive
         try:
-            batch: list[Snapshot] = []
+            if self.spool_pending:
+                await self._drain_spool()
             deadline = math.inf
             async with receive:
                 while True:
-                    with trio.move_on_at(deadline):
+                    wake = min(deadline, self._next_attempt if self.spool_pending else math.inf)
+                    with trio.move_on_at(wake):
                         try:
                             first = await receive.receive()
                         except trio.EndOfChannel:
                             break
-                        if not batch:
+                        if not self._batch:
                             deadline = trio.current_time() + self.flush_s
-                        batch.append(first)
-                        while len(batch) < self.flush_rows:
+                        self._batch.append(first)
+                        while len(self._batch) < self.flush_rows:
                             try:
-                                batch.append(receive.receive_nowait())
+                                self._batch.append(receive.receive_nowait())
                             except (trio.WouldBlock, trio.EndOfChannel):
                                 break
-                        if len(batch) < self.flush_rows:
+                        if len(self._batch) < self.flush_rows:
                             continue
-                    await self.write_batch(batch)
-                    batch = []
-                    deadline = math.inf
-            if batch:
-                await self.write_batch(batch)
+                    if self._batch:
+                        await self.write_batch(self._batch)
+                        self._batch = []
+                        deadline = math.inf
+                    elif trio.current_time() >= self._next_attempt:
+                        await self._drain_spool()
+            if self._batch:
+                await self.write_batch(self._batch)
+                self._batch = []
+            if self.spool_pending:  # one last try, so a healthy database ends up complete
+                await self._drain_spool()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close)
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
-        """Write one batch, retrying with backoff until it is committed."""
+        """Commit one batch, or spool it while the database is unreachable; without a
+        spool (or with a full one), retry with backoff until it commits."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
+            if self.spool_pending and (
+                trio.current_time() < self._next_attempt or not await self._drain_spool()
+            ):
+                if self._append_to_spool(batch):
+                    return
+                await trio.sleep_until(self._next_attempt)
+                continue
             started = time.perf_counter()
             try:
                 inserted = await trio.to_thread.run_sync(self._write_sync, rows)
             except psycopg.Error as exc:
                 self._on_failure(exc, len(rows))
-                await trio.sleep(self._backoff.next_delay())
+                if self._spool is not None and self._append_to_spool(batch):
+                    return
+                await trio.sleep_until(self._next_attempt)
                 continue
-            break
+            self._on_success(batch, inserted, started)
+            return
+
+    def _append_to_spool(self, batch: Sequence[Snapshot]) -> bool:
+        """Durably keep `batch` for later; False when the spool is full (loudly)."""
+        assert self._spool is not None
+        try:
+            self._spool.append(batch)
+        except SpoolFull as exc:
+            self.stats.spool_full += 1
+            now = trio.current_time()
+            if now - self._last_spool_full_log > 10.0:
+                self._last_spool_full_log = now
+                log.error(
+                    "spool_full",
+                    error=str(exc),
+                    spool_bytes=self._spool.size,
+                    consequence="holding batches in memory; the channel will conflate",
+                )
+            return False
+        self.stats.spool_bytes = self._spool.size
+        self.stats.spooled_rows += len(batch)
+        log.warning("batch_spooled", rows=len(batch), spool_bytes=self.stats.spool_bytes)
+        return True
+
+    async def _drain_spool(self) -> bool:
+        """Replay the spool in order; True when it is empty again. Idempotent: rows that
+        an interrupted earlier drain already committed come back as duplicates."""
+        assert self._spool is not None
+        drained = 0
+        for batch in self._spool.batches():
+            started = time.perf_counter()
+            try:
+                inserted = await trio.to_thread.run_sync(
+                    self._write_sync, [snapshot_row(s) for s in batch]
+                )
+            except UNREACHABLE as exc:
+                self._on_failure(exc, len(batch))
+                return False
+            except psycopg.Error as exc:
+                self._reject(batch, exc)
+                continue
+            self._on_success(batch, inserted, started)
+            drained += len(batch)
+        self._spool.clear()
+        self.stats.spool_bytes = 0
+        log.info("spool_drained", rows=drained)
+        return True
+
+    def _reject(self, batch: Sequence[Snapshot], exc: psycopg.Error) -> None:
+        """A spooled batch the database refuses for its content: set it aside in a
+        `.rejected` file next to the spool (never dropped), count it, say so."""
+        assert self._spool is not None
+        rejected = self._spool.path.with_suffix(".rejected.jsonl")
+        with rejected.open("ab") as f:
+            for s in batch:
+                f.write(orjson.dumps(snapshot_to_dict(s)) + b"\n")
+        self.stats.rejected_rows += len(batch)
+        log.error(
+            "spooled_batch_rejected",
+            rows=len(batch),
+            moved_to=str(rejected),
+            error=f"{type(exc).__name__}: {str(exc).strip()}",
+        )
+
+    def _on_success(self, batch: Sequence[Snapshot], inserted: int, started: float) -> None:
         committed = datetime.now(UTC)
         self._backoff.reset()
+        self._next_attempt = -math.inf
         if self.stats.state is not StreamState.CONNECTED:
             log.info("writer_connected")
         self.stats.state = StreamState.CONNECTED
         self.stats.last_error = None
         self.stats.rows_written += inserted
-        self.stats.duplicates += len(rows) - inserted
+        self.stats.duplicates += len(batch) - inserted
         self.stats.batches += 1
-        self.stats.last_batch_rows = len(rows)
+        self.stats.last_batch_rows = len(batch)
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000.0
         self._record_latency(batch, committed)
         self._progress.set()
         self._progress = trio.Event()
+
+    def spool_unwritten_now(self, extra: Sequence[Snapshot] = ()) -> int:
+        """Last resort before an immediate exit: spool the batch being built, whatever
+        waits in the channel, and `extra` (the sink's overflow). Returns the rows saved.
+        A batch already in flight may land in both places; the idempotent insert makes
+        that harmless when the spool is drained."""
+        if self._spool is None:
+            return 0
+        pending, self._batch = self._batch, []
+        if self._receive is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    pending.append(self._receive.receive_nowait())
+        pending.extend(extra)
+        if not pending:
+            return 0
+        return len(pending) if self._append_to_spool(pending) else 0
 
     def _count_late(self, batch: Sequence[Snapshot]) -> None:
         """Out-of-order policy: an event older than the newest one already accepted for
@@ -301,10 +430,13 @@ class Writer:
         self.stats.failed_attempts += 1
         self.stats.state = StreamState.DEGRADED
         self.stats.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
+        delay = self._backoff.next_delay()
+        self._next_attempt = trio.current_time() + delay
         log.error(
             "batch_write_failed",
             rows=rows,
-            attempt=self._backoff.attempts + 1,
+            attempt=self._backoff.attempts,
+            retry_in_s=round(delay, 2),
             error=self.stats.last_error,
         )
         self._close()
