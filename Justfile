@@ -31,6 +31,10 @@ demo *ARGS: setup
 test *ARGS: setup
     {{bin}}/python -m pytest -m "not slow" {{ARGS}}
 
+# The ten-minute soak (200 contracts, 50 ticks/s per broker); report in artifacts/
+soak *ARGS: setup
+    {{bin}}/python -m pytest -m slow -s tests/test_soak.py {{ARGS}}
+
 # Replay a recorded fixture into the database
 replay FIXTURE="tests/fixtures/mixed-session.jsonl.gz" *ARGS: setup
     {{bin}}/greeksd replay {{FIXTURE}} {{ARGS}}

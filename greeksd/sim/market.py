@@ -92,26 +92,30 @@ SPOTS: dict[str, float] = {"AAPL": 190.0, "SPY": 510.0, "SPX": 5100.0, "MSFT": 4
 
 def default_contracts(as_of: date, count: int = 8) -> list[SimContract]:
     """A varied book: calls and puts, long and short, monthlies and an SPXW weekly,
-    a fractional strike; expirations relative to `as_of` so they never lie in the past."""
+    a fractional strike; expirations relative to `as_of` so they never lie in the past.
+    Strikes stay within ten steps of the spot whatever `count` is; further contracts
+    move out in expiry, so every key is distinct."""
     roots = [("AAPL", "AAPL"), ("SPY", "SPY"), ("SPXW", "SPX"), ("MSFT", "MSFT"), ("QQQ", "QQQ")]
     contracts: list[SimContract] = []
     for i in range(count):
         root, underlying = roots[i % len(roots)]
         spot = SPOTS[underlying]
         step = 5.0 if spot < 1000 else 25.0
-        offset = (i // len(roots)) + 1
+        offset = (i // len(roots)) % 10 + 1
         right = OptionRight.CALL if i % 2 == 0 else OptionRight.PUT
         direction = 1 if right is OptionRight.CALL else -1
         strike = Decimal(str(round(spot / step) * step + direction * offset * step))
         if i == 3:
             strike += Decimal("2.5")  # a fractional strike: 422.5 style
-        expiry = as_of + timedelta(days=7 * (offset + i % 4))
+        expiry = as_of + timedelta(days=7 * (offset + i % 4 + 4 * (i // 50)))
         quantity = Decimal((i % 3) + 1) * (-1 if i % 4 == 1 else 1)
         contracts.append(
             SimContract(
                 ContractKey(root, expiry, right, strike), underlying, Decimal(100), quantity
             )
         )
+    if len({c.key for c in contracts}) != len(contracts):
+        raise AssertionError("default_contracts produced a duplicate key")
     return contracts
 
 
