@@ -2,7 +2,8 @@
 
 Leaving `open_pipeline` closes the sink, lets the overflow pump and the writer drain, and
 returns only when every accepted row is committed: the shutdown path of the service and
-the end of every test that writes.
+the end of every test that writes. Trades travel beside the rows on their own small
+channel to their own writer (`TradeWriter`), drained the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 
 import trio
 
-from greeksd.model import Snapshot
+from greeksd.model import Snapshot, Trade
 from greeksd.sink import ChannelSink
 from greeksd.store.spool import Spool
+from greeksd.store.trade_writer import TradeWriter
 from greeksd.store.writer import Writer
 
 
@@ -23,6 +25,7 @@ from greeksd.store.writer import Writer
 class Pipeline:
     sink: ChannelSink
     writer: Writer
+    trade_writer: TradeWriter
 
 
 @contextlib.asynccontextmanager
@@ -34,10 +37,13 @@ async def open_pipeline(
     queue_size: int = 100_000,
     slo_ms: int = 500,
     spool: Spool | None = None,
+    trade_queue_size: int = 10_000,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
-    sink = ChannelSink(send)
+    trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
+    sink = ChannelSink(send, trade_send)
     writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms, spool=spool)
+    trade_writer = TradeWriter(url)
 
     async def pump_then_close() -> None:
         async with send:
@@ -45,8 +51,10 @@ async def open_pipeline(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run, receive)
+        nursery.start_soon(trade_writer.run, trade_receive)
         nursery.start_soon(pump_then_close)
         try:
-            yield Pipeline(sink, writer)
+            yield Pipeline(sink, writer, trade_writer)
         finally:
             sink.close()
+            trade_send.close()

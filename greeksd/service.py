@@ -27,7 +27,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from greeksd.api.app import create_app
-from greeksd.api.state import ServiceState
+from greeksd.api.state import ServiceState, open_read_pool
 from greeksd.config import ConfigError, Settings
 from greeksd.logs import get_logger
 from greeksd.model import Source
@@ -130,20 +130,32 @@ async def open_service(
         await trio.to_thread.run_sync(
             _maintain_partitions, url, settings.partition_days_ahead, settings.retention_days
         )
-        async with open_pipeline(
-            url,
-            flush_rows=settings.flush_rows,
-            flush_ms=settings.flush_ms,
-            queue_size=settings.queue_size,
-            slo_ms=settings.latency_slo_ms,
-            spool=Spool(
-                settings.data_dir / "spool" / "snapshots.spool", settings.spool_max_mb * 1024 * 1024
-            ),
-        ) as pipeline:
+        async with (
+            open_read_pool(url) as reads,
+            open_pipeline(
+                url,
+                flush_rows=settings.flush_rows,
+                flush_ms=settings.flush_ms,
+                queue_size=settings.queue_size,
+                slo_ms=settings.latency_slo_ms,
+                spool=Spool(
+                    settings.data_dir / "spool" / "snapshots.spool",
+                    settings.spool_max_mb * 1024 * 1024,
+                ),
+            ) as pipeline,
+        ):
             supervisor = Supervisor(pipeline.sink)
             for source in sources:
                 supervisor.add(source)
-            state = ServiceState(settings, url, supervisor, pipeline.writer, pipeline.sink)
+            state = ServiceState(
+                settings,
+                url,
+                supervisor,
+                pipeline.writer,
+                pipeline.sink,
+                reads,
+                pipeline.trade_writer,
+            )
             async with trio.open_nursery() as inner:
                 inner.start_soon(
                     keep_partitions, url, settings.partition_days_ahead, settings.retention_days

@@ -4,6 +4,10 @@
 overflow map keyed by (broker, account, contract) that keeps only the newest row per
 contract (conflation, counted), and a pump task feeds them to the channel in order as
 room frees up. Memory stays bounded by channel size + number of contracts.
+
+Trades take a separate small channel to their own writer: they are rare, must never be
+conflated, and must not wait behind a backlog of Greeks rows. A full trade channel means
+the trade writer has been stuck for thousands of fills: counted and logged as an error.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ from collections import OrderedDict
 import trio
 
 from greeksd.logs import get_logger
-from greeksd.model import Snapshot
+from greeksd.model import Snapshot, Trade
 
 log = get_logger("greeksd.sink")
 
 
 class ChannelSink:
-    def __init__(self, send_channel: trio.MemorySendChannel[Snapshot]) -> None:
+    def __init__(
+        self,
+        send_channel: trio.MemorySendChannel[Snapshot],
+        trade_channel: trio.MemorySendChannel[Trade] | None = None,
+    ) -> None:
         self._send = send_channel
+        self._trades = trade_channel
+        self.trades_accepted = 0
+        self.trades_dropped = 0
         self._overflow: OrderedDict[tuple[str, str, str], Snapshot] = OrderedDict()
         self._wakeup = trio.Event()
         self._closed = False
@@ -42,6 +53,25 @@ class ChannelSink:
             self.conflated += 1
         self._overflow[key] = snapshot
         self._wakeup.set()
+
+    def put_trade(self, trade: Trade) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the sink is closed: greeksd is shutting down")
+        try:
+            if self._trades is None:
+                raise trio.WouldBlock
+            self._trades.send_nowait(trade)
+        except trio.WouldBlock:
+            self.trades_dropped += 1
+            log.error(
+                "trade_dropped",
+                reason="no trade writer" if self._trades is None else "trade channel full",
+                broker=trade.broker.value,
+                broker_trade_id=trade.broker_trade_id,
+                dropped=self.trades_dropped,
+            )
+            return
+        self.trades_accepted += 1
 
     @property
     def queue_depth(self) -> int:

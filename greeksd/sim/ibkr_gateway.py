@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class _Conn:
     outbox: trio.MemorySendChannel[str | bytes]
     scope: trio.CancelScope
     logged_in: bool = False
+    trades: bool = False  # subscribed to `str`
     lines: dict[int, _Line] = field(default_factory=dict)
 
 
@@ -139,6 +141,9 @@ class IbkrGatewaySim:
         self.market_ticks = 0
         self.logins: list[str] = []  # "cookie", "legacy" or "cookieless", per socket
         self.rest_calls: list[str] = []
+        self.executions: list[dict[str, Any]] = []  # what /iserver/account/trades lists
+        self.extra_positions: list[dict[str, Any]] = []  # e.g. a futures option (FOP)
+        self._by_conid: dict[int, SimContract] = {}
         self._latest: dict[int, dict[str, str]] = {}
         self._conns: dict[int, _Conn] = {}
         self._next_conn = 0
@@ -157,7 +162,9 @@ class IbkrGatewaySim:
     # ---- positions ------------------------------------------------------------------
     def _assign_conid(self, contract: SimContract) -> int:
         self.underlying_conids.setdefault(contract.underlying, 900000 + len(self.underlying_conids))
-        return self.conids.setdefault(contract.key, 700000001 + len(self.conids))
+        conid = self.conids.setdefault(contract.key, 700000001 + len(self.conids))
+        self._by_conid.setdefault(conid, contract)
+        return conid
 
     def conid_of(self, key: ContractKey) -> int:
         return self.conids[key]
@@ -208,6 +215,53 @@ class IbkrGatewaySim:
             "strike": format_strike(c.key.strike),
             "multiplier": float(c.multiplier),
         }
+
+    # ---- executions -----------------------------------------------------------------
+    def execute(
+        self, contract: SimContract, side: str, quantity: Decimal, price: Decimal
+    ) -> dict[str, Any]:
+        """A fill (`side` 'B' or 'S', `quantity` > 0): sent on `str` to subscribed sockets
+        and listed by /iserver/account/trades from now on. Returns the execution."""
+        conid = self._assign_conid(contract)
+        k = contract.key
+        now = datetime.now(UTC)
+        verb = "Bought" if side == "B" else "Sold"
+        execution = {
+            "execution_id": f"0000{conid:x}.{len(self.executions) + 1:08x}.01.01",
+            "symbol": contract.underlying,
+            "supports_tax_opt": "1",
+            "side": side,
+            "order_description": f"{verb} {quantity} @ {price} on CBOE",
+            "trade_time": now.strftime("%Y%m%d-%H:%M:%S"),
+            "trade_time_r": int(now.timestamp() * 1000),
+            "size": float(quantity),
+            "price": str(price),
+            "order_ref": f"sim-{len(self.executions) + 1}",
+            "exchange": "CBOE",
+            "commission": "1.05",
+            "net_amount": float(quantity * price * contract.multiplier),
+            "account": self.account,
+            "accountCode": self.account,
+            "company_name": contract.underlying,
+            "contract_description_1": f"{contract.underlying} {k.expiration:%b%d'%y}".upper()
+            + f" {format_strike(k.strike)} {'Call' if k.right.value == 'C' else 'Put'}",
+            "sec_type": "OPT",
+            "listing_exchange": "CBOE",
+            "conid": conid,
+            "conidEx": str(conid),
+            "clearing_id": "IB",
+            "clearing_name": "IB",
+            "liquidation_trade": "0",
+        }
+        self.executions.append(execution)
+        self.resend_execution(execution)
+        return execution
+
+    def resend_execution(self, execution: dict[str, Any]) -> None:
+        """Send an execution again on `str` (the gateway repeats fills, e.g. on replay)."""
+        for conn in self._conns.values():
+            if conn.trades:
+                self._send(conn, p.trades_frame([execution]))
 
     # ---- faults ---------------------------------------------------------------------
     def drop_connections(self) -> None:
@@ -334,6 +388,8 @@ class IbkrGatewaySim:
             )
         elif command.topic == "ech":
             self._send(conn, p.ECHO_HB)
+        elif command.topic in {"str", "utr"}:
+            conn.trades = command.topic == "str"
         elif command.topic == "smd" and command.conid is not None:
             self._subscribe(conn, command.conid, command.args.get("fields") or [])
         elif command.topic == "umd" and command.conid is not None:
@@ -473,6 +529,7 @@ class IbkrGatewaySim:
                 "/v1/api/portfolio",
                 "/v1/api/trsrv",
                 "/v1/api/iserver/marketdata",
+                "/v1/api/iserver/account",
             )
             if not sim._authenticated and request.path.startswith(guarded):
                 return {"error": "not authenticated"}, 401
@@ -518,7 +575,7 @@ class IbkrGatewaySim:
         async def positions(account: str, page: int) -> Any:
             if account != sim.account:
                 return {"error": f"unknown account {account}"}, 400
-            rows = [sim._position_json(c) for c in sim.market.contracts]
+            rows = [sim._position_json(c) for c in sim.market.contracts] + sim.extra_positions
             rows.insert(
                 0,
                 {
@@ -535,11 +592,12 @@ class IbkrGatewaySim:
         @app.get("/v1/api/trsrv/secdef")
         async def secdef() -> Any:
             wanted = {int(c) for c in request.args.get("conids", "").split(",") if c.isdigit()}
-            return {
-                "secdef": [
-                    sim._secdef_json(c) for c in sim.market.contracts if sim.conids[c.key] in wanted
-                ]
-            }
+            known = [sim._by_conid[c] for c in sorted(wanted) if c in sim._by_conid]
+            return {"secdef": [sim._secdef_json(c) for c in known]}
+
+        @app.get("/v1/api/iserver/account/trades")
+        async def trades() -> Any:
+            return list(sim.executions)
 
         @app.get("/v1/api/iserver/marketdata/snapshot")
         async def snapshot() -> Any:

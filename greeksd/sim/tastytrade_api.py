@@ -54,6 +54,9 @@ class TastytradeSim:
     quote_tokens: set[str] = field(default_factory=set)
     quote_token_requests: int = 0
     oauth_requests: int = 0
+    #: what /accounts/{n}/transactions serves, oldest first
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+    transaction_requests: int = 0
 
     @property
     def dxlink_url(self) -> str:
@@ -95,6 +98,60 @@ class TastytradeSim:
 
     def close_position(self, key: ContractKey) -> None:
         self.market.remove_contract(key)
+
+    def execute(
+        self, contract: SimContract, action: str, quantity: Decimal, price: Decimal
+    ) -> dict[str, Any]:
+        """A fill (`action` 'Buy to Open', 'Sell to Close', ...): a "Trade" transaction
+        the transactions endpoint lists from now on. Returns its body."""
+        now = datetime.now(UTC)
+        buy = action.startswith("Buy")
+        value = quantity * price * contract.multiplier
+        body = {
+            "id": 250000000 + len(self.transactions) + 1,
+            "account-number": self.account,
+            "symbol": dx.occ_symbol(contract.key),
+            "instrument-type": "Equity Option",
+            "underlying-symbol": contract.underlying,
+            "transaction-type": "Trade",
+            "transaction-sub-type": action,
+            "description": f"{'Bought' if buy else 'Sold'} {quantity} {contract.key} @ {price}",
+            "action": action,
+            "quantity": str(quantity),
+            "price": str(price),
+            "executed-at": now.isoformat(timespec="milliseconds"),
+            "transaction-date": now.date().isoformat(),
+            "value": str(value),
+            "value-effect": "Debit" if buy else "Credit",
+            "net-value": str(value + Decimal("1.14")) if buy else str(value - Decimal("1.14")),
+            "net-value-effect": "Debit" if buy else "Credit",
+            "commission": "1.0",
+            "commission-effect": "Debit",
+            "clearing-fees": "0.1",
+            "clearing-fees-effect": "Debit",
+            "regulatory-fees": "0.04",
+            "regulatory-fees-effect": "Debit",
+            "is-estimated-fee": True,
+            "exchange": "CBOE",
+            "order-id": 400000 + len(self.transactions) + 1,
+            "leg-count": 1,
+        }
+        self.transactions.append(body)
+        return body
+
+    def transactions_body(self, kind: str | None, per_page: int, page: int) -> dict[str, Any]:
+        items = [t for t in reversed(self.transactions) if kind in (None, t["transaction-type"])]
+        pages = max(1, -(-len(items) // per_page))
+        return {
+            "data": {"items": items[page * per_page : (page + 1) * per_page]},
+            "pagination": {
+                "per-page": per_page,
+                "page-offset": page,
+                "item-offset": page * per_page,
+                "total-items": len(items),
+                "total-pages": pages,
+            },
+        }
 
     # REST bodies ------------------------------------------------------------
 
@@ -268,6 +325,19 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
         if number != sim.account:
             return _error(404, "record_not_found", f"account {number} not found")
         return {"data": {"items": sim.positions_body()}}
+
+    @app.get("/accounts/<number>/transactions")
+    async def transactions(number: str) -> Any:
+        sim.transaction_requests += 1
+        if number != sim.account:
+            return _error(404, "record_not_found", f"account {number} not found")
+        args = request.args
+        try:
+            per_page = max(1, min(int(args.get("per-page", 250)), 2000))
+            page = max(0, int(args.get("page-offset", 0)))
+        except ValueError:
+            return _error(400, "bad_request", "per-page and page-offset must be integers")
+        return sim.transactions_body(args.get("type"), per_page, page)
 
     @app.get("/instruments/equity-options")
     async def options() -> Any:

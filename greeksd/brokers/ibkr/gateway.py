@@ -214,12 +214,25 @@ class GatewayClient:
         body = await self.request("GET", "/iserver/marketdata/snapshot", params=params)
         return [row for row in body if isinstance(row, dict)] if isinstance(body, list) else []
 
-    async def option_positions(self) -> tuple[list[OptionPosition], list[str]]:
-        """All option positions of every account, gaps filled from secdef; second item:
+    async def trades(self) -> list[dict[str, Any]]:
+        """Recent executions (the gateway keeps the current day and a few before): the
+        backfill for whatever executed while the websocket was down."""
+        body = await self.request("GET", "/iserver/account/trades")
+        if not isinstance(body, list):
+            raise GatewayError("/iserver/account/trades: expected a list")
+        return [e for e in body if isinstance(e, dict)]
+
+    async def option_positions(self) -> PositionScan:
+        """All option positions of every account, gaps filled from secdef, plus
         human-readable reasons for positions that could not be used."""
         raw: list[tuple[dict[str, Any], str]] = []
+        future_options = 0
         for account in await self.portfolio_accounts():
-            raw += [(p, account) for p in await self.positions(account) if protocol.is_option(p)]
+            for position in await self.positions(account):
+                if protocol.is_option(position):
+                    raw.append((position, account))
+                elif protocol.is_future_option(position):
+                    future_options += 1
         lacking = [int(p["conid"]) for p, _ in raw if protocol.missing_option_fields(p)]
         details = await self.secdef(lacking) if lacking else {}
         options: list[OptionPosition] = []
@@ -233,7 +246,16 @@ class GatewayClient:
                 options.append(protocol.parse_option_position(merged, account))
             except ValueError as exc:
                 problems.append(str(exc))
-        return options, problems
+        return PositionScan(options, problems, future_options)
+
+
+@dataclass(frozen=True, slots=True)
+class PositionScan:
+    """Option positions greeksd records, and what it held but cannot record."""
+
+    options: list[OptionPosition]
+    problems: list[str]
+    future_options: int = 0
 
 
 def _object(body: Any, what: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
+from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, Trade
 
 LAST, BID, ASK, MARK = "31", "84", "86", "7635"
 DELTA, GAMMA, THETA, VEGA, IV = "7308", "7309", "7310", "7311", "7633"
@@ -29,6 +29,7 @@ SNAPSHOT_TRIGGERS = frozenset({LAST, BID, ASK, MARK, DELTA, GAMMA, THETA, VEGA, 
 CLEARED = frozenset({"", "N/A"})
 TIC = "tic"
 ECHO_HB = "ech+hb"
+TRADES_SUBSCRIBE = "str+{}"
 _SCALE = {"K": 1e3, "M": 1e6, "B": 1e9}
 
 
@@ -68,11 +69,19 @@ class Accounts:
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """Bulletins (`blt`), notifications (`ntf`), trades (`str`), other `system` frames:
-    logged, not acted on here."""
+    """Bulletins (`blt`), notifications (`ntf`), other `system` frames: logged, not acted
+    on here."""
 
     topic: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Trades:
+    """`str` topic: executions, raw, because an execution names its option only by conid;
+    `execution_trade` maps one once the stream knows the conid's contract."""
+
+    executions: tuple[dict[str, Any], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,7 @@ Event = (
     | AuthStatus
     | Accounts
     | Notice
+    | Trades
     | MarketData
     | GatewayErrorMessage
     | WaitingForSession
@@ -195,7 +205,11 @@ def _classify(obj: dict[str, Any]) -> Event:
         return Accounts(accounts, str(selected) if selected else None)
     if topic == "tic":
         return TicReply(bool(obj.get("alive")), _int_or_none(obj.get("lastAccessed")))
-    if topic in {"blt", "ntf", "str"}:
+    if topic == "str":
+        if not isinstance(args, list) or not all(isinstance(a, dict) for a in args):
+            raise ValueError("str args must be a list of execution objects")
+        return Trades(tuple(args))
+    if topic in {"blt", "ntf"}:
         return Notice(topic, obj)
     if topic == "error" or "error" in obj:
         return GatewayErrorMessage(str(obj.get("error", args)), obj.get("code"))
@@ -309,54 +323,69 @@ class OptionPosition:
     contract: Contract
 
 
-_OCC_LOCAL = re.compile(r"\[(?P<root>[A-Z0-9.]{1,6})\s+\d{6}[CP]\d{8}")
+_OCC_LOCAL = re.compile(r"\[(.{6}\d{6}[CP]\d{8})[ \]]")
 
 
-def position_root(position: Mapping[str, Any]) -> str | None:
-    """The option's trading class, which is greeksd's root (SPXW, not SPX, for weeklies):
-    `tradingClass` (secdef), else the OCC local symbol inside `contractDesc`
-    ('SPX JUN2024 5000 C [SPXW  240621C05000000 100]'), else `ticker`, else `undSym`."""
-    trading_class = position.get("tradingClass")
-    if isinstance(trading_class, str) and trading_class:
-        return trading_class
+def occ_local_symbol(position: Mapping[str, Any]) -> str | None:
+    """The OCC symbol IBKR shows as the local symbol inside `contractDesc`
+    ('SPXW   DEC2026 5800 P [SPXW  261218P05800000 100]'), if any."""
     match = _OCC_LOCAL.search(str(position.get("contractDesc") or ""))
-    if match:
-        return match["root"]
-    for key in ("ticker", "undSym"):
-        if isinstance(position.get(key), str) and position[key]:
-            return str(position[key])
-    return None
+    return match[1] if match else None
+
+
+def option_key(position: Mapping[str, Any]) -> ContractKey:
+    """A position's or secdef's `ContractKey`, the same one Tastytrade's symbols give.
+
+    The OCC local symbol wins when present: it is exactly what Tastytrade reports
+    (IBKR's `expiry` is the last trading day, which for AM-settled index options is the
+    day before the OCC expiration). Without it: `tradingClass` (secdef) is the root
+    (SPXW, not SPX, for weeklies), else `ticker`/`undSym`; expiry `YYYYMMDD`, `putOrCall`,
+    `strike` as a string. Raises ValueError naming what is wrong."""
+    local = occ_local_symbol(position)
+    if local is not None:
+        return ContractKey.from_occ(local)
+    root = next(
+        (
+            str(position[k])
+            for k in ("tradingClass", "ticker", "undSym")
+            if isinstance(position.get(k), str) and position[k]
+        ),
+        None,
+    )
+    if not root:
+        raise ValueError("no OCC local symbol, trading class, ticker or undSym")
+    try:
+        expiry = datetime.strptime(str(position["expiry"]), "%Y%m%d").date()
+        right = OptionRight(str(position["putOrCall"]).upper()[:1])
+        strike = Decimal(str(position["strike"]))
+    except KeyError as exc:
+        raise ValueError(f"missing {exc}") from None
+    except InvalidOperation:
+        raise ValueError(f"bad strike {position['strike']!r}") from None
+    return ContractKey(root, expiry, right, strike)
 
 
 def missing_option_fields(position: Mapping[str, Any]) -> list[str]:
     """What a position lacks to become a `Contract`; fill those from secdef."""
-    needed = ("expiry", "putOrCall", "strike", "multiplier")
-    missing = [k for k in needed if position.get(k) in (None, "")]
-    if not isinstance(position.get("tradingClass"), str) and not _OCC_LOCAL.search(
-        str(position.get("contractDesc") or "")
-    ):
-        missing.append("tradingClass")
+    missing = ["multiplier"] if position.get("multiplier") in (None, "") else []
+    if occ_local_symbol(position) is None:
+        needed = ("expiry", "putOrCall", "strike")
+        missing += [k for k in needed if position.get(k) in (None, "")]
+        if not isinstance(position.get("tradingClass"), str):
+            missing.append("tradingClass")
     return missing
 
 
 def parse_option_position(position: Mapping[str, Any], account_id: str) -> OptionPosition:
     """One `/portfolio/{acct}/positions` entry (optionally overlaid with its secdef) to an
     `OptionPosition`. Raises ValueError naming what is wrong."""
-    root = position_root(position)
-    if not root:
-        raise ValueError("no trading class, contractDesc, ticker or undSym")
     try:
-        expiry = datetime.strptime(str(position["expiry"]), "%Y%m%d").date()
-        right = OptionRight(str(position["putOrCall"]).upper()[:1])
-        strike = Decimal(str(position["strike"]))
+        key = option_key(position)
         quantity = Decimal(str(position["position"]))
         multiplier = Decimal(str(position["multiplier"]))
     except (KeyError, ValueError, InvalidOperation) as exc:
-        raise ValueError(f"bad option position {position.get('conid')}: {exc!r}") from None
-    if not strike.is_finite() or strike <= 0:
-        raise ValueError(f"bad strike {position['strike']!r}")
-    key = ContractKey(root, expiry, right, strike.normalize())
-    underlying = str(position.get("undSym") or position.get("ticker") or root)
+        raise ValueError(f"bad option position {position.get('conid')}: {exc}") from None
+    underlying = str(position.get("undSym") or position.get("ticker") or key.root)
     acct = str(position.get("acctId") or account_id)
     return OptionPosition(
         int(position["conid"]),
@@ -367,6 +396,70 @@ def parse_option_position(position: Mapping[str, Any], account_id: str) -> Optio
 
 def is_option(position: Mapping[str, Any]) -> bool:
     return position.get("assetClass") == "OPT" and _int_or_none(position.get("conid")) is not None
+
+
+def is_future_option(position: Mapping[str, Any]) -> bool:
+    """Futures options (`FOP`) are held but not recorded: no OCC identity to share."""
+    return position.get("assetClass") == "FOP"
+
+
+# ---- executions (websocket `str`, REST /iserver/account/trades) --------------------------
+_SIDES = {"B": "buy", "BOT": "buy", "BUY": "buy", "S": "sell", "SLD": "sell", "SELL": "sell"}
+
+
+def execution_trade(execution: Mapping[str, Any], key: ContractKey | None) -> Trade:
+    """One execution (same fields on the websocket and REST) to a `Trade`: quantity
+    positive, direction in `side`. `key` is the option's identity when the caller knows
+    the conid. Raises ValueError naming what is wrong."""
+    trade_id = execution.get("execution_id")
+    if not isinstance(trade_id, str) or not trade_id:
+        raise ValueError("execution without execution_id")
+    side = _SIDES.get(str(execution.get("side") or "").upper())
+    if side is None:
+        raise ValueError(f"execution {trade_id}: unknown side {execution.get('side')!r}")
+    try:
+        quantity = abs(Decimal(str(execution.get("size")).replace(",", "")))
+        raw_price = str(execution.get("price") or "").replace(",", "")
+        price = Decimal(raw_price) if raw_price else None
+    except InvalidOperation:
+        raise ValueError(f"execution {trade_id}: bad size or price") from None
+    if not quantity.is_finite() or quantity == 0:
+        raise ValueError(f"execution {trade_id}: bad size {execution.get('size')!r}")
+    if price is not None and not price.is_finite():
+        raise ValueError(f"execution {trade_id}: bad price {execution.get('price')!r}")
+    stamp = _int_or_none(execution.get("trade_time_r"))
+    if stamp is not None:
+        executed_at = epoch_ms(stamp)
+    else:  # 'trade_time' is UTC, 'YYYYMMDD-HH:MM:SS'
+        try:
+            executed_at = datetime.strptime(
+                str(execution.get("trade_time")), "%Y%m%d-%H:%M:%S"
+            ).replace(tzinfo=UTC)
+        except ValueError:
+            raise ValueError(f"execution {trade_id}: no trade_time_r or trade_time") from None
+    account = execution.get("account") or execution.get("accountCode")
+    if not account:
+        raise ValueError(f"execution {trade_id}: no account")
+    return Trade(
+        broker=Broker.IBKR,
+        broker_trade_id=trade_id,
+        account_id=str(account),
+        contract_key=str(key) if key is not None else None,
+        symbol=str(execution.get("symbol") or execution.get("conid") or ""),
+        side=side,
+        quantity=quantity,
+        price=price,
+        executed_at=executed_at,
+        source_payload=dict(execution),
+    )
+
+
+def execution_conid(execution: Mapping[str, Any]) -> int | None:
+    return _int_or_none(execution.get("conid"))
+
+
+def is_option_execution(execution: Mapping[str, Any]) -> bool:
+    return execution.get("sec_type") == "OPT"
 
 
 # ---- market data state -------------------------------------------------------------------
@@ -466,6 +559,10 @@ def sts_frame(
             },
         }
     )
+
+
+def trades_frame(executions: Iterable[Mapping[str, Any]]) -> str:
+    return frame({"topic": "str", "args": [dict(e) for e in executions]})
 
 
 def expiry_text(day: date) -> str:

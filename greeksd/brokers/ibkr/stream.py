@@ -30,7 +30,7 @@ from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, NotAuthent
 from greeksd.brokers.ibkr.protocol import OptionPosition
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
-from greeksd.model import SnapshotSink, StreamState, StreamStatus
+from greeksd.model import ContractKey, SnapshotSink, StreamState, StreamStatus
 from greeksd.redact import register_secret
 
 log = get_logger("greeksd.ibkr.stream")
@@ -131,6 +131,9 @@ class IbkrStream:
         self.max_lines = max_lines
         self.rest_min_interval = rest_min_interval
         self.backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        # Every option conid ever seen (positions, secdef): an execution names its option
+        # only by conid, and a closing fill arrives after the position is gone.
+        self.option_keys: dict[int, ContractKey] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IbkrStream:
@@ -174,7 +177,7 @@ class IbkrStream:
             raise GatewayError("/tickle returned no session token")
         register_secret(info.session)
         await gw.iserver_accounts()  # without this call the gateway sends no market data
-        positions = await load_option_positions(gw)
+        positions = await load_option_positions(gw, status)
         async with open_socket(gw, info.session) as ws:
             link = _Link(self, gw, ws, sink, status, positions, info.session)
             async with trio.open_nursery() as nursery:
@@ -184,14 +187,22 @@ class IbkrStream:
                 nursery.start_soon(link.guard, link.tickle_loop)
                 nursery.start_soon(link.guard, link.renew_loop)
                 nursery.start_soon(link.guard, link.positions_loop)
+                nursery.start_soon(link.guard, link.trades_backfill)
         raise LinkLost(link.lost or "websocket closed")
 
 
-async def load_option_positions(gw: GatewayClient) -> list[OptionPosition]:
-    positions, problems = await gw.option_positions()
-    for problem in problems:
+async def load_option_positions(
+    gw: GatewayClient, status: StreamStatus | None = None
+) -> list[OptionPosition]:
+    scan = await gw.option_positions()
+    for problem in scan.problems:
         log.warning("ibkr_position_skipped", reason=problem)
-    return positions
+    if status is not None:
+        if scan.future_options != status.details.get("skipped_future_options", 0):
+            log.info("ibkr_future_options_skipped", count=scan.future_options)
+        status.details["skipped_future_options"] = scan.future_options
+        status.details["unparsable_positions"] = len(scan.problems)
+    return scan.options
 
 
 @dataclass(eq=False)
@@ -241,9 +252,12 @@ class _Link:
                 if snapshot is not None:
                     self.sink.put(snapshot)
                     status.ticks += 1
+            case p.Trades(executions=executions):
+                await self.record_trades(executions)
             case p.AuthStatus(authenticated=True, competing=False):
                 if not self.ready.is_set():
                     await self.subscribe(self.positions)
+                    await self.ws.send_message(p.TRADES_SUBSCRIBE)
                     self.ready.set()
                     self.stream.backoff.reset()
                     status.set_state(StreamState.CONNECTED, now=_now())
@@ -269,6 +283,7 @@ class _Link:
 
     async def subscribe(self, positions: list[OptionPosition]) -> None:
         """Bring the lines to the plan for `positions`: smd what is new, umd what is gone."""
+        self.stream.option_keys.update((o.conid, o.contract.key) for o in positions)
         plan = LinePlan.build(positions, self.stream.max_lines)
         wanted = plan.wanted()
         for option in plan.options:
@@ -291,6 +306,59 @@ class _Link:
             )
         self.status.details["left_out"] = left_out
         self.status.subscriptions = len(self.lines)
+
+    async def trades_backfill(self) -> None:
+        """Once per connection: executions that happened while no socket listened. The
+        live `str` topic may deliver some of them too; the trades table keeps one row."""
+        await self.ready.wait()
+        try:
+            executions = await self.gw.trades()
+        except NotAuthenticated:
+            raise
+        except GatewayError as exc:  # the live topic still works; the next link retries
+            log.warning("ibkr_trades_backfill_failed", error=str(exc))
+            return
+        await self.record_trades(executions)
+
+    async def record_trades(self, executions: Iterable[dict[str, Any]]) -> None:
+        """Map executions to trades (options by conid; unknown option conids through one
+        secdef call) and hand them to the sink; a bad execution is counted and logged."""
+        executions = list(executions)
+        keys = self.stream.option_keys
+        unknown = {
+            conid
+            for e in executions
+            if p.is_option_execution(e) and (conid := p.execution_conid(e)) is not None
+        } - keys.keys()
+        if unknown:
+            await self.learn_option_keys(unknown)
+        details = self.status.details
+        for execution in executions:
+            conid = p.execution_conid(execution)
+            try:
+                trade = p.execution_trade(execution, keys.get(conid) if conid else None)
+            except ValueError as exc:
+                details["rejected_trades"] = details.get("rejected_trades", 0) + 1
+                log.warning("ibkr_execution_rejected", reason=str(exc))
+                continue
+            if trade.contract_key is None and p.is_option_execution(execution):
+                log.warning("ibkr_execution_without_key", execution=trade.broker_trade_id)
+            self.sink.put_trade(trade)
+            details["trades"] = details.get("trades", 0) + 1
+
+    async def learn_option_keys(self, conids: set[int]) -> None:
+        try:
+            secdefs = await self.gw.secdef(sorted(conids))
+        except NotAuthenticated:
+            raise
+        except GatewayError as exc:
+            log.warning("ibkr_secdef_failed", conids=len(conids), error=str(exc))
+            return
+        for conid, secdef in secdefs.items():
+            try:
+                self.stream.option_keys[conid] = p.option_key(secdef)
+            except ValueError as exc:
+                log.warning("ibkr_secdef_unusable", conid=conid, reason=str(exc))
 
     async def tic_loop(self) -> None:
         while True:
@@ -318,7 +386,7 @@ class _Link:
         while True:
             await trio.sleep(self.stream.positions_refresh_s)
             try:
-                self.positions = await load_option_positions(self.gw)
+                self.positions = await load_option_positions(self.gw, self.status)
             except NotAuthenticated:
                 raise
             except GatewayError as exc:  # keep streaming what we have; next refresh retries

@@ -617,8 +617,6 @@ class UnsupportedSymbol(SymbolError):
 
 
 _STREAMER = re.compile(r"\.([A-Z0-9]+)(\d{6})([CP])(\d+(?:\.\d+)?)")
-_OCC_ROOT = re.compile(r"[A-Z0-9]{1,6}")
-_OCC_REST = re.compile(r"(\d{6})([CP])(\d{8})")
 _MILLI = Decimal("0.001")
 
 
@@ -627,11 +625,6 @@ def _expiry(yymmdd: str, symbol: str) -> date:
         return date(2000 + int(yymmdd[:2]), int(yymmdd[2:4]), int(yymmdd[4:]))
     except ValueError:
         raise SymbolError(f"bad expiration {yymmdd!r} in {symbol!r}") from None
-
-
-def _tidy(strike: Decimal) -> Decimal:
-    integral = strike.to_integral_value()
-    return integral if strike == integral else strike.normalize()
 
 
 def parse_streamer_symbol(symbol: str) -> ContractKey:
@@ -645,7 +638,7 @@ def parse_streamer_symbol(symbol: str) -> ContractKey:
     value = Decimal(strike)
     if value <= 0:
         raise SymbolError(f"bad strike in {symbol!r}")
-    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), _tidy(value))
+    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), value)
 
 
 def streamer_symbol(key: ContractKey) -> str:
@@ -654,19 +647,12 @@ def streamer_symbol(key: ContractKey) -> str:
 
 def parse_occ(symbol: str) -> ContractKey:
     """`AAPL  250620C00190000` (root padded to 6, strike x1000 in 8 digits) -> key."""
-    if symbol.startswith("./") or symbol.startswith("/"):
+    if symbol.startswith("/") or symbol.startswith("./"):
         raise UnsupportedSymbol(f"futures option {symbol!r} is not recorded")
-    root, rest = symbol[:6].rstrip(" "), symbol[6:]
-    if len(symbol) != 21 or not _OCC_ROOT.fullmatch(root):
-        raise SymbolError(f"not an OCC option symbol: {symbol!r}")
-    match = _OCC_REST.fullmatch(rest)
-    if match is None:
-        raise SymbolError(f"not an OCC option symbol: {symbol!r}")
-    yymmdd, right, strike = match.groups()
-    value = Decimal(int(strike)) * _MILLI
-    if value <= 0:
-        raise SymbolError(f"bad strike in {symbol!r}")
-    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), _tidy(value))
+    try:
+        return ContractKey.from_occ(symbol)
+    except ValueError as exc:
+        raise SymbolError(str(exc)) from None
 
 
 def occ_symbol(key: ContractKey) -> str:

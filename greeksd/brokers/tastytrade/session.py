@@ -18,12 +18,13 @@ from typing import Any
 import httpx2
 from pydantic import ValidationError
 from tastytrade import Account, Session
-from tastytrade.order import InstrumentType
+from tastytrade.account import Transaction
+from tastytrade.order import InstrumentType, OrderAction
 from tastytrade.utils import TastytradeError
 
 from greeksd.brokers.tastytrade.protocol import SymbolError, parse_occ
 from greeksd.logs import get_logger
-from greeksd.model import Contract
+from greeksd.model import Broker, Contract, Trade
 from greeksd.redact import register_secret
 
 log = get_logger("greeksd.tastytrade.session")
@@ -125,14 +126,16 @@ class TastytradeApi:
             raise RuntimeError("TastytradeApi used outside `async with api.open()`")
         return self._session
 
+    async def _accounts(self) -> list[Account]:
+        if self._account:
+            return [await Account.get(self.session, self._account)]
+        return await Account.get(self.session)
+
     async def positions(self) -> Positions:
         """Open option positions of the configured account (or every open account)."""
         session = self.session
         async with _api_errors("positions"):
-            if self._account:
-                accounts = [await Account.get(session, self._account)]
-            else:
-                accounts = await Account.get(session)
+            accounts = await self._accounts()
             raw = [p for account in accounts for p in await account.get_positions(session)]
         contracts: list[Contract] = []
         futures = unparsable = 0
@@ -166,6 +169,30 @@ class TastytradeApi:
             )
         return Positions(contracts, futures, unparsable)
 
+    async def trades(self) -> Trades:
+        """The latest `TRADES_PAGE` trade transactions of each account, newest first:
+        polled with every positions refresh; fills seen before are stored once by the
+        trades table's (broker, broker_trade_id) key."""
+        session = self.session
+        async with _api_errors("transactions"):
+            history = [
+                tx
+                for account in await self._accounts()
+                for tx in await account.get_history(
+                    session, per_page=TRADES_PAGE, page_offset=0, sort="Desc", type="Trade"
+                )
+            ]
+        trades: list[Trade] = []
+        rejected: list[str] = []
+        for tx in history:
+            if tx.transaction_type != "Trade":
+                continue
+            try:
+                trades.append(transaction_trade(tx))
+            except (SymbolError, ValueError) as exc:
+                rejected.append(f"transaction {tx.id}: {exc}")
+        return Trades(trades, rejected)
+
     async def quote_token(self) -> QuoteToken:
         """A fresh DXLink token and URL (tokens live about a day)."""
         async with _api_errors("quote token"):
@@ -174,6 +201,43 @@ class TastytradeApi:
         if not isinstance(token, str) or not isinstance(url, str):
             raise TastytradeApiError("quote token response lacks token / dxlink-url strings")
         return QuoteToken(token, url)
+
+
+TRADES_PAGE = 250
+_BUY = frozenset({OrderAction.BUY_TO_OPEN, OrderAction.BUY_TO_CLOSE, OrderAction.BUY})
+
+
+@dataclass(frozen=True, slots=True)
+class Trades:
+    """Fills mapped to `Trade`, plus reasons for the transactions that could not be."""
+
+    trades: list[Trade]
+    rejected: list[str] = field(default_factory=list)
+
+
+def transaction_trade(tx: Transaction) -> Trade:
+    """A "Trade" transaction to a `Trade`: the transaction id is the broker trade id,
+    side from the action ("Buy to Open" -> buy), quantity positive, OCC symbol -> key
+    for equity options (None for anything else). Raises ValueError naming the gap."""
+    if tx.action is None:
+        raise ValueError("no action")
+    if tx.quantity is None or tx.quantity == 0:
+        raise ValueError(f"bad quantity {tx.quantity}")
+    key = None
+    if tx.instrument_type is InstrumentType.EQUITY_OPTION and tx.symbol:
+        key = str(parse_occ(tx.symbol))
+    return Trade(
+        broker=Broker.TASTYTRADE,
+        broker_trade_id=str(tx.id),
+        account_id=tx.account_number,
+        contract_key=key,
+        symbol=tx.symbol or tx.underlying_symbol or "",
+        side="buy" if tx.action in _BUY else "sell",
+        quantity=abs(tx.quantity),
+        price=tx.price,
+        executed_at=tx.executed_at,
+        source_payload=tx.model_dump(mode="json", by_alias=True),
+    )
 
 
 @asynccontextmanager

@@ -27,6 +27,7 @@ from greeksd.brokers.tastytrade.session import (
     TastytradeApi,
     TastytradeApiError,
     TastytradeAuthError,
+    Trades,
 )
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
@@ -43,6 +44,8 @@ class RestApi(Protocol):
     async def positions(self) -> Positions: ...
 
     async def quote_token(self) -> QuoteToken: ...
+
+    async def trades(self) -> Trades: ...
 
 
 class LinkFailure(Exception):
@@ -150,6 +153,7 @@ class TastytradeStream:
             status.set_state(StreamState.CONNECTING, now=_now())
             try:
                 await self._refresh_positions(api, status)
+                await self._poll_trades(api, sink, status)
                 if token is None:
                     token = await api.quote_token()
                     status.details["token_fetches"] = status.details.get("token_fetches", 0) + 1
@@ -235,7 +239,7 @@ class TastytradeStream:
         log.info("dxlink_authorized", url=token.dxlink_url)
         await link.send(dx.ChannelRequest(link.channel))
         assert link.nursery is not None
-        link.nursery.start_soon(self._guarded, link, self._refresher(api, link, status))
+        link.nursery.start_soon(self._guarded, link, self._refresher(api, link, sink, status))
         await self._read_loop(link, sink, status)
 
     async def _handshake(self, link: _Link, token: QuoteToken, status: StreamStatus) -> None:
@@ -355,12 +359,33 @@ class TastytradeStream:
         status.details["skipped_future_options"] = positions.skipped_future_options
         status.details["unparsable_positions"] = positions.skipped_unparsable
 
-    async def _refresher(self, api: RestApi, link: _Link, status: StreamStatus) -> None:
-        """Follow opened/closed positions; a failing refresh keeps the current set."""
+    async def _poll_trades(self, api: RestApi, sink: SnapshotSink, status: StreamStatus) -> None:
+        """New fills into the sink; a fill seen on an earlier poll is put again and stored
+        once (the trades table is idempotent on the transaction id). A failing poll only
+        delays trades to the next refresh, so it never ends the link."""
+        try:
+            polled = await api.trades()
+        except TastytradeApiError as exc:
+            log.warning("trades_poll_failed", reason=str(exc))
+            return
+        details = status.details
+        for reason in polled.rejected:
+            log.warning("transaction_rejected", reason=reason)
+        details["rejected_trades"] = details.get("rejected_trades", 0) + len(polled.rejected)
+        for trade in polled.trades:
+            sink.put_trade(trade)
+        details["trades_polled"] = details.get("trades_polled", 0) + len(polled.trades)
+
+    async def _refresher(
+        self, api: RestApi, link: _Link, sink: SnapshotSink, status: StreamStatus
+    ) -> None:
+        """Follow opened/closed positions (and new fills); a failing refresh keeps the
+        current set."""
         while True:
             await trio.sleep(self._positions_refresh_s)
             try:
                 await self._refresh_positions(api, status)
+                await self._poll_trades(api, sink, status)
             except TastytradeAuthError as exc:
                 self._degrade(status, str(exc))
                 continue

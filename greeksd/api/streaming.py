@@ -1,0 +1,88 @@
+"""Stream control: status, and start/stop of one broker's stream or all of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from quart import Blueprint
+
+from greeksd.api.auth import requires_token
+from greeksd.api.errors import bad_request
+from greeksd.api.openapi import ERROR, GUARDED_ERRORS, JSON_OK
+from greeksd.api.params import json_body, parse_broker, reject_unknown_fields
+from greeksd.api.state import current_state
+
+bp = Blueprint("streaming", __name__)
+
+
+@bp.get("/healthz")
+async def healthz() -> dict[str, Any]:
+    return {"status": "ok", "writer": current_state().writer.stats.state.value}
+
+
+@bp.get("/v1/streaming/status")
+async def status() -> dict[str, Any]:
+    return current_state().status_json()
+
+
+async def _apply(action: Callable[[str], bool], done: str) -> dict[str, Any]:
+    """Run `action` on the stream named in the body, or on every stream."""
+    state = current_state()
+    body = await json_body(required=False) or {}
+    reject_unknown_fields(body, ("broker",))
+    broker = body.get("broker")
+    if broker is not None and not isinstance(broker, str):
+        raise bad_request("bad_broker", "broker must be a string naming one stream")
+    names = (
+        state.supervisor.names if broker is None else [parse_broker(broker, state.supervisor.names)]
+    )
+    changed = [name for name in names if action(name)]
+    return {
+        done: changed,
+        "unchanged": [n for n in names if n not in changed],
+        **state.status_json(),
+    }
+
+
+@bp.post("/v1/streaming/start")
+@requires_token
+async def start() -> dict[str, Any]:
+    return await _apply(current_state().supervisor.start, "started")
+
+
+@bp.post("/v1/streaming/stop")
+@requires_token
+async def stop() -> dict[str, Any]:
+    return await _apply(current_state().supervisor.stop, "stopped")
+
+
+_BODY = {
+    "required": False,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"broker": {"type": "string", "description": "omit for all"}},
+                "additionalProperties": False,
+            }
+        }
+    },
+}
+PATHS: dict[str, Any] = {
+    "/healthz": {"get": {"summary": "Liveness and the writer's state.", "responses": JSON_OK}},
+    "/v1/streaming/status": {
+        "get": {"summary": "Per-stream state and writer statistics.", "responses": JSON_OK}
+    },
+    **{
+        f"/v1/streaming/{verb}": {
+            "post": {
+                "summary": f"{verb.capitalize()} one broker's stream (body broker) or all.",
+                "security": [{"bearer": []}],
+                "requestBody": _BODY,
+                "responses": {**JSON_OK, **GUARDED_ERRORS, "503": ERROR},
+            }
+        }
+        for verb in ("start", "stop")
+    },
+}

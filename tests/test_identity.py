@@ -1,0 +1,265 @@
+"""One option, one contract_key, whichever broker reports it.
+
+The table feeds real-world-shaped inputs to the real broker parsers (IBKR positions and
+secdef; Tastytrade OCC and streamer symbols) and demands the identical ContractKey; the
+end-to-end test runs both simulators on the same book into one database.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import trio
+
+from greeksd.backoff import Backoff
+from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.ibkr.stream import IbkrStream
+from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.session import TastytradeApi
+from greeksd.brokers.tastytrade.stream import TastytradeStream
+from greeksd.model import Contract, ContractKey, OptionRight, StreamState, StreamStatus
+from greeksd.pipeline import open_pipeline
+from greeksd.sim.ibkr_gateway import open_ibkr_sim
+from greeksd.sim.market import default_contracts
+from greeksd.sim.tastytrade_api import open_tastytrade_sim
+from tests.helpers import fetch_rows, wait_until
+
+
+def ibkr_position(desc: str, **fields: Any) -> dict[str, Any]:
+    """A /portfolio/{acct}/positions entry as the gateway sends it (strike a string)."""
+    return {
+        "acctId": "U1234567",
+        "conid": 700000001,
+        "contractDesc": desc,
+        "position": -1.0,
+        "mktPrice": 12.5,
+        "currency": "USD",
+        "assetClass": "OPT",
+        "multiplier": 100.0,
+        "undConid": 416904,
+        **fields,
+    }
+
+
+# (case, IBKR position (secdef merged in as the gateway client does), OCC, streamer, key)
+CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
+    (
+        "spxw weekly (index, weekly root)",
+        ibkr_position(
+            "SPXW   DEC2026 5800 P [SPXW  261218P05800000 100]",
+            putOrCall="P",
+            strike="5800",
+            expiry="20261218",
+            undSym="SPX",
+            ticker="SPX",
+        ),
+        "SPXW  261218P05800000",
+        ".SPXW261218P5800",
+        "SPXW 2026-12-18 P 5800",
+    ),
+    (
+        "spx AM monthly: IBKR expiry is the last trading day, OCC date wins",
+        ibkr_position(
+            "SPX    DEC2026 5800 C [SPX   261218C05800000 100]",
+            putOrCall="C",
+            strike="5800",
+            expiry="20261217",
+            undSym="SPX",
+            ticker="SPX",
+        ),
+        "SPX   261218C05800000",
+        ".SPX261218C5800",
+        "SPX 2026-12-18 C 5800",
+    ),
+    (
+        "fractional strike",
+        ibkr_position(
+            "SPY    DEC2026 512.5 C [SPY   261218C00512500 100]",
+            putOrCall="C",
+            strike="512.5",
+            expiry="20261218",
+            undSym="SPY",
+            ticker="SPY",
+        ),
+        "SPY   261218C00512500",
+        ".SPY261218C512.5",
+        "SPY 2026-12-18 C 512.5",
+    ),
+    (
+        "adjusted root with a digit",
+        ibkr_position(
+            "BRK B  JAN2027 400 C [BRKB1 270115C00400000 100]",
+            putOrCall="C",
+            strike="400",
+            expiry="20270115",
+            undSym="BRK B",
+            ticker="BRK B",
+        ),
+        "BRKB1 270115C00400000",
+        ".BRKB1270115C400",
+        "BRKB1 2027-01-15 C 400",
+    ),
+    (
+        "bare position + secdef tradingClass (weekly root, strike string)",
+        {
+            **ibkr_position("SPX", undSym="SPX", ticker="SPX"),
+            "tradingClass": "SPXW",
+            "strike": "5812.5",
+            "expiry": "20260116",
+            "putOrCall": "P",
+        },
+        "SPXW  260116P05812500",
+        ".SPXW260116P5812.5",
+        "SPXW 2026-01-16 P 5812.5",
+    ),
+    (
+        "secdef strike with trailing zeros",
+        {
+            **ibkr_position("AAPL", undSym="AAPL", ticker="AAPL"),
+            "tradingClass": "AAPL",
+            "strike": "190.00",
+            "expiry": "20260619",
+            "putOrCall": "CALL",
+        },
+        "AAPL  260619C00190000",
+        ".AAPL260619C190",
+        "AAPL 2026-06-19 C 190",
+    ),
+    (
+        "weekly equity option, quarter strike",
+        ibkr_position(
+            "QQQ    MAR2026 441.25 P [QQQ   260306P00441250 100]",
+            putOrCall="P",
+            strike="441.25",
+            expiry="20260306",
+            undSym="QQQ",
+            ticker="QQQ",
+        ),
+        "QQQ   260306P00441250",
+        ".QQQ260306P441.25",
+        "QQQ 2026-03-06 P 441.25",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("position", "occ", "streamer", "text"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_both_brokers_parse_the_same_option_to_one_key(
+    position: dict[str, Any], occ: str, streamer: str, text: str
+) -> None:
+    from_ibkr = ib.parse_option_position(position, "U1234567").contract.key
+    from_occ = dx.parse_occ(occ)
+    from_streamer = dx.parse_streamer_symbol(streamer)
+    assert from_ibkr == from_occ == from_streamer == ContractKey.parse(text)
+    # identical field by field (same Decimal, not merely equal ones), hence same str/hash
+    assert repr(from_ibkr) == repr(from_occ) == repr(from_streamer)
+    assert str(from_ibkr) == str(from_occ) == str(from_streamer) == text
+    assert len({from_ibkr, from_occ, from_streamer}) == 1
+    assert dx.occ_symbol(from_ibkr) == occ and dx.streamer_symbol(from_ibkr) == streamer
+
+
+def test_strike_spellings_make_one_key() -> None:
+    keys = {
+        repr(ContractKey("SPY", date(2026, 12, 18), OptionRight.CALL, Decimal(text)))
+        for text in ("512.5", "512.50", "512.500", "5.125E+2")
+    }
+    assert len(keys) == 1
+    with pytest.raises(ValueError):
+        ContractKey("SPY", date(2026, 12, 18), OptionRight.CALL, Decimal(0))
+
+
+def test_contract_renders_its_key_once() -> None:
+    key = ContractKey.parse("SPY 2026-12-18 C 512.5")
+    contract = Contract(key, "SPY", Decimal(100), Decimal(-2), "U1")
+    assert contract.key_text == "SPY 2026-12-18 C 512.5"
+    assert contract == Contract(key, "SPY", Decimal(100), Decimal(-2), "U1")
+
+
+@pytest.mark.parametrize("symbol", ["./ESZ6 E4AZ6 261218C5800", "./EW3N24C4400:XCME"])
+def test_tastytrade_futures_options_are_refused_as_unsupported(symbol: str) -> None:
+    with pytest.raises(dx.UnsupportedSymbol):
+        dx.parse_occ(symbol)
+    with pytest.raises(dx.UnsupportedSymbol):
+        dx.parse_streamer_symbol(symbol)
+
+
+FOP = {
+    "acctId": "U1234567",
+    "conid": 551234567,
+    "contractDesc": "ES     DEC2026 5800 C (EW4)",
+    "position": 1.0,
+    "assetClass": "FOP",
+    "putOrCall": "C",
+    "strike": "5800",
+    "expiry": "20261218",
+    "multiplier": 50.0,
+    "undSym": "ES",
+}
+
+
+async def test_ibkr_futures_options_are_counted_and_skipped() -> None:
+    book = default_contracts(datetime.now(UTC).date(), 3)
+    status = StreamStatus("ibkr")
+    async with open_ibkr_sim(book, tick_interval=None) as sim:
+        sim.extra_positions.append(FOP)
+        stream = IbkrStream(sim.url, rest_min_interval=0.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.run, _NoSink(), status)
+            await wait_until(lambda: status.state is StreamState.CONNECTED, what="connected")
+            nursery.cancel_scope.cancel()
+    assert status.details["skipped_future_options"] == 1
+    assert status.details["unparsable_positions"] == 0
+    assert set(stream.option_keys.values()) == {c.key for c in book}
+
+
+class _NoSink:
+    def put(self, snapshot: object) -> None:
+        pass
+
+    def put_trade(self, trade: object) -> None:
+        raise AssertionError("no trades expected")
+
+
+async def test_both_simulators_one_book_one_key_per_option(db_url: str) -> None:
+    book = default_contracts(datetime.now(UTC).date(), 10)
+    ibkr_status, tt_status = StreamStatus("ibkr"), StreamStatus("tastytrade")
+    async with (
+        open_ibkr_sim(book, tick_interval=0.01) as ib_sim,
+        open_tastytrade_sim(contracts=book, tick_interval=0.01) as tt_sim,
+    ):
+        ibkr = IbkrStream(
+            ib_sim.url, rest_min_interval=0.0, backoff=Backoff(initial=0.05, maximum=0.5)
+        )
+        api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
+        tasty = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
+        async with (
+            open_pipeline(db_url, flush_rows=50, flush_ms=100) as pipeline,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(ibkr.run, pipeline.sink, ibkr_status)
+            nursery.start_soon(tasty.run, pipeline.sink, tt_status)
+
+            def both_cover_the_book() -> bool:
+                rows = fetch_rows(
+                    db_url,
+                    "SELECT contract_key, count(DISTINCT broker) FROM greek_snapshots GROUP BY 1",
+                )
+                return len(rows) >= len(book) and all(n == 2 for _, n in rows)
+
+            await wait_until(both_cover_the_book, timeout=20, what="both brokers on every key")
+            nursery.cancel_scope.cancel()
+    rows = fetch_rows(
+        db_url,
+        "SELECT contract_key, count(DISTINCT broker), array_agg(DISTINCT strike::text),"
+        " array_agg(DISTINCT expiration) FROM greek_snapshots GROUP BY 1",
+    )
+    assert {key for key, *_ in rows} == {str(c.key) for c in book}
+    for key, brokers, strikes, expirations in rows:
+        parsed = ContractKey.parse(key)
+        assert brokers == 2, key
+        assert [Decimal(s) for s in strikes] == [parsed.strike], key
+        assert expirations == [parsed.expiration], key
