@@ -16,7 +16,7 @@ from tests.helpers import fetch_rows
 
 
 def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
-    assert migrate(empty_db_url) == ["001_init"]
+    assert migrate(empty_db_url) == ["001_init", "002_persisted_at_default"]
     tables = {
         r[0]
         for r in fetch_rows(
@@ -36,7 +36,7 @@ def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
     }
     assert any("(event_time DESC)" in d for d in indexes)
     assert any("(broker, account_id, contract_key, event_time DESC" in d for d in indexes)
-    assert status(empty_db_url) == [("001_init", True)]
+    assert status(empty_db_url) == [("001_init", True), ("002_persisted_at_default", True)]
 
 
 def test_second_migrate_is_a_no_op(empty_db_url: str) -> None:

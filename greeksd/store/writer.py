@@ -1,11 +1,13 @@
 """The writer: the only task that writes snapshots, on the only write connection.
 
 Batches flush at `flush_rows` rows or `flush_ms` after the batch's first row. Each
-batch is one transaction: binary COPY into a temporary staging table, then one
-`INSERT … SELECT … ON CONFLICT DO NOTHING` into `greek_snapshots`. The unique index on
-(broker, account, contract, event_time, fingerprint-of-values) makes a retried or
-replayed batch insert nothing twice, which is what lets the writer retry a batch after
-any failure without asking whether the previous attempt committed.
+batch is one transaction of binary COPY straight into `greek_snapshots`. The unique index
+on (broker, account, contract, event_time, fingerprint-of-values) refuses a batch that
+holds a row already stored (a retry after an ambiguous commit, a replayed fixture, a
+broker re-sending a tick); that batch is then written again through a temporary staging
+table with `INSERT … SELECT … ON CONFLICT DO NOTHING`, which stores only the new rows.
+So the common case costs one COPY, and any batch can be retried after any failure
+without asking whether the previous attempt committed.
 
 psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
 asyncio API through trio-asyncio (see benchmarks/writer_paths.py and the README), and
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +63,7 @@ STAGED_COLUMNS: tuple[str, ...] = (
     "event_time",
     "received_at",
     "source_payload",
+    "fingerprint",
 )
 STAGED_TYPES: tuple[str, ...] = (
     "text",
@@ -84,35 +89,30 @@ STAGED_TYPES: tuple[str, ...] = (
     "timestamptz",
     "timestamptz",
     "jsonb",
-)
-# What makes two events with the same identity and time "the same event".
-FINGERPRINT_COLUMNS: tuple[str, ...] = (
-    "quantity",
-    "delta",
-    "gamma",
-    "theta",
-    "vega",
-    "rho",
-    "implied_volatility",
-    "underlying_price",
-    "bid",
-    "ask",
-    "last",
-    "mark",
+    "int8",
 )
 
 _COLUMN_LIST = ", ".join(STAGED_COLUMNS)
+COPY_DIRECT = f"COPY greek_snapshots ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
 CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS snapshot_staging ON COMMIT DELETE ROWS AS "
     f"SELECT {_COLUMN_LIST} FROM greek_snapshots WITH NO DATA"
 )
 COPY_STAGING = f"COPY snapshot_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
-_FINGERPRINT = "hashtextextended(row(" + ", ".join(FINGERPRINT_COLUMNS) + ")::text, 0)"
 INSERT_FROM_STAGING = (
-    f"INSERT INTO greek_snapshots ({_COLUMN_LIST}, persisted_at, fingerprint) "
-    f"SELECT {_COLUMN_LIST}, clock_timestamp(), {_FINGERPRINT} FROM snapshot_staging "
+    f"INSERT INTO greek_snapshots ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM snapshot_staging "
     "ON CONFLICT DO NOTHING"
 )
+_FINGERPRINT_LAYOUT = struct.Struct("<12d")
+_NAN = float("nan")
+
+
+def fingerprint(values: Sequence[float | None]) -> int:
+    """A stable 64-bit hash of the value columns (None and NaN alike). Defined by bytes,
+    not by Python's hash(), so it is the same in every process and Python version, and
+    a fixture replayed next year still recognises its rows."""
+    packed = _FINGERPRINT_LAYOUT.pack(*[_NAN if v is None else v for v in values])
+    return ((zlib.crc32(packed) << 32) | zlib.adler32(packed)) - (1 << 63)
 
 
 def _jsonb(payload: dict[str, Any] | None) -> Jsonb | None:
@@ -125,12 +125,29 @@ def _dumps(obj: Any) -> str:
 
 def _finite(value: float | None) -> float | None:
     """NaN/inf never reach the table: a broker's 'no value' is NULL."""
-    if value is None or math.isfinite(value):
+    if value is None or value - value == 0.0:
         return value
     return None
 
 
 def snapshot_row(s: Snapshot) -> tuple[Any, ...]:
+    quantity = s.quantity
+    values = [
+        _finite(v)
+        for v in (
+            s.delta,
+            s.gamma,
+            s.theta,
+            s.vega,
+            s.rho,
+            s.implied_volatility,
+            s.underlying_price,
+            s.bid,
+            s.ask,
+            s.last,
+            s.mark,
+        )
+    ]
     return (
         s.broker.value,
         s.account_id,
@@ -140,21 +157,12 @@ def snapshot_row(s: Snapshot) -> tuple[Any, ...]:
         s.strike,
         s.option_type.value,
         s.multiplier,
-        s.quantity,
-        _finite(s.delta),
-        _finite(s.gamma),
-        _finite(s.theta),
-        _finite(s.vega),
-        _finite(s.rho),
-        _finite(s.implied_volatility),
-        _finite(s.underlying_price),
-        _finite(s.bid),
-        _finite(s.ask),
-        _finite(s.last),
-        _finite(s.mark),
+        quantity,
+        *values,
         s.event_time,
         s.received_at,
         _jsonb(s.source_payload),
+        fingerprint([None if quantity is None else float(quantity), *values]),
     )
 
 
@@ -453,12 +461,23 @@ class Writer:
             )
 
     def _write_sync(self, rows: list[tuple[Any, ...]]) -> int:
+        """COPY straight into the table; if a row is already stored, write the batch
+        again through staging + ON CONFLICT DO NOTHING. Returns the rows inserted."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = self._connect(self._url)
             conn.execute(CREATE_STAGING)
             conn.commit()
         try:
+            try:
+                with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
+                    copy.set_types(STAGED_TYPES)
+                    for row in rows:
+                        copy.write_row(row)
+                conn.commit()
+                return len(rows)
+            except psycopg.errors.UniqueViolation:
+                conn.rollback()
             with conn.cursor() as cur:
                 with cur.copy(COPY_STAGING) as copy:
                     copy.set_types(STAGED_TYPES)
