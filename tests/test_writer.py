@@ -153,7 +153,8 @@ async def test_batch_killed_mid_write_is_retried_without_loss_or_duplicates(db_u
         row = fetch_rows(
             db_url,
             "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND (query LIKE 'COPY greek_snapshots%%' OR query LIKE 'INSERT INTO greek_snapshots%%')",
+            " AND (query LIKE 'COPY greek_snapshots%%'"
+            " OR query LIKE 'INSERT INTO greek_snapshots%%')",
         )
         return row[0][0] if row else None
 
