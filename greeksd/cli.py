@@ -1,4 +1,4 @@
-"""`greeksd` command line: run, demo, db (later: replay, record, probe, sim)."""
+"""`greeksd` command line: run, demo, record, replay, db, sim, probe, bench."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import trio
 from greeksd.config import ConfigError, Settings, load_settings, parse_brokers
 from greeksd.logs import configure_logging, get_logger
 from greeksd.model import Source
+from greeksd.redact import register_secret
 from greeksd.service import (
-    RunningService,
     check_api_exposure,
     database_url,
     run_until_signal,
@@ -64,33 +64,62 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return trio.run(partial(run_until_signal, settings, build_sources(settings)))
 
 
-def _status_line(service: RunningService) -> str:
-    status = service.state.status_json()
-    streams = " ".join(f"{name}={s['state']}" for name, s in status["streams"].items())
-    writer = status["writer"]
-    p95 = writer["latency_ms"]["p95"]
-    return (
-        f"{streams} rows={writer['rows_written']} queue={writer['queue_depth']} "
-        f"p95_ms={'-' if p95 is None else f'{p95:.1f}'}"
-    )
-
-
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    settings = replace(settings, brokers=("synthetic",))
+    from greeksd.demo import run_demo
+
     check_api_exposure(settings)
-
-    async def report(service: RunningService) -> None:
-        print(f"greeksd demo: dashboard and API at {service.api_url}", flush=True)
-        print(f"  try: curl {service.api_url}/v1/streaming/status", flush=True)
-        with trio.move_on_after(args.duration if args.duration else float("inf")):
-            while True:
-                await trio.sleep(args.status_every)
-                print(_status_line(service), flush=True)
-        print("demo finished: " + _status_line(service), flush=True)
-
     return trio.run(
-        partial(run_until_signal, settings, build_sources(settings), while_running=report)
+        partial(
+            run_demo,
+            settings,
+            build_sources,
+            duration_s=args.duration,
+            status_every_s=args.status_every,
+        )
     )
+
+
+def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
+    from greeksd.recording import record_session
+
+    if args.brokers:
+        try:
+            settings = replace(settings, brokers=parse_brokers(args.brokers))
+        except ValueError as exc:
+            raise ConfigError(f"invalid --brokers={args.brokers!r}: {exc}") from None
+    for secret in settings.secrets():
+        register_secret(secret)
+    out = Path(args.out)
+    print(f"recording {', '.join(settings.brokers)} to {out} (Ctrl-C to stop)", flush=True)
+    try:
+        counts, statuses = trio.run(
+            partial(record_session, build_sources(settings), out, duration_s=args.duration)
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"recorded {out}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    for name, s in statuses.items():
+        print(f"  {name}: {s.state.value} ticks={s.ticks} rejected_frames={s.rejected_frames}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from greeksd.recording import FixtureError
+    from greeksd.replay import replay_fixture
+
+    if args.database_url:
+        settings = replace(settings, database_url=args.database_url)
+    if args.speed < 0:
+        raise ConfigError("--speed must be 0 (as fast as possible) or a positive factor")
+    with database_url(settings) as url:
+        migrate(url)
+        try:
+            stats = trio.run(partial(replay_fixture, url, Path(args.fixture), speed=args.speed))
+        except (FixtureError, OSError) as exc:
+            print(f"greeksd replay: {exc}", file=sys.stderr)
+            return 1
+    print(f"replayed {args.fixture}: {stats.summary()}")
+    return 0
 
 
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -145,7 +174,9 @@ def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
-    return run_benchmarks(args.database_url or settings.database_url, Path(args.out))
+    return run_benchmarks(
+        args.database_url or settings.database_url, Path(args.out), quick=args.quick
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -178,6 +209,41 @@ def make_parser() -> argparse.ArgumentParser:
         "--status-every", type=float, default=5.0, help="seconds between status lines"
     )
     demo.set_defaults(handler=_cmd_demo)
+
+    record = commands.add_parser(
+        "record",
+        help="record every raw broker frame into a fixture",
+        description="Run the broker streams (no database) and write every frame they "
+        "receive, with receive times and subscribed positions, to a JSON-lines fixture "
+        "(.jsonl or .jsonl.gz). Secrets are never written.",
+    )
+    record.add_argument("--out", required=True, help="fixture file (.jsonl or .jsonl.gz)")
+    record.add_argument(
+        "--brokers", help="comma-separated subset, e.g. ibkr (default: GREEKSD_BROKERS)"
+    )
+    record.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)"
+    )
+    record.set_defaults(handler=_cmd_record)
+
+    replay = commands.add_parser(
+        "replay",
+        help="feed a recorded fixture through the live code path into the database",
+        description="Replay a fixture through the same protocol parsers, normalization "
+        "and writer as live data; the same fixture always stores the same rows.",
+    )
+    replay.add_argument("fixture", help="fixture file written by `greeksd record`")
+    replay.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="0 = as fast as possible (default), 1 = recorded pacing, 2 = twice as fast",
+    )
+    replay.add_argument(
+        "--database-url",
+        help="replay into this database (default: GREEKSD_DATABASE_URL, else embedded)",
+    )
+    replay.set_defaults(handler=_cmd_replay)
 
     db = commands.add_parser("db", help="database schema commands")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -225,6 +291,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="benchmark against this server (default: a temporary embedded PostgreSQL)",
     )
     bench.add_argument("--out", default="bench-results/latest.json", help="JSON output path")
+    bench.add_argument("--quick", action="store_true", help="small sizes and short runs")
     bench.set_defaults(handler=_cmd_bench)
     return parser
 

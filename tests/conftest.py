@@ -62,6 +62,16 @@ def server_url(embedded_server: EmbeddedPostgres | None) -> str:
 @pytest.fixture
 def db_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test only."""
+    yield from _fresh_database(server_url)
+
+
+@pytest.fixture
+def other_db_url(server_url: str) -> Iterator[str]:
+    """A second fresh, migrated database (e.g. live run in one, replay in the other)."""
+    yield from _fresh_database(server_url)
+
+
+def _fresh_database(server_url: str) -> Iterator[str]:
     name = f"greeksd_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(

@@ -11,13 +11,13 @@ from typing import Any
 
 from quart_trio import QuartTrio
 
-from greeksd.api import greeks, metrics, risk, streaming, trades
+from greeksd.api import dashboard, greeks, metrics, risk, streaming, trades
 from greeksd.api.errors import install_error_handlers
 from greeksd.api.openapi import openapi_blueprint
 from greeksd.api.params import MAX_BODY_BYTES
 from greeksd.api.state import ServiceState
 
-ROUTE_MODULES = (streaming, greeks, risk, trades, metrics)
+ROUTE_MODULES = (streaming, greeks, risk, trades, metrics, dashboard)
 
 
 def create_app(state: ServiceState) -> QuartTrio:

@@ -389,6 +389,13 @@ class DxLinkServer:
         for conn in list(self.connections.values()):
             await self._send_raw(conn, frame)
 
+    async def send_frame(self, frame: str) -> None:
+        """Send this exact frame to every authorized client: a repeated or late event, as
+        the fixture generator injects them."""
+        for conn in list(self.connections.values()):
+            if conn.authorized:
+                await self._send_raw(conn, frame)
+
     async def send_error(self, error: str = "UNKNOWN", message: str = "simulated error") -> None:
         for conn in list(self.connections.values()):
             await self._send(conn, dx.Error(error, message))

@@ -277,6 +277,13 @@ class IbkrGatewaySim:
             for frame in MALFORMED_FRAMES:
                 self._send(conn, frame)
 
+    def send_frame(self, frame: str | bytes) -> None:
+        """Send this exact frame to every logged-in socket: a repeated or late message,
+        as the fixture generator injects them."""
+        for conn in self._conns.values():
+            if conn.logged_in:
+                self._send(conn, frame)
+
     def expire_session(self) -> None:
         """Brokerage session gone (daily reset): sts false, REST unauthenticated."""
         self._authenticated = False

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import (
@@ -32,6 +32,9 @@ from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
 from greeksd.model import ContractKey, SnapshotSink, StreamState, StreamStatus
 from greeksd.redact import register_secret
+
+if TYPE_CHECKING:
+    from greeksd.recording import Recorder
 
 log = get_logger("greeksd.ibkr.stream")
 
@@ -119,6 +122,7 @@ class IbkrStream:
         max_lines: int = 100,
         rest_min_interval: float = 0.1,
         backoff: Backoff | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.url = url
         self.ca_file = ca_file
@@ -131,6 +135,7 @@ class IbkrStream:
         self.max_lines = max_lines
         self.rest_min_interval = rest_min_interval
         self.backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        self.recorder = recorder  # `greeksd record`: frames, positions, new links
         # Every option conid ever seen (positions, secdef): an execution names its option
         # only by conid, and a closing fill arrives after the position is gone.
         self.option_keys: dict[int, ContractKey] = {}
@@ -179,6 +184,8 @@ class IbkrStream:
         await gw.iserver_accounts()  # without this call the gateway sends no market data
         positions = await load_option_positions(gw, status)
         async with open_socket(gw, info.session) as ws:
+            if self.recorder is not None:
+                self.recorder.link(self.name, _now())
             link = _Link(self, gw, ws, sink, status, positions, info.session)
             async with trio.open_nursery() as nursery:
                 link.scope = nursery.cancel_scope
@@ -242,6 +249,8 @@ class _Link:
                 raise LinkLost(f"no message for {watchdog:g}s (watchdog)")
             received_at = _now()
             self.status.last_message_at = received_at
+            if self.stream.recorder is not None:
+                self.stream.recorder.frame(self.stream.name, message, received_at)
             await self.handle(p.parse_frame(message), received_at)
 
     async def handle(self, event: p.Event, received_at: datetime) -> None:
@@ -288,9 +297,15 @@ class _Link:
         wanted = plan.wanted()
         for option in plan.options:
             self.book.track(option)
-        for conid in [c for c in self.lines if c not in wanted]:
+        gone = [c for c in self.lines if c not in wanted]
+        for conid in gone:  # the book changes at once, not between awaits: replayable
             self.book.untrack(conid)
             del self.lines[conid]
+        if self.stream.recorder is not None:
+            self.stream.recorder.positions(
+                self.stream.name, plan.options, _now(), lines=sorted(wanted)
+            )
+        for conid in gone:
             await self.ws.send_message(p.umd_command(conid))
         for conid, fields in wanted.items():
             if conid not in self.lines:

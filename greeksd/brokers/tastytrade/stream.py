@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
@@ -32,6 +32,9 @@ from greeksd.brokers.tastytrade.session import (
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
 from greeksd.model import SnapshotSink, StreamState, StreamStatus
+
+if TYPE_CHECKING:
+    from greeksd.recording import Recorder
 
 log = get_logger("greeksd.tastytrade.stream")
 
@@ -81,6 +84,7 @@ class _Link:
     received_at: datetime = field(default_factory=_now)
     data_seen: bool = False
     failure: BaseException | None = None
+    recorder: Recorder | None = None
 
     async def send(self, message: dx.Outgoing) -> None:
         async with self.send_lock:
@@ -91,6 +95,8 @@ class _Link:
         frame = await self.ws.get_message()
         self.received_at = status.last_message_at = datetime.now(UTC)
         self.timer.received(trio.current_time())
+        if self.recorder is not None:
+            self.recorder.frame("tastytrade", frame, self.received_at)
         return dx.parse(frame)
 
 
@@ -110,6 +116,7 @@ class TastytradeStream:
         channel: int = 1,
         backoff: Backoff | None = None,
         subscription_chunk_bytes: int = dx.SUBSCRIPTION_CHUNK_BYTES,
+        recorder: Recorder | None = None,
     ) -> None:
         if channel <= 0 or channel % 2 == 0:
             raise ValueError("DXLink feed channels must be odd and positive")
@@ -123,6 +130,7 @@ class TastytradeStream:
         self._chunk_bytes = subscription_chunk_bytes
         self._mapper = dx.SnapshotMapper()
         self._wanted: set[dx.Subscription] = set()
+        self.recorder = recorder  # `greeksd record`: frames, positions, new links
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TastytradeStream:
@@ -193,7 +201,10 @@ class TastytradeStream:
                 dx.KeepaliveTimer(self._keepalive_timeout / 2, self._keepalive_timeout, now, now),
                 self._channel,
                 dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None),
+                recorder=self.recorder,
             )
+            if self.recorder is not None:
+                self.recorder.link(self.name, _now(), channel=self._channel)
             async with trio.open_nursery() as nursery:
                 link.nursery = nursery
                 nursery.start_soon(self._guarded, link, self._serve(api, link, token, sink, status))
@@ -351,6 +362,8 @@ class TastytradeStream:
     async def _refresh_positions(self, api: RestApi, status: StreamStatus) -> None:
         positions = await api.positions()
         by_symbol = self._mapper.set_contracts(positions.contracts)
+        if self.recorder is not None:
+            self.recorder.positions(self.name, positions.contracts, _now())
         underlyings = {c.underlying for contracts in by_symbol.values() for c in contracts}
         self._wanted = {("Greeks", symbol) for symbol in by_symbol} | {
             (kind, u) for u in underlyings for kind in ("Quote", "Trade")

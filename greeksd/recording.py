@@ -1,0 +1,303 @@
+"""Fixtures: every raw frame a broker stream receives, as one JSON line per frame.
+
+A fixture is what `greeksd record` writes and `greeksd replay` reads: inbound websocket
+frames with the time they were read off the socket, the positions the stream subscribed
+(as it planned them), and a marker at each new connection, because protocol state
+(IBKR's per-conid merge, DXLink's field layouts) starts over there. That is exactly what
+the protocol modules need to rebuild every row the live run wrote, byte for byte.
+
+Lines (`.jsonl`, or `.jsonl.gz`; the first line is the header):
+
+    {"fixture": "greeksd", "version": 1, "recorded_at": ISO, "brokers": [...]}
+    {"t": ISO, "b": "ibkr", "k": "link"}                         # new connection
+    {"t": ISO, "b": "tastytrade", "k": "link", "channel": 1}
+    {"t": ISO, "b": "ibkr", "k": "positions", "positions": [...], "lines": [conid, ...]}
+    {"t": ISO, "b": "tastytrade", "k": "positions", "positions": [...]}
+    {"t": ISO, "b": "ibkr", "k": "frame", "d": "<text frame>"}
+    {"t": ISO, "b": "ibkr", "k": "frame", "bin": "<base64 of a binary frame>"}
+
+Secrets never go in: only inbound frames are recorded (never our AUTH, cookies or the
+IBKR session), registered secrets are masked in every frame, and an AUTH-shaped frame's
+`token` is replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import orjson
+import trio
+
+from greeksd.brokers.ibkr.protocol import OptionPosition
+from greeksd.logs import get_logger
+from greeksd.model import (
+    Contract,
+    ContractKey,
+    Snapshot,
+    SnapshotSink,
+    Source,
+    StreamStatus,
+    Trade,
+)
+from greeksd.redact import redact
+from greeksd.supervisor import Supervisor
+
+FORMAT = "greeksd"
+VERSION = 1
+REDACTED = "***"
+
+log = get_logger("greeksd.recording")
+
+
+class Recorder(Protocol):
+    """What a broker stream tells a recording. Synchronous and called right where the
+    stream acts (no await in between), so the order of records is the order in which
+    the stream's state changed."""
+
+    def link(self, broker: str, at: datetime, **details: Any) -> None: ...
+
+    def positions(
+        self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
+    ) -> None: ...
+
+    def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None: ...
+
+
+def open_text(path: Path, mode: str) -> IO[str]:
+    """`.gz` through gzip (stdlib: no dependency), anything else as plain text."""
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8", newline="\n")  # type: ignore[return-value]
+    return path.open(mode, encoding="utf-8", newline="\n")
+
+
+# ---- positions as JSON ---------------------------------------------------------------
+def contract_json(c: Contract) -> dict[str, Any]:
+    return {
+        "key": c.key_text,
+        "underlying": c.underlying,
+        "multiplier": str(c.multiplier),
+        "quantity": str(c.quantity),
+        "account_id": c.account_id,
+    }
+
+
+def contract_from_json(obj: dict[str, Any]) -> Contract:
+    return Contract(
+        ContractKey.parse(obj["key"]),
+        obj["underlying"],
+        Decimal(obj["multiplier"]),
+        Decimal(obj["quantity"]),
+        obj["account_id"],
+    )
+
+
+def position_json(position: Contract | OptionPosition) -> dict[str, Any]:
+    if isinstance(position, OptionPosition):
+        return {
+            "conid": position.conid,
+            "und_conid": position.und_conid,
+            **contract_json(position.contract),
+        }
+    return contract_json(position)
+
+
+def option_position_from_json(obj: dict[str, Any]) -> OptionPosition:
+    return OptionPosition(obj["conid"], obj["und_conid"], contract_from_json(obj))
+
+
+# ---- frames --------------------------------------------------------------------------
+def scrub(text: str) -> str:
+    """No secret in a fixture: registered secrets masked, an AUTH frame's token replaced
+    (only a frame that mentions a token is parsed, so this costs nothing per data frame)."""
+    text = redact(text)
+    if '"token"' in text:
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+        if isinstance(obj, dict) and "token" in obj:
+            obj["token"] = REDACTED
+            return orjson.dumps(obj).decode()
+    return text
+
+
+class FixtureWriter:
+    """A `Recorder` writing a fixture file; use as a context manager."""
+
+    def __init__(self, path: Path, brokers: Sequence[str]) -> None:
+        self.path = path
+        self.brokers = list(brokers)
+        self.counts: dict[str, int] = {}
+        self._out: IO[str] | None = None
+
+    def __enter__(self) -> FixtureWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open_text(self.path, "w")
+        self._write(
+            {
+                "fixture": FORMAT,
+                "version": VERSION,
+                "recorded_at": datetime.now(UTC).isoformat(),
+                "brokers": self.brokers,
+            }
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._out is not None, "FixtureWriter used outside `with`"
+        self._out.write(orjson.dumps(record).decode())
+        self._out.write("\n")
+
+    def _count(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def link(self, broker: str, at: datetime, **details: Any) -> None:
+        self._count("link")
+        self._write({"t": at.isoformat(), "b": broker, "k": "link", **details})
+
+    def positions(
+        self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
+    ) -> None:
+        self._count("positions")
+        record = {"t": at.isoformat(), "b": broker, "k": "positions"}
+        self._write(record | {"positions": [position_json(p) for p in positions], **details})
+
+    def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None:
+        self._count("frame")
+        record: dict[str, Any] = {"t": received_at.isoformat(), "b": broker, "k": "frame"}
+        if isinstance(data, str):
+            record["d"] = scrub(data)
+        else:
+            record["bin"] = base64.b64encode(data).decode("ascii")
+        self._write(record)
+
+
+# ---- reading -------------------------------------------------------------------------
+class FixtureError(ValueError):
+    """Not a greeksd fixture, or a line that cannot be read; says which line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    at: datetime
+    broker: str
+    kind: str
+    body: dict[str, Any]
+
+    @property
+    def data(self) -> str | bytes:
+        if "bin" in self.body:
+            return base64.b64decode(self.body["bin"])
+        text: str = self.body["d"]
+        return text
+
+
+class FixtureRecords:
+    """The records of a fixture in file order, read lazily (fixtures may be large). A line
+    that cannot be read is logged with its line number and reason, counted in
+    `rejected`, and skipped: one damaged line must not cost the rest of a recording."""
+
+    def __init__(self, path: Path, f: IO[str]) -> None:
+        self.path = path
+        self._f = f
+        self.rejected = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        with self._f:
+            for number, line in enumerate(self._f, start=2):
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                    at = datetime.fromisoformat(obj["t"])
+                    if at.tzinfo is None or not isinstance(obj["b"], str):
+                        raise ValueError("needs an aware time and a broker name")
+                    record = Record(at, obj["b"], str(obj["k"]), obj)
+                    if record.kind == "frame":
+                        record.data  # noqa: B018 - validates d / bin now, not mid-replay
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    self.rejected += 1
+                    log.warning(
+                        "fixture_record_rejected",
+                        fixture=str(self.path),
+                        line=number,
+                        reason=f"{type(exc).__name__}: {exc}"[:200],
+                    )
+                    continue
+                yield record
+
+
+def read_fixture(path: Path) -> tuple[dict[str, Any], FixtureRecords]:
+    """The header, and the records. Raises FixtureError when `path` is not a fixture."""
+    f = open_text(path, "r")
+    try:
+        first = f.readline()
+        header = orjson.loads(first) if first.strip() else None
+    except (orjson.JSONDecodeError, UnicodeDecodeError, OSError, EOFError):
+        header = None
+    if not isinstance(header, dict) or header.get("fixture") != FORMAT:
+        f.close()
+        raise FixtureError(f"{path}: not a greeksd fixture (no header line)")
+    if header.get("version") != VERSION:
+        f.close()
+        raise FixtureError(f"{path}: fixture version {header.get('version')} is not {VERSION}")
+    return header, FixtureRecords(path, f)
+
+
+# ---- recording a session -------------------------------------------------------------
+class CountingSink:
+    """`greeksd record` needs no database: rows are counted (the fixture holds the
+    frames they came from) and dropped."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.trades = 0
+
+    def put(self, snapshot: Snapshot) -> None:
+        self.rows[snapshot.broker.value] = self.rows.get(snapshot.broker.value, 0) + 1
+
+    def put_trade(self, trade: Trade) -> None:
+        self.trades += 1
+
+
+def attach(sources: Sequence[Source], recorder: Recorder) -> None:
+    """Give each stream the recorder; a source that cannot record is a usage error."""
+    for source in sources:
+        if not hasattr(source, "recorder"):
+            raise ValueError(f"source {source.name!r} has no raw frames to record")
+        source.recorder = recorder
+
+
+async def record_session(
+    sources: Sequence[Source],
+    out: Path,
+    *,
+    duration_s: float | None = None,
+    sink: SnapshotSink | None = None,
+) -> tuple[dict[str, int], dict[str, StreamStatus]]:
+    """Run `sources` (supervised, restarted like in the service) into `sink` (default: a
+    `CountingSink`) while recording them to `out`, for `duration_s` or until cancelled.
+    Returns the record counts and the streams' final status."""
+    supervisor = Supervisor(sink if sink is not None else CountingSink())
+    with FixtureWriter(out, [s.name for s in sources]) as recorder:
+        attach(sources, recorder)
+        for source in sources:
+            supervisor.add(source)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            await trio.sleep(duration_s if duration_s else math.inf)
+            nursery.cancel_scope.cancel()
+    return recorder.counts, dict(supervisor.registry)

@@ -1,0 +1,259 @@
+"""`greeksd replay`: a recorded fixture through the live code path, into the database.
+
+Frames go through the same protocol modules (IBKR `parse_frame` + `MarketDataBook`;
+DXLink `parse` + `decode_feed_data` + `SnapshotMapper`), the same sink, the writer's
+ordering policy and its idempotent COPY, as live data. Each broker's protocol state is
+rebuilt from the fixture exactly as the stream built it: a `link` record starts a
+connection's state over (IBKR's merge book, DXLink's field layouts), a `positions`
+record is what the stream tracked at that moment, and every row gets the frame's
+recorded receive time. So a fixture always yields the same rows, and replaying it again
+stores nothing new (every row comes back as a duplicate).
+
+Unlike a websocket reader, replay may wait: it holds off when the writer falls behind,
+so no row is ever conflated.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+import trio
+
+from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.logs import get_logger
+from greeksd.model import Snapshot
+from greeksd.pipeline import open_pipeline
+from greeksd.recording import (
+    Record,
+    contract_from_json,
+    option_position_from_json,
+    read_fixture,
+)
+from greeksd.store.partitions import ensure_partitions
+
+log = get_logger("greeksd.replay")
+
+HIGH_WATER = 20_000  # rows handed over but not yet committed before replay waits
+LOW_WATER = 5_000  # ... and how far the writer must catch up before it goes on
+CHECKPOINT_EVERY = 64  # frames between yields, so the writer overlaps the parsing
+
+
+@dataclass
+class ReplayStats:
+    frames: int = 0
+    frames_by_broker: dict[str, int] = field(default_factory=dict)
+    snapshots: int = 0
+    malformed: int = 0  # frames the protocol parser rejected
+    rejected_events: int = 0  # parsed frames with events that could not be used
+    links: int = 0
+    position_updates: int = 0
+    skipped_records: int = 0
+    rejected_records: int = 0  # fixture lines that could not be read (logged, skipped)
+    rows_written: int = 0
+    duplicates: int = 0
+    late: int = 0
+    conflated: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        brokers = " ".join(f"{b}={n}" for b, n in sorted(self.frames_by_broker.items()))
+        return (
+            f"frames={self.frames} ({brokers}) links={self.links} "
+            f"position_updates={self.position_updates} snapshots={self.snapshots} "
+            f"written={self.rows_written} duplicates={self.duplicates} late={self.late} "
+            f"malformed={self.malformed} rejected_events={self.rejected_events} "
+            f"rejected_records={self.rejected_records} "
+            f"conflated={self.conflated} wall_s={self.wall_s:.2f} "
+            f"frames_per_s={self.frames_per_s:,.0f}"
+        )
+
+
+class Replayer(Protocol):
+    def link(self, record: Record) -> None: ...
+
+    def positions(self, record: Record) -> None: ...
+
+    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]: ...
+
+
+class IbkrReplayer:
+    """What `IbkrStream`'s `_Link` does with frames, minus the socket."""
+
+    def __init__(self) -> None:
+        self.book = ib.MarketDataBook()
+        self.lines: set[int] = set()
+
+    def link(self, record: Record) -> None:
+        self.book = ib.MarketDataBook()
+        self.lines = set()
+
+    def positions(self, record: Record) -> None:
+        for position in record.body["positions"]:
+            self.book.track(option_position_from_json(position))
+        lines = set(record.body["lines"])
+        for conid in self.lines - lines:
+            self.book.untrack(conid)
+        self.lines = lines
+
+    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+        event = ib.parse_frame(record.data)
+        if event.__class__ is ib.MarketData:
+            row = self.book.apply(event, record.at)  # type: ignore[arg-type]
+            return [] if row is None else [row]
+        if event.__class__ is ib.Malformed:
+            stats.malformed += 1
+        return []
+
+
+class DxlinkReplayer:
+    """What `TastytradeStream` does with DXLink frames, minus the socket."""
+
+    def __init__(self) -> None:
+        self.mapper = dx.SnapshotMapper()  # lives across links, as in the stream
+        self.channel = 1
+        self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None)
+
+    def link(self, record: Record) -> None:
+        self.channel = int(record.body.get("channel", 1))
+        self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None)
+
+    def positions(self, record: Record) -> None:
+        self.mapper.set_contracts(contract_from_json(c) for c in record.body["positions"])
+
+    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+        message = dx.parse(record.data)
+        if message.__class__ is dx.FeedData:
+            if message.channel != self.channel:  # type: ignore[union-attr]
+                stats.rejected_events += 1
+                return []
+            events, problems = dx.decode_feed_data(message.data, self.layouts)  # type: ignore[union-attr]
+            rows, mapping_problems = self.mapper.map(events, record.at)
+            stats.rejected_events += len(problems) + len(mapping_problems)
+            return rows
+        if isinstance(message, dx.FeedConfig) and message.channel == self.channel:
+            self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, message)
+        elif isinstance(message, dx.Malformed):
+            stats.malformed += 1
+        return []
+
+
+REPLAYERS: dict[str, type[IbkrReplayer] | type[DxlinkReplayer]] = {
+    "ibkr": IbkrReplayer,
+    "tastytrade": DxlinkReplayer,
+}
+
+
+def _prepare_partitions(url: str, first: datetime) -> None:
+    """Daily partitions for the fixture's day (and the next, for a session that crosses
+    midnight); later days still land in the default partition."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_partitions(conn, first.date(), 1)
+
+
+async def replay_fixture(
+    url: str,
+    path: Path,
+    *,
+    speed: float = 0.0,
+    flush_rows: int = 1000,
+    flush_ms: int = 200,
+) -> ReplayStats:
+    """Replay `path` into the database at `url` (migrated). `speed` 0 = as fast as
+    possible, 1 = the recorded pacing, 2 = twice as fast. Returns once every row is
+    committed."""
+    _, fixture = read_fixture(path)
+    records = iter(fixture)
+    first = next(records, None)
+    stats = ReplayStats()
+    started = time.perf_counter()
+    if first is None:
+        return stats
+    await trio.to_thread.run_sync(_prepare_partitions, url, first.at)
+    async with open_pipeline(
+        url,
+        flush_rows=flush_rows,
+        flush_ms=flush_ms,
+        queue_size=HIGH_WATER * 2,
+        # rows keep their recorded receive time, so "write latency" is the fixture's
+        # age: no SLO to check
+        slo_ms=sys.maxsize,
+    ) as pipeline:
+        await _feed(_chain(first, records), pipeline, stats, speed)
+    writer = pipeline.writer.stats
+    stats.rows_written, stats.duplicates, stats.late = (
+        writer.rows_written,
+        writer.duplicates,
+        writer.late,
+    )
+    stats.conflated = pipeline.sink.conflated
+    stats.rejected_records = fixture.rejected
+    stats.wall_s = time.perf_counter() - started
+    log.info("replay_finished", fixture=str(path), **_log_fields(stats))
+    return stats
+
+
+def _chain(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
+    yield first
+    yield from rest
+
+
+def _log_fields(stats: ReplayStats) -> dict[str, Any]:
+    return {
+        "frames": stats.frames,
+        "snapshots": stats.snapshots,
+        "written": stats.rows_written,
+        "duplicates": stats.duplicates,
+        "malformed": stats.malformed,
+        "frames_per_s": round(stats.frames_per_s),
+    }
+
+
+async def _feed(records: Iterator[Record], pipeline: Any, stats: ReplayStats, speed: float) -> None:
+    sink, writer = pipeline.sink, pipeline.writer
+    replayers: dict[str, Replayer] = {}
+    origin: datetime | None = None
+    clock_origin = trio.current_time()
+    for record in records:
+        replayer = replayers.get(record.broker)
+        if replayer is None:
+            factory = REPLAYERS.get(record.broker)
+            if factory is None:
+                stats.skipped_records += 1
+                log.warning("replay_unknown_broker", broker=record.broker)
+                continue
+            replayer = replayers[record.broker] = factory()
+        if speed > 0:
+            origin = origin or record.at
+            await trio.sleep_until(clock_origin + (record.at - origin).total_seconds() / speed)
+        if record.kind == "frame":
+            stats.frames += 1
+            stats.frames_by_broker[record.broker] = stats.frames_by_broker.get(record.broker, 0) + 1
+            for row in replayer.frame(record, stats):
+                sink.put(row)
+                stats.snapshots += 1
+            if stats.frames % CHECKPOINT_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+                settled = writer.stats.rows_written + writer.stats.duplicates
+                if sink.accepted - settled > HIGH_WATER:
+                    await writer.wait_settled(sink.accepted - LOW_WATER)
+        elif record.kind == "positions":
+            stats.position_updates += 1
+            replayer.positions(record)
+        elif record.kind == "link":
+            stats.links += 1
+            replayer.link(record)
+        else:
+            stats.skipped_records += 1
+            log.warning("replay_unknown_record", kind=record.kind)

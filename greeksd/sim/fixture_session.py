@@ -1,0 +1,182 @@
+"""The mixed IBKR + Tastytrade fixture: both simulators on one book, recorded by the real
+streams, with every awkward case a replay must reproduce injected on a schedule.
+
+    python -m greeksd.sim.fixture_session --out tests/fixtures/mixed-session.jsonl.gz
+
+(`just fixtures`). The markets are seeded, so values repeat run to run; times and the
+exact interleaving of the two brokers do not, which is fine: tests check that replay
+reproduces what the live run stored, not a frozen file.
+
+Schedule, as fractions of the duration: malformed frames (both), an IBKR partial update
+with explicit clears, DXLink Greeks with NaN/Infinity, duplicate frames (both), late
+events (both), a position opened, every connection dropped (reconnect), a position
+closed. Positions are refreshed every `refresh_s`, so opened/closed ones show up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from greeksd.backoff import Backoff
+from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.ibkr.stream import IbkrStream
+from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.session import TastytradeApi
+from greeksd.brokers.tastytrade.stream import TastytradeStream
+from greeksd.logs import configure_logging, get_logger
+from greeksd.model import ContractKey, OptionRight, SnapshotSink, StreamStatus
+from greeksd.recording import record_session
+from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
+from greeksd.sim.market import SimContract, default_contracts
+from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
+
+log = get_logger("greeksd.sim.fixture")
+
+DEFAULT_OUT = Path("tests/fixtures/mixed-session.jsonl.gz")
+BOOK_SIZE = 10
+
+
+def _greeks_frame(symbol: str, time_ms: int, **values: Any) -> str:
+    """One COMPACT Greeks event in the field order greeksd asks for (the simulator
+    echoes that order in FEED_CONFIG)."""
+    event = {
+        "eventType": "Greeks",
+        "eventSymbol": symbol,
+        "eventTime": 0,
+        "time": time_ms,
+        "price": 4.2,
+        "volatility": 0.27,
+        "delta": 0.41,
+        "gamma": 0.012,
+        "theta": -0.05,
+        "rho": 0.08,
+        "vega": 0.19,
+        **values,
+    }
+    data = dx.compact_data([("Greeks", [[event[f] for f in dx.GREEKS_FIELDS]])])
+    return dx.build(dx.FeedData(1, data))
+
+
+async def inject_faults(
+    ib_sim: IbkrGatewaySim,
+    tt_sim: TastytradeSim,
+    book: Sequence[SimContract],
+    duration_s: float,
+) -> None:
+    """The schedule above; returns when done (before `duration_s`)."""
+    start = trio.current_time()
+
+    async def at(fraction: float, what: str) -> None:
+        await trio.sleep_until(start + fraction * duration_s)
+        log.info("fixture_fault", fault=what)
+
+    conid0, conid1 = ib_sim.conid_of(book[0].key), ib_sim.conid_of(book[1].key)
+    symbol0 = dx.streamer_symbol(book[0].key)
+
+    await at(0.15, "malformed")
+    ib_sim.send_malformed()
+    await tt_sim.send_malformed()
+
+    await at(0.2, "partial_update_and_clears")
+    ib_sim.push(conid0, {ib.DELTA: "", ib.GAMMA: "N/A", ib.BID: "1.23"})
+
+    await at(0.25, "nan_greeks")
+    now_ms = int(time.time() * 1000)
+    await tt_sim.dxlink.send_frame(
+        _greeks_frame(symbol0, now_ms, delta="NaN", vega="Infinity", rho="NaN")
+    )
+
+    await at(0.3, "duplicates")
+    duplicate = _greeks_frame(symbol0, int(time.time() * 1000), delta=0.4242)
+    await tt_sim.dxlink.send_frame(duplicate)
+    await tt_sim.dxlink.send_frame(duplicate)
+    ib_frame = ib.market_data_frame(conid1, {ib.DELTA: "-0.3131"}, int(time.time() * 1000))
+    ib_sim.send_frame(ib_frame)
+    ib_sim.send_frame(ib_frame)
+
+    await at(0.35, "out_of_order")
+    late_ms = int(time.time() * 1000) - 5000
+    await tt_sim.dxlink.send_frame(_greeks_frame(symbol0, late_ms, delta=0.3999))
+    ib_sim.send_frame(ib.market_data_frame(conid1, {ib.DELTA: "-0.2929"}, late_ms))
+
+    await at(0.4, "position_opened")
+    expiry = book[0].key.expiration + timedelta(days=28)
+    opened = SimContract(
+        ContractKey("AAPL", expiry, OptionRight.CALL, Decimal(200)),
+        "AAPL",
+        Decimal(100),
+        Decimal(2),
+    )
+    ib_sim.open_position(opened)
+    tt_sim.open_position(opened)
+
+    await at(0.55, "reconnect")
+    ib_sim.drop_connections()
+    await tt_sim.drop()
+
+    await at(0.75, "position_closed")
+    ib_sim.close_position(book[2].key)
+    tt_sim.close_position(book[2].key)
+
+
+async def record_mixed_session(
+    out: Path,
+    *,
+    duration_s: float = 24.0,
+    sink: SnapshotSink | None = None,
+    refresh_s: float = 1.0,
+    ibkr_tick_s: float = 0.02,
+    dxlink_tick_s: float = 0.05,
+) -> tuple[dict[str, int], dict[str, StreamStatus]]:
+    """Run both simulators and both real streams for `duration_s`, recording to `out`
+    (and putting rows into `sink`, e.g. a live pipeline, when given)."""
+    book = default_contracts(datetime.now(UTC).date(), BOOK_SIZE)
+    async with (
+        open_ibkr_sim(book, tick_interval=ibkr_tick_s) as ib_sim,
+        open_tastytrade_sim(contracts=book, tick_interval=dxlink_tick_s) as tt_sim,
+    ):
+        ibkr = IbkrStream(
+            ib_sim.url,
+            rest_min_interval=0.0,
+            positions_refresh_s=refresh_s,
+            backoff=Backoff(initial=0.2, maximum=1.0),
+        )
+        api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
+        tasty = TastytradeStream(
+            api, positions_refresh_s=refresh_s, backoff=Backoff(initial=0.2, maximum=1.0)
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inject_faults, ib_sim, tt_sim, book, duration_s)
+            result = await record_session([ibkr, tasty], out, duration_s=duration_s, sink=sink)
+            nursery.cancel_scope.cancel()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="fixture file to write")
+    parser.add_argument("--duration", type=float, default=24.0, help="seconds to record")
+    args = parser.parse_args(argv)
+    configure_logging("WARNING")
+    counts, statuses = trio.run(lambda: record_mixed_session(args.out, duration_s=args.duration))
+    size = args.out.stat().st_size
+    print(f"wrote {args.out} ({size / 1024:.0f} KiB): {counts}")
+    for name, status in statuses.items():
+        print(
+            f"  {name}: ticks={status.ticks} rejected_frames={status.rejected_frames} "
+            f"reconnects={status.reconnects}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
