@@ -1,20 +1,42 @@
-"""`greeksd bench`: benchmarks that print a table and write JSON."""
+"""`greeksd bench`: benchmarks that print a table and write JSON.
+
+Every comparison runs in the same process run on the same machine, against the same
+database, so the ratios hold on a noisy box even when the absolute numbers do not.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from greeksd.logs import configure_logging
 from greeksd.store.database import embedded_postgres
 from greeksd.store.migrations import migrate
+
+
+@dataclass(frozen=True)
+class Sizes:
+    per_broker: int  # snapshots per broker in the pipeline fixtures
+    insert_rows: int  # rows baseline (a) inserts
+    decode_events: int
+    e2e_rates: tuple[float, ...]
+    e2e_flush_compare: tuple[float, ...]
+    e2e_duration_s: float
+    writer_rows: int
+
+
+FULL = Sizes(100_000, 20_000, 100_000, (50, 500, 5_000, 20_000), (500, 5_000), 10.0, 20_000)
+QUICK = Sizes(10_000, 2_000, 10_000, (50, 500), (500,), 2.0, 2_000)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    columns = list(rows[0])
+    columns = [c for c in rows[0] if not isinstance(rows[0][c], dict)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     print("  ".join("-" * widths[c] for c in columns))
@@ -22,25 +44,63 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def run_benchmarks(database_url: str | None, out: Path) -> int:
-    from greeksd.bench import writer_paths
-
+def run_benchmarks(database_url: str | None, out: Path, *, quick: bool = False) -> int:
+    sizes = QUICK if quick else FULL
+    configure_logging("ERROR")  # the tables are the output; errors still show
+    logging.getLogger("hypercorn.error").setLevel(logging.ERROR)  # the simulators' servers
     with tempfile.TemporaryDirectory(prefix="greeksd-bench-") as tmp:
         if database_url:
-            url = database_url
-            results = _run_all(writer_paths, url)
+            results = run_all(database_url, Path(tmp), sizes)
         else:
-            with embedded_postgres(Path(tmp)) as server:
-                results = _run_all(writer_paths, server.url)
+            with embedded_postgres(Path(tmp) / "pg") as server:
+                results = run_all(server.url, Path(tmp), sizes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
     return 0
 
 
-def _run_all(writer_paths: Any, url: str) -> dict[str, Any]:
+def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, writer_paths
+
     migrate(url)
-    print("== writer: psycopg driven from trio (rows/s, higher is better)")
-    rows = writer_paths.run(url)
-    print_table(rows)
-    return {"writer_paths": rows}
+    results: dict[str, Any] = {"sizes": sizes.__dict__}
+    fixtures = pipeline.write_fixtures(tmp, sizes.per_broker)
+
+    print("== 1. pipeline: fixture frames => decode => normalize => writer => COPY")
+    results["pipeline"] = pipeline.run(url, fixtures)
+    print_table(results["pipeline"])
+
+    print("\n== 2. baselines on the mixed fixture's rows (same rows, same database)")
+    results["baselines"] = baselines.run(url, fixtures["mixed"], sizes.insert_rows)
+    print_table(results["baselines"])
+    results["ratios"] = ratios(results["pipeline"], results["baselines"])
+    print_table([results["ratios"]])
+
+    print("\n== 2c. DXLink FEED_DATA decoding, same frames (10 Greeks events each)")
+    results["dxlink_decode"] = dxlink_decode.run(sizes.decode_events)
+    print_table(results["dxlink_decode"])
+
+    print("\n== 3/4. end to end: sim socket => streams (other process) => commit")
+    print("   latency = persisted_at - send time; IBKR ms resolution; rate split over brokers")
+    results["e2e"] = e2e.run(
+        url, list(sizes.e2e_rates), sizes.e2e_duration_s, list(sizes.e2e_flush_compare)
+    )
+    print_table(results["e2e"])
+
+    print("\n== writer: psycopg driven from trio (rows/s)")
+    results["writer_paths"] = writer_paths.run(url, sizes.writer_rows)
+    print_table(results["writer_paths"])
+    return results
+
+
+def ratios(
+    pipeline_rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    mixed = next(r["snapshots_per_s"] for r in pipeline_rows if r["case"] == "mixed")
+    insert, copy = (r["rows_per_s"] for r in baseline_rows)
+    return {
+        "mixed_pipeline_per_s": mixed,
+        "vs_executemany_x": round(mixed / insert, 1),
+        "vs_bare_copy_pct": round(100 * mixed / copy, 1),
+    }

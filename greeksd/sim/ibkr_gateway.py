@@ -139,6 +139,7 @@ class IbkrGatewaySim:
         self.ignored_subscriptions: list[int] = []
         self.ws_connects = 0
         self.market_ticks = 0
+        self.dropped_ticks = 0  # option market-data messages the full outbox refused
         self.logins: list[str] = []  # "cookie", "legacy" or "cookieless", per socket
         self.rest_calls: list[str] = []
         self.executions: list[dict[str, Any]] = []  # what /iserver/account/trades lists
@@ -327,13 +328,17 @@ class IbkrGatewaySim:
         actions[name]()
 
     # ---- websocket ------------------------------------------------------------------
-    def _send(self, conn: _Conn, frame: str | bytes) -> None:
+    def _send(self, conn: _Conn, frame: str | bytes) -> bool:
+        """Queue `frame` for the socket; False when it was not (stalled, or the outbox is
+        full because the socket cannot keep up: the benchmark counts those)."""
         if self._stalled:
-            return
+            return False
         try:
             conn.outbox.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             log.warning("ibkr_sim_outbox_dropped", conn=conn.ident)
+            return False
+        return True
 
     def _broadcast_sts(self) -> None:
         for conn in self._conns.values():
@@ -459,8 +464,10 @@ class IbkrGatewaySim:
                 continue
             line.sent.update(changed)
             updated = int(time.time() * 1000)
-            self.sent_ticks.append(SentTick(conid, key, changed, updated))
-            self._send(conn, p.market_data_frame(conid, changed, updated))
+            if self._send(conn, p.market_data_frame(conid, changed, updated)):
+                self.sent_ticks.append(SentTick(conid, key, changed, updated))
+            elif key is not None:
+                self.dropped_ticks += 1
 
     def tick(self) -> Tick:
         """Advance the market one step and send what changed."""

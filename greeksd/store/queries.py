@@ -20,35 +20,11 @@ import orjson
 from psycopg import sql
 
 from greeksd.store.trades import RETURNED_COLUMNS as TRADE_COLUMNS
+from greeksd.store.writer import ROW_COLUMNS
 
 Query = tuple[sql.Composed, list[Any]]
 
-SNAPSHOT_COLUMNS: tuple[str, ...] = (
-    "broker",
-    "account_id",
-    "contract_key",
-    "underlying",
-    "expiration",
-    "strike",
-    "option_type",
-    "multiplier",
-    "quantity",
-    "delta",
-    "gamma",
-    "theta",
-    "vega",
-    "rho",
-    "implied_volatility",
-    "underlying_price",
-    "bid",
-    "ask",
-    "last",
-    "mark",
-    "event_time",
-    "received_at",
-    "persisted_at",
-    "fingerprint",
-)
+SNAPSHOT_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "persisted_at", "fingerprint")
 
 
 class BadCursor(ValueError):

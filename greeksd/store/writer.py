@@ -39,7 +39,8 @@ from greeksd.store.spool import Spool, SpoolFull, snapshot_to_dict
 
 log = get_logger("greeksd.writer")
 
-STAGED_COLUMNS: tuple[str, ...] = (
+# A row's own columns, in table order: shared with the read queries.
+ROW_COLUMNS: tuple[str, ...] = (
     "broker",
     "account_id",
     "contract_key",
@@ -62,9 +63,8 @@ STAGED_COLUMNS: tuple[str, ...] = (
     "mark",
     "event_time",
     "received_at",
-    "source_payload",
-    "fingerprint",
 )
+STAGED_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "source_payload", "fingerprint")
 STAGED_TYPES: tuple[str, ...] = (
     "text",
     "text",
@@ -119,8 +119,9 @@ def _jsonb(payload: dict[str, Any] | None) -> Jsonb | None:
     return None if payload is None else Jsonb(payload, dumps=_dumps)
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+def _dumps(obj: Any) -> bytes:
+    # bytes, not str: psycopg sends them as they are (a str would be encoded again)
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _finite(value: float | None) -> float | None:

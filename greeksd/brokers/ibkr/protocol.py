@@ -220,6 +220,13 @@ def _classify(obj: dict[str, Any]) -> Event:
 def parse_value(raw: Any) -> float | None:
     """'193.18', 'C193.10' (prior close), 'H…' (halted), '28.4%', '1.2M', '15.3K', '1,234'.
     Empty, 'N/A' or unparseable => None (never 0, never NaN)."""
+    if raw.__class__ is str:
+        try:  # the common case, a plain number: one call instead of the slow path below
+            value = float(raw)
+        except ValueError:
+            pass
+        else:
+            return value if value - value == 0.0 else None
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw) if math.isfinite(raw) else None
     if not isinstance(raw, str):
@@ -246,7 +253,11 @@ def parse_fraction(raw: Any) -> float | None:
     value = parse_value(raw)
     if value is None:
         return None
-    return float(Decimal(repr(value)) / 100)
+    text = repr(value)
+    if "e" in text:
+        return float(Decimal(text) / 100)
+    # The same correctly rounded decimal result as the Decimal division, 5x cheaper.
+    return float(text + "e-2")
 
 
 def epoch_ms(ms: int) -> datetime:

@@ -493,18 +493,24 @@ def decode_feed_data(
                 f"{event_type}: {len(values)} values is not a multiple of {width} fields"
             )
             continue
-        dirty = "NaN" in values or "Infinity" in values or "-Infinity" in values
-        checked = "index" in names  # the slow path validates it
+        try:  # hashing each value once beats three scans of == against strings
+            dirty = not NON_FINITE.isdisjoint(values)
+        except TypeError:  # an unhashable value (a list, an object) in a bad frame
+            dirty = "NaN" in values or "Infinity" in values or "-Infinity" in values
+        indexed = "index" in names
         append = events.append
+        # The `_append_event` checks, inlined: this loop runs once per market event.
         for start in range(0, len(values), width):
             event = dict(zip(names, values[start : start + width], strict=False))
             if dirty:
                 event = _clean_full(event)
             event["eventType"] = event_type
-            if checked or event.get("eventSymbol").__class__ is not str:
-                _append_event(events, problems, event)
-            else:
-                append(event)
+            if event.get("eventSymbol").__class__ is not str:
+                problems.append(f"{event_type} event without a string eventSymbol")
+                continue
+            if indexed and event["index"].__class__ is not int:
+                _check_index(event, problems)
+            append(event)
     return events, problems
 
 
@@ -512,13 +518,17 @@ def _append_event(events: list[FeedEvent], problems: list[str], event: FeedEvent
     if not isinstance(event.get("eventSymbol"), str):
         problems.append(f"{event['eventType']} event without a string eventSymbol")
         return
-    if "index" in event:
-        index = event["index"]
-        if index.__class__ is not int:
-            if index is not None:
-                problems.append(f"{event['eventSymbol']}: index {index!r:.40} is not a 64-bit int")
-            event["index"] = None
+    if "index" in event and event["index"].__class__ is not int:
+        _check_index(event, problems)
     events.append(event)
+
+
+def _check_index(event: FeedEvent, problems: list[str]) -> None:
+    """A non-int index is stored as None (and reported unless it was null)."""
+    index = event["index"]
+    if index is not None:
+        problems.append(f"{event['eventSymbol']}: index {index!r:.40} is not a 64-bit int")
+    event["index"] = None
 
 
 def compact_data(groups: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> list[Any]:

@@ -1,0 +1,87 @@
+"""Baselines for the pipeline, on the same rows in the same run.
+
+(a) the seed's original design: `executemany` INSERT, 50-row batches, a commit each;
+(b) the raw limit: one bare binary COPY of the rows, no pipeline around it.
+Both start from ready row tuples (the writer's own `snapshot_row`), so they time only the
+database path; the pipeline has to do everything else on top.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from greeksd.bench.pipeline import truncate
+from greeksd.model import Snapshot
+from greeksd.recording import read_fixture
+from greeksd.replay import REPLAYERS, ReplayStats
+from greeksd.store.writer import COPY_DIRECT, STAGED_COLUMNS, STAGED_TYPES, snapshot_row
+
+INSERT = (
+    f"INSERT INTO greek_snapshots ({', '.join(STAGED_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(STAGED_COLUMNS))})"
+)
+
+
+def decode_fixture(path: Path) -> list[Snapshot]:
+    """Every row a fixture yields, through the replayers but without a database."""
+    _, records = read_fixture(path)
+    replayers: dict[str, Any] = {}
+    stats = ReplayStats()
+    rows: list[Snapshot] = []
+    for record in records:
+        replayer = replayers.get(record.broker) or replayers.setdefault(
+            record.broker, REPLAYERS[record.broker]()
+        )
+        if record.kind == "frame":
+            rows.extend(replayer.frame(record, stats))
+        elif record.kind == "positions":
+            replayer.positions(record)
+        elif record.kind == "link":
+            replayer.link(record)
+    return rows
+
+
+def executemany_insert(url: str, rows: list[tuple[Any, ...]], batch: int = 50) -> float:
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            for i in range(0, len(rows), batch):
+                cur.executemany(INSERT, rows[i : i + batch])
+                conn.commit()
+        return time.perf_counter() - started
+
+
+def bare_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
+            copy.set_types(STAGED_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        return time.perf_counter() - started
+
+
+def run(url: str, path: Path, insert_rows: int) -> list[dict[str, Any]]:
+    """`insert_rows`: how many rows (a) inserts (it is slow; its rate is what counts)."""
+    rows = [snapshot_row(s) for s in decode_fixture(path)]
+    results = []
+    for name, subset, load in (
+        ("(a) executemany INSERT, 50-row batches", rows[:insert_rows], executemany_insert),
+        ("(b) bare binary COPY (limit)", rows, bare_copy),
+    ):
+        truncate(url)
+        seconds = load(url, subset)
+        results.append(
+            {
+                "baseline": name,
+                "rows": len(subset),
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(len(subset) / seconds),
+            }
+        )
+    return results

@@ -1,0 +1,77 @@
+"""The service side of the end-to-end benchmark, in its own process (its own GIL).
+
+    python -m greeksd.bench.e2e_worker '<json config>'
+
+Runs both real broker streams into the real pipeline until stdin closes, then drains
+(every accepted row committed) and prints one JSON line: its peak RSS and writer stats.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import orjson
+import trio
+
+from greeksd.brokers.ibkr.stream import IbkrStream
+from greeksd.brokers.tastytrade.session import TastytradeApi
+from greeksd.brokers.tastytrade.stream import TastytradeStream
+from greeksd.logs import configure_logging
+from greeksd.model import StreamStatus
+from greeksd.pipeline import open_pipeline
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from
+    the parent across fork + exec, so a child would report the benchmark's own peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+async def _until_stdin_closes() -> None:
+    stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
+    while await stdin.receive_some():
+        pass
+
+
+async def serve(config: dict[str, Any]) -> dict[str, Any]:
+    statuses = {"ibkr": StreamStatus("ibkr"), "tastytrade": StreamStatus("tastytrade")}
+    async with (
+        open_pipeline(
+            config["db_url"], flush_rows=config["flush_rows"], flush_ms=config["flush_ms"]
+        ) as pipeline,
+        trio.open_nursery() as nursery,
+    ):
+        ibkr = IbkrStream(config["ibkr_url"], rest_min_interval=0.0)
+        api = TastytradeApi(config["tt_secret"], config["tt_refresh"], api_url=config["tt_api_url"])
+        nursery.start_soon(ibkr.run, pipeline.sink, statuses["ibkr"])
+        nursery.start_soon(TastytradeStream(api).run, pipeline.sink, statuses["tastytrade"])
+        await _until_stdin_closes()
+        nursery.cancel_scope.cancel()
+    stats = pipeline.writer.stats
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "rows_written": stats.rows_written,
+        "batches": stats.batches,
+        "conflated": pipeline.sink.conflated,
+        "ticks": {name: s.ticks for name, s in statuses.items()},
+        "rejected_frames": {name: s.rejected_frames for name, s in statuses.items()},
+    }
+
+
+def main() -> None:
+    configure_logging("ERROR")
+    result = trio.run(serve, orjson.loads(sys.argv[1]))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

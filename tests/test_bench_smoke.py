@@ -1,0 +1,34 @@
+"""The benchmark harness runs end to end at tiny sizes and returns well-formed results
+(speed is the benchmark's business, not the tests')."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios
+
+
+def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> None:
+    fixtures = pipeline.write_fixtures(tmp_path, 300)
+    rows = pipeline.run(db_url, fixtures)
+    assert [r["case"] for r in rows] == ["ibkr", "tastytrade", "mixed"]
+    assert [r["written"] for r in rows] == [300, 300, 600]
+    assert all(r["snapshots_per_s"] > 0 for r in rows)
+    loads = baselines.run(db_url, fixtures["mixed"], insert_rows=100)
+    assert [r["rows"] for r in loads] == [100, 600]
+    summary = ratios(rows, loads)
+    assert summary["vs_executemany_x"] > 0 and summary["vs_bare_copy_pct"] > 0
+
+
+def test_dxlink_decoders_agree_on_event_count() -> None:
+    rows = dxlink_decode.run(200, repeats=1)
+    assert [r["events"] for r in rows] == [200, 200, 200]
+    assert rows[0]["speedup_vs_sdk"] == 1.0
+
+
+async def test_e2e_loses_nothing_at_a_low_rate(db_url: str) -> None:
+    result = await e2e.measure(db_url, 100, 1.0, flush_rows=1000, flush_ms=100)
+    assert result["sent"] > 0
+    assert result["lost"] == 0
+    assert result["p50_ms"] is not None and result["p50_ms"] <= result["max_ms"]
+    assert result["peak_rss_mb"] > 0
