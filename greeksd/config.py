@@ -118,8 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
         "bearer token for mutating routes; required when API_HOST is not loopback",
         secret=True,
     ),
-    Setting("FLUSH_ROWS", "50", _positive_int, "writer flushes a batch at this many rows"),
-    Setting("FLUSH_MS", "1000", _positive_int, "... or this many ms after the batch's first row"),
+    Setting("FLUSH_ROWS", "1000", _positive_int, "writer flushes a batch at this many rows"),
+    Setting("FLUSH_MS", "25", _positive_int, "... or this many ms after the batch's first row"),
     Setting(
         "QUEUE_SIZE",
         "100000",

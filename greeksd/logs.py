@@ -89,6 +89,7 @@ def get_logger(name: str) -> StructLogger:
 
 _NOISY_LOGGERS = (
     "hypercorn.access",
+    "hypercorn.error",
     "httpx",
     "httpx2",
     "httpcore",

@@ -13,7 +13,7 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     settings = load_settings({}, dotenv_path=tmp_path / "none.env")
     assert settings.database_url is None
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8765)
-    assert (settings.flush_rows, settings.flush_ms) == (50, 1000)
+    assert (settings.flush_rows, settings.flush_ms) == (1000, 25)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for setting in SETTINGS:
         assert f"GREEKSD_{setting.name}" in readme, f"README does not list GREEKSD_{setting.name}"
