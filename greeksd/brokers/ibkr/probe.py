@@ -5,8 +5,6 @@ could not answer when it connected fine and never received a Greek.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +16,7 @@ import trio
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.gateway import GatewayClient
 from greeksd.brokers.ibkr.stream import LINK_ERRORS, LinePlan, load_option_positions, open_socket
+from greeksd.brokers.probe_report import contracts_covered, finish_report
 from greeksd.config import Settings
 from greeksd.logs import get_logger
 
@@ -83,7 +82,7 @@ async def probe_ibkr(
             found.summary["error"] = f"{type(exc).__name__}: {exc}"
             found.hints.append(f"gateway session failed: {exc}")
     rows = _coverage(plan, book, found)
-    covered = sum(1 for row in rows if any(row[name] for name in COVERAGE))
+    covered = contracts_covered(rows)
     found.summary |= {
         "contracts": len(rows),
         "contracts_with_greeks": covered,
@@ -91,11 +90,9 @@ async def probe_ibkr(
     }
     if covered == 0:
         found.hints += _zero_coverage_hints(plan, found)
-    found.summary["hints"] = found.hints
-    _write(out_dir, found.summary, rows)
-    for hint in found.hints:
-        log.warning("ibkr_probe_hint", hint=hint)
-    return 0 if covered else 1
+    return finish_report(
+        out_dir, "ibkr", found.summary, found.hints, rows, ("contract_key", "conid", "availability")
+    )
 
 
 async def _session(
@@ -215,18 +212,6 @@ def _zero_coverage_hints(plan: LinePlan, found: _Findings) -> list[str]:
             "entitlement (Greeks 7308-7311/7633 are absent outside trading hours)"
         )
     return hints
-
-
-def _write(out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ibkr-probe.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    with (out_dir / "ibkr-probe-coverage.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=["contract_key", "conid", "availability", *COVERAGE, "first_greeks_ms"],
-        )
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 async def run_ibkr_probe(settings: Settings, *, duration_s: float, out_dir: Path) -> int:

@@ -5,8 +5,6 @@ probe, so both brokers can be diagnosed the same way.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +15,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from trio_websocket import open_websocket_url as _open_websocket_url
 
+from greeksd.brokers.probe_report import COVERAGE, contracts_covered, finish_report
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.session import (
     Positions,
@@ -30,7 +29,6 @@ from greeksd.logs import get_logger
 
 log = get_logger("greeksd.tastytrade.probe")
 
-COVERAGE = ("delta", "gamma", "theta", "vega", "implied_volatility")
 _WIRE = {
     "delta": "delta",
     "gamma": "gamma",
@@ -86,7 +84,7 @@ async def probe_tastytrade(
         found.summary["error"] = f"{type(exc).__name__}: {exc}"
         found.hints.append(f"session failed: {exc}")
     rows = _coverage(positions, found)
-    covered = sum(1 for row in rows if any(row[name] for name in COVERAGE))
+    covered = contracts_covered(rows)
     found.summary |= {
         "contracts": len(rows),
         "contracts_with_greeks": covered,
@@ -96,11 +94,9 @@ async def probe_tastytrade(
     }
     if covered == 0:
         found.hints += _zero_coverage_hints(positions, found)
-    found.summary["hints"] = found.hints
-    _write(out_dir, found.summary, rows)
-    for hint in found.hints:
-        log.warning("tastytrade_probe_hint", hint=hint)
-    return 0 if covered else 1
+    return finish_report(
+        out_dir, "tastytrade", found.summary, found.hints, rows, ("contract_key", "streamer_symbol")
+    )
 
 
 async def _session(
@@ -248,19 +244,6 @@ def _zero_coverage_hints(positions: Positions, found: _Findings) -> list[str]:
         "Greeks events arrived but every Greek was NaN/null: market closed or no "
         "options market-data entitlement"
     ]
-
-
-def _write(out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tastytrade-probe.json").write_text(
-        json.dumps(summary, indent=2, default=str) + "\n"
-    )
-    with (out_dir / "tastytrade-probe-coverage.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=["contract_key", "streamer_symbol", *COVERAGE, "first_greeks_ms"]
-        )
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 async def run_tastytrade_probe(settings: Settings, *, duration_s: float, out_dir: Path) -> int:

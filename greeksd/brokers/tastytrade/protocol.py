@@ -151,14 +151,7 @@ class FeedSetup:
     aggregation_period: float | None = 0.1
 
     def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "FEED_SETUP", "channel": self.channel}
-        if self.aggregation_period is not None:
-            out["acceptAggregationPeriod"] = self.aggregation_period
-        if self.data_format is not None:
-            out["acceptDataFormat"] = self.data_format
-        if self.event_fields is not None:
-            out["acceptEventFields"] = {k: list(v) for k, v in self.event_fields.items()}
-        return out
+        return _feed_wire("FEED_SETUP", "accept", self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +162,24 @@ class FeedConfig:
     event_fields: Mapping[str, tuple[str, ...]] | None
 
     def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "FEED_CONFIG", "channel": self.channel}
-        if self.aggregation_period is not None:
-            out["aggregationPeriod"] = self.aggregation_period
-        if self.data_format is not None:
-            out["dataFormat"] = self.data_format
-        if self.event_fields is not None:
-            out["eventFields"] = {k: list(v) for k, v in self.event_fields.items()}
-        return out
+        return _feed_wire("FEED_CONFIG", "", self)
+
+
+def _feed_wire(kind: str, prefix: str, m: FeedSetup | FeedConfig) -> dict[str, Any]:
+    """FEED_SETUP asks (`acceptDataFormat`…), FEED_CONFIG answers (`dataFormat`…): the
+    same three optional fields under two spellings."""
+
+    def key(name: str) -> str:
+        return prefix + name[0].upper() + name[1:] if prefix else name
+
+    out: dict[str, Any] = {"type": kind, "channel": m.channel}
+    if m.aggregation_period is not None:
+        out[key("aggregationPeriod")] = m.aggregation_period
+    if m.data_format is not None:
+        out[key("dataFormat")] = m.data_format
+    if m.event_fields is not None:
+        out[key("eventFields")] = {k: list(v) for k, v in m.event_fields.items()}
+    return out
 
 
 @dataclass(frozen=True, slots=True)
