@@ -242,22 +242,6 @@ class Malformed:
     excerpt: str = ""
 
 
-Message = (
-    Setup
-    | AuthState
-    | Auth
-    | ChannelRequest
-    | ChannelOpened
-    | ChannelClosed
-    | ChannelCancel
-    | FeedSetup
-    | FeedConfig
-    | FeedSubscription
-    | FeedData
-    | Keepalive
-    | Error
-    | Malformed
-)
 Outgoing = (
     Setup
     | AuthState
@@ -273,6 +257,8 @@ Outgoing = (
     | Keepalive
     | Error
 )
+# Everything a peer may send, plus what a frame that is neither becomes.
+Message = Outgoing | Malformed
 
 
 def build(message: Outgoing) -> str:
