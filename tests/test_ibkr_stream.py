@@ -71,8 +71,12 @@ def connected(status: StreamStatus) -> bool:
 
 async def test_handshake_subscribe_and_greeks_equal_the_simulators() -> None:
     async with open_ibkr_sim(tick_interval=None) as sim, running(sim) as (sink, status):
-        await wait_until(lambda: len(sim.lines()) == 13, what="8 options + 5 underlyings")
-        assert connected(status) and sim.logins == ["cookie"]
+        # The stream subscribes before it reports CONNECTED: wait for both, not one.
+        await wait_until(
+            lambda: len(sim.lines()) == 13 and connected(status),
+            what="8 options + 5 underlyings, then connected",
+        )
+        assert sim.logins == ["cookie"]
         commands = [text for _, text in sim.received]
         assert sorted(commands[:8]) == sorted(f"smd+{c}{OPTION_SMD}" for c in sim.conids.values())
         assert sorted(commands[8:13]) == sorted(
