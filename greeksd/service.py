@@ -202,11 +202,18 @@ async def run_until_signal(
                     if not service_holder:
                         top.cancel_scope.cancel()
                     continue
-                saved = 0
+                saved = accepted = written = 0
                 if service_holder:
                     state = service_holder[0].state
                     saved = state.writer.spool_unwritten_now(state.sink.take_overflow())
-                log.error("second_signal_exiting_now", signal=name, spooled_rows=saved)
+                    accepted, written = state.sink.accepted, state.writer.stats.rows_written
+                log.error(
+                    "second_signal_exiting_now",
+                    signal=name,
+                    accepted=accepted,
+                    rows_written=written,
+                    spooled_rows=saved,
+                )
                 os._exit(EXIT_SECOND_SIGNAL)
 
     async with trio.open_nursery() as top:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from tests.helpers import count_rows
@@ -43,21 +44,31 @@ def _greeksd(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str
     )
 
 
+def _poll(predicate: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def _wait_for_status(
     port: int, predicate: object, proc: subprocess.Popen[str], timeout: float = 30.0
 ) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    seen: list[dict] = []
+
+    def reached() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"greeksd exited early: {proc.communicate()[1]}")
         try:
             body = httpx.get(f"http://127.0.0.1:{port}/v1/streaming/status", timeout=2).json()
-            if predicate(body):  # type: ignore[operator]
-                return body
         except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("status condition not reached")
+            return False
+        seen.append(body)
+        return bool(predicate(body))  # type: ignore[operator]
+
+    _poll(reached, "status condition", timeout)
+    return seen[-1]
 
 
 def test_bad_flush_rows_exits_2_naming_the_variable(tmp_path: Path) -> None:
@@ -100,6 +111,63 @@ def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: P
     accepted = int(re.search(r"event=service_stopped accepted=(\d+)", err).group(1))  # type: ignore[union-attr]
     assert accepted >= 20
     assert count_rows(db_url) == accepted
+
+
+def test_second_signal_spools_every_unwritten_row_and_the_next_start_stores_them(
+    db_url: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = _env(
+        GREEKSD_DATABASE_URL=db_url,
+        GREEKSD_API_PORT=str(port),
+        GREEKSD_FLUSH_ROWS="1000000",
+        GREEKSD_FLUSH_MS="3600000",
+        GREEKSD_BROKERS="synthetic",
+        GREEKSD_DATA_DIR=str(tmp_path),
+    )
+    proc = _greeksd("run", env=env, cwd=tmp_path)
+    # The table lock makes the shutdown flush hang, so the second signal arrives while
+    # every accepted row is still unwritten: a stuck database at Ctrl-C, Ctrl-C.
+    with psycopg.connect(db_url) as lock, psycopg.connect(db_url, autocommit=True) as watch:
+        try:
+            _wait_for_status(port, lambda s: s["streams"]["synthetic"]["ticks"] >= 20, proc)
+            lock.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
+            proc.send_signal(signal.SIGTERM)
+
+            def flush_blocked() -> bool:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND relation = 'greek_snapshots'::regclass"
+                ).fetchone()
+                return bool(row and row[0])
+
+            _poll(flush_blocked, "the shutdown flush to wait on the lock")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            lock.rollback()
+    assert proc.returncode == 130, err
+    line = re.search(
+        r"event=second_signal_exiting_now signal=SIGTERM accepted=(\d+) rows_written=(\d+)"
+        r" spooled_rows=(\d+)",
+        err,
+    )
+    assert line, err
+    accepted, written, spooled = map(int, line.groups())
+    assert accepted >= 20 and written == 0 and spooled == accepted
+    assert count_rows(db_url) == 0  # the killed process never sent the COPY data
+
+    # The next start drains the spool before anything else: every accepted row arrives.
+    proc = _greeksd("run", env={**env, "GREEKSD_BROKERS": ""}, cwd=tmp_path)
+    try:
+        _wait_for_status(port, lambda s: s["writer"]["spool_bytes"] == 0, proc)
+        assert count_rows(db_url) == accepted
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/v1/streaming/status"])
