@@ -66,21 +66,37 @@ def _greeks_frame(symbol: str, time_ms: int, **values: Any) -> str:
     return dx.build(dx.FeedData(1, data))
 
 
+def _streaming(
+    ib_sim: IbkrGatewaySim, tt_sim: TastytradeSim, conids: set[int], symbol: str
+) -> bool:
+    """Both clients have subscribed what the schedule touches."""
+    return conids <= ib_sim.lines() and any(
+        conn.authorized
+        and any(("Greeks", symbol) in ch.subscriptions for ch in conn.channels.values())
+        for conn in tt_sim.dxlink.connections.values()
+    )
+
+
 async def inject_faults(
     ib_sim: IbkrGatewaySim,
     tt_sim: TastytradeSim,
     book: Sequence[SimContract],
     duration_s: float,
 ) -> None:
-    """The schedule above; returns when done (before `duration_s`)."""
-    start = trio.current_time()
-
-    async def at(fraction: float, what: str) -> None:
-        await trio.sleep_until(start + fraction * duration_s)
-        log.info("fixture_fault", fault=what)
-
+    """The schedule above, over the time left once both streams are subscribed (a
+    fault injected before that would miss its client on a slow machine); returns when
+    done, before `duration_s`."""
+    began = trio.current_time()
     conid0, conid1 = ib_sim.conid_of(book[0].key), ib_sim.conid_of(book[1].key)
     symbol0 = dx.streamer_symbol(book[0].key)
+    while not _streaming(ib_sim, tt_sim, {conid0, conid1}, symbol0):  # noqa: ASYNC110
+        await trio.sleep(0.01)  # two simulators' state, no one event to wait on
+    start = trio.current_time()
+    span = duration_s - (start - began)
+
+    async def at(fraction: float, what: str) -> None:
+        await trio.sleep_until(start + fraction * span)
+        log.info("fixture_fault", fault=what)
 
     await at(0.15, "malformed")
     ib_sim.send_malformed()
