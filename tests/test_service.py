@@ -86,11 +86,11 @@ def test_non_loopback_api_without_token_refuses_to_start(tmp_path: Path) -> None
     assert "GREEKSD_API_TOKEN" in err
 
 
-def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: Path) -> None:
+def _never_flushing(db_url: str, tmp_path: Path) -> tuple[int, dict[str, str]]:
+    """A synthetic-source service whose batches never fill and never time out on their
+    own: whatever reaches the database was flushed by the shutdown path."""
     port = _free_port()
-    # Batches never fill and never time out on their own: whatever reaches the
-    # database was flushed by the shutdown path.
-    env = _env(
+    return port, _env(
         GREEKSD_DATABASE_URL=db_url,
         GREEKSD_API_PORT=str(port),
         GREEKSD_FLUSH_ROWS="1000000",
@@ -98,6 +98,10 @@ def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: P
         GREEKSD_BROKERS="synthetic",
         GREEKSD_DATA_DIR=str(tmp_path),
     )
+
+
+def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: Path) -> None:
+    port, env = _never_flushing(db_url, tmp_path)
     proc = _greeksd("run", env=env, cwd=tmp_path)
     try:
         _wait_for_status(port, lambda s: s["streams"]["synthetic"]["ticks"] >= 20, proc)
@@ -116,15 +120,7 @@ def test_sigterm_flushes_every_accepted_row_and_exits_0(db_url: str, tmp_path: P
 def test_second_signal_spools_every_unwritten_row_and_the_next_start_stores_them(
     db_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    env = _env(
-        GREEKSD_DATABASE_URL=db_url,
-        GREEKSD_API_PORT=str(port),
-        GREEKSD_FLUSH_ROWS="1000000",
-        GREEKSD_FLUSH_MS="3600000",
-        GREEKSD_BROKERS="synthetic",
-        GREEKSD_DATA_DIR=str(tmp_path),
-    )
+    port, env = _never_flushing(db_url, tmp_path)
     proc = _greeksd("run", env=env, cwd=tmp_path)
     # The table lock makes the shutdown flush hang, so the second signal arrives while
     # every accepted row is still unwritten: a stuck database at Ctrl-C, Ctrl-C.
