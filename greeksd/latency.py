@@ -34,42 +34,57 @@ class LatencyHistogram:
         self._window = window_s
         self._slots: list[list[int]] = [[0] * (len(BOUNDS_MS) + 1) for _ in range(window_s)]
         self._slot_second: list[int] = [-1] * window_s
+        self._slot_max: list[float] = [0.0] * window_s
         self.prometheus_counts: list[int] = [0] * (len(PROMETHEUS_BOUNDS_S) + 1)
         self.count = 0
         self.sum_s = 0.0
-        self.max_ms = 0.0
 
-    def _slot(self, now_s: float) -> list[int]:
+    def _slot(self, now_s: float) -> int:
         second = int(now_s)
         index = second % self._window
         if self._slot_second[index] != second:
             self._slot_second[index] = second
             self._slots[index] = [0] * (len(BOUNDS_MS) + 1)
-        return self._slots[index]
+            self._slot_max[index] = 0.0
+        return index
+
+    def _in_window(self, now_s: float) -> list[int]:
+        current = int(now_s)
+        return [
+            i
+            for i, second in enumerate(self._slot_second)
+            if second >= 0 and current - second < self._window
+        ]
+
+    def window_max(self, now_s: float) -> float | None:
+        """The largest latency (ms) recorded in the last `window_s` seconds."""
+        return max((self._slot_max[i] for i in self._in_window(now_s)), default=None)
 
     def record(self, latencies_ms: list[float], now_s: float) -> None:
         """Record one batch's latencies, stamped at wall-clock second `now_s`."""
-        slot = self._slot(now_s)
+        index = self._slot(now_s)
+        slot = self._slots[index]
         prom = self.prometheus_counts
         for value in latencies_ms:
             slot[bisect.bisect_left(BOUNDS_MS, value)] += 1
             prom[bisect.bisect_left(PROMETHEUS_BOUNDS_S, value / 1000.0)] += 1
-            if value > self.max_ms:
-                self.max_ms = value
+        if latencies_ms:
+            self._slot_max[index] = max(self._slot_max[index], *latencies_ms)
         self.count += len(latencies_ms)
         self.sum_s += sum(latencies_ms) / 1000.0
 
     def percentiles(
         self, now_s: float, quantiles: tuple[float, ...] = (0.5, 0.95, 0.99)
     ) -> dict[float, float | None]:
-        """Upper-bound estimate (ms) of each quantile over the last `window_s` seconds."""
-        current = int(now_s)
+        """Upper-bound estimate (ms) of each quantile over the last `window_s` seconds,
+        never above the largest value seen there (a bucket bound can be up to 12% over)."""
+        window = self._in_window(now_s)
         merged = [0] * (len(BOUNDS_MS) + 1)
-        for second, slot in zip(self._slot_second, self._slots, strict=True):
-            if second >= 0 and current - second < self._window:
-                for i, n in enumerate(slot):
-                    if n:
-                        merged[i] += n
+        for index in window:
+            for i, n in enumerate(self._slots[index]):
+                if n:
+                    merged[i] += n
+        largest = max((self._slot_max[i] for i in window), default=math.inf)
         total = sum(merged)
         result: dict[float, float | None] = {}
         for q in quantiles:
@@ -81,6 +96,6 @@ class LatencyHistogram:
             for i, n in enumerate(merged):
                 seen += n
                 if seen >= rank:
-                    result[q] = BOUNDS_MS[i] if i < len(BOUNDS_MS) else math.inf
+                    result[q] = min(BOUNDS_MS[i] if i < len(BOUNDS_MS) else math.inf, largest)
                     break
         return result

@@ -186,7 +186,8 @@ class WriterStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def as_json(self, queue_depth: int | None = None) -> dict[str, Any]:
-        pct = self.latency.percentiles(time.time())
+        now_s = time.time()
+        pct = self.latency.percentiles(now_s)
         return {
             "state": self.state.value,
             "last_error": self.last_error,
@@ -207,7 +208,7 @@ class WriterStats:
                 "p50": pct[0.5],
                 "p95": pct[0.95],
                 "p99": pct[0.99],
-                "max": self.latency.max_ms or None,
+                "max": self.latency.window_max(now_s),
             },
         }
 
