@@ -15,6 +15,7 @@ so no row is ever conflated.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot
-from greeksd.pipeline import open_pipeline
+from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.recording import (
     Record,
     contract_from_json,
@@ -155,6 +156,39 @@ REPLAYERS: dict[str, type[IbkrReplayer] | type[DxlinkReplayer]] = {
 }
 
 
+class Replayers:
+    """Each broker's protocol state, rebuilt record by record; one place that knows what
+    a record kind means, for replay and for the benchmarks that decode fixtures."""
+
+    def __init__(self) -> None:
+        self._by_broker: dict[str, Replayer] = {}
+
+    def apply(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+        """Apply one record (counted in `stats`); returns the rows a frame yields."""
+        replayer = self._by_broker.get(record.broker)
+        if replayer is None:
+            factory = REPLAYERS.get(record.broker)
+            if factory is None:
+                stats.skipped_records += 1
+                log.warning("replay_unknown_broker", broker=record.broker)
+                return []
+            replayer = self._by_broker[record.broker] = factory()
+        if record.kind == "frame":
+            stats.frames += 1
+            stats.frames_by_broker[record.broker] = stats.frames_by_broker.get(record.broker, 0) + 1
+            return replayer.frame(record, stats)
+        if record.kind == "positions":
+            stats.position_updates += 1
+            replayer.positions(record)
+        elif record.kind == "link":
+            stats.links += 1
+            replayer.link(record)
+        else:
+            stats.skipped_records += 1
+            log.warning("replay_unknown_record", kind=record.kind)
+        return []
+
+
 def _prepare_partitions(url: str, first: datetime) -> None:
     """Daily partitions for the fixture's day (and the next, for a session that crosses
     midnight); later days still land in the default partition."""
@@ -190,7 +224,7 @@ async def replay_fixture(
         # age: no SLO to check
         slo_ms=sys.maxsize,
     ) as pipeline:
-        await _feed(_chain(first, records), pipeline, stats, speed)
+        await _feed(itertools.chain([first], records), pipeline, stats, speed)
     writer = pipeline.writer.stats
     stats.rows_written, stats.duplicates, stats.late = (
         writer.rows_written,
@@ -204,11 +238,6 @@ async def replay_fixture(
     return stats
 
 
-def _chain(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
-    yield first
-    yield from rest
-
-
 def _log_fields(stats: ReplayStats) -> dict[str, Any]:
     return {
         "frames": stats.frames,
@@ -220,40 +249,23 @@ def _log_fields(stats: ReplayStats) -> dict[str, Any]:
     }
 
 
-async def _feed(records: Iterator[Record], pipeline: Any, stats: ReplayStats, speed: float) -> None:
+async def _feed(
+    records: Iterator[Record], pipeline: Pipeline, stats: ReplayStats, speed: float
+) -> None:
     sink, writer = pipeline.sink, pipeline.writer
-    replayers: dict[str, Replayer] = {}
+    replayers = Replayers()
     origin: datetime | None = None
     clock_origin = trio.current_time()
     for record in records:
-        replayer = replayers.get(record.broker)
-        if replayer is None:
-            factory = REPLAYERS.get(record.broker)
-            if factory is None:
-                stats.skipped_records += 1
-                log.warning("replay_unknown_broker", broker=record.broker)
-                continue
-            replayer = replayers[record.broker] = factory()
         if speed > 0:
             origin = origin or record.at
             await trio.sleep_until(clock_origin + (record.at - origin).total_seconds() / speed)
-        if record.kind == "frame":
-            stats.frames += 1
-            stats.frames_by_broker[record.broker] = stats.frames_by_broker.get(record.broker, 0) + 1
-            for row in replayer.frame(record, stats):
-                sink.put(row)
-                stats.snapshots += 1
-            if stats.frames % CHECKPOINT_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-                settled = writer.stats.rows_written + writer.stats.duplicates
-                if sink.accepted - settled > HIGH_WATER:
-                    await writer.wait_settled(sink.accepted - LOW_WATER)
-        elif record.kind == "positions":
-            stats.position_updates += 1
-            replayer.positions(record)
-        elif record.kind == "link":
-            stats.links += 1
-            replayer.link(record)
-        else:
-            stats.skipped_records += 1
-            log.warning("replay_unknown_record", kind=record.kind)
+        frames = stats.frames
+        for row in replayers.apply(record, stats):
+            sink.put(row)
+            stats.snapshots += 1
+        if stats.frames != frames and stats.frames % CHECKPOINT_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+            settled = writer.stats.rows_written + writer.stats.duplicates
+            if sink.accepted - settled > HIGH_WATER:
+                await writer.wait_settled(sink.accepted - LOW_WATER)

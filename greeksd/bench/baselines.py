@@ -17,8 +17,8 @@ import psycopg
 from greeksd.bench.pipeline import truncate
 from greeksd.model import Snapshot
 from greeksd.recording import read_fixture
-from greeksd.replay import REPLAYERS, ReplayStats
-from greeksd.store.writer import COPY_DIRECT, STAGED_COLUMNS, STAGED_TYPES, snapshot_row
+from greeksd.replay import Replayers, ReplayStats
+from greeksd.store.writer import COPY_DIRECT, STAGED_COLUMNS, copy_rows, snapshot_row
 
 INSERT = (
     f"INSERT INTO greek_snapshots ({', '.join(STAGED_COLUMNS)}) "
@@ -29,20 +29,8 @@ INSERT = (
 def decode_fixture(path: Path) -> list[Snapshot]:
     """Every row a fixture yields, through the replayers but without a database."""
     _, records = read_fixture(path)
-    replayers: dict[str, Any] = {}
-    stats = ReplayStats()
-    rows: list[Snapshot] = []
-    for record in records:
-        replayer = replayers.get(record.broker) or replayers.setdefault(
-            record.broker, REPLAYERS[record.broker]()
-        )
-        if record.kind == "frame":
-            rows.extend(replayer.frame(record, stats))
-        elif record.kind == "positions":
-            replayer.positions(record)
-        elif record.kind == "link":
-            replayer.link(record)
-    return rows
+    replayers, stats = Replayers(), ReplayStats()
+    return [row for record in records for row in replayers.apply(record, stats)]
 
 
 def executemany_insert(url: str, rows: list[tuple[Any, ...]], batch: int = 50) -> float:
@@ -58,10 +46,8 @@ def executemany_insert(url: str, rows: list[tuple[Any, ...]], batch: int = 50) -
 def bare_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
-        with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
-            copy.set_types(STAGED_TYPES)
-            for row in rows:
-                copy.write_row(row)
+        with conn.cursor() as cur:
+            copy_rows(cur, COPY_DIRECT, rows)
         conn.commit()
         return time.perf_counter() - started
 

@@ -10,7 +10,7 @@ So the common case costs one COPY, and any batch can be retried after any failur
 without asking whether the previous attempt committed.
 
 psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
-asyncio API through trio-asyncio (see benchmarks/writer_paths.py and the README), and
+asyncio API through trio-asyncio (see greeksd/bench/writer_paths.py and the README), and
 the rest of greeksd only sees a trio-native `run()`.
 """
 
@@ -21,7 +21,7 @@ import math
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -113,6 +113,14 @@ def fingerprint(values: Sequence[float | None]) -> int:
     a fixture replayed next year still recognises its rows."""
     packed = _FINGERPRINT_LAYOUT.pack(*[_NAN if v is None else v for v in values])
     return ((zlib.crc32(packed) << 32) | zlib.adler32(packed)) - (1 << 63)
+
+
+def copy_rows(cur: psycopg.Cursor[Any], statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Binary COPY of `snapshot_row` tuples through `statement` (COPY_DIRECT/STAGING)."""
+    with cur.copy(statement) as copy:
+        copy.set_types(STAGED_TYPES)
+        for row in rows:
+            copy.write_row(row)
 
 
 def _jsonb(payload: dict[str, Any] | None) -> Jsonb | None:
@@ -472,19 +480,14 @@ class Writer:
             conn.commit()
         try:
             try:
-                with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
-                    copy.set_types(STAGED_TYPES)
-                    for row in rows:
-                        copy.write_row(row)
+                with conn.cursor() as cur:
+                    copy_rows(cur, COPY_DIRECT, rows)
                 conn.commit()
                 return len(rows)
             except psycopg.errors.UniqueViolation:
                 conn.rollback()
             with conn.cursor() as cur:
-                with cur.copy(COPY_STAGING) as copy:
-                    copy.set_types(STAGED_TYPES)
-                    for row in rows:
-                        copy.write_row(row)
+                copy_rows(cur, COPY_STAGING, rows)
                 cur.execute(INSERT_FROM_STAGING)
                 inserted = cur.rowcount
             conn.commit()
