@@ -129,6 +129,16 @@ def scrub(text: str) -> str:
     return text
 
 
+def fixture_header(brokers: Sequence[str], recorded_at: datetime) -> dict[str, Any]:
+    """The first line of every fixture: what `read_fixture` checks before reading on."""
+    return {
+        "fixture": FORMAT,
+        "version": VERSION,
+        "recorded_at": recorded_at.isoformat(),
+        "brokers": list(brokers),
+    }
+
+
 class FixtureWriter:
     """A `Recorder` writing a fixture file; use as a context manager."""
 
@@ -141,14 +151,7 @@ class FixtureWriter:
     def __enter__(self) -> FixtureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out = open_text(self.path, "w")
-        self._write(
-            {
-                "fixture": FORMAT,
-                "version": VERSION,
-                "recorded_at": datetime.now(UTC).isoformat(),
-                "brokers": self.brokers,
-            }
-        )
+        self._write(fixture_header(self.brokers, datetime.now(UTC)))
         return self
 
     def __exit__(self, *exc: object) -> None:

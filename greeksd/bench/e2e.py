@@ -32,6 +32,7 @@ from greeksd.bench.pipeline import truncate
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from greeksd.sim.market import default_contracts
+from greeksd.sim.readiness import wait_subscribed
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 
 BOOK_SIZE = 50
@@ -43,23 +44,6 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def _poll(predicate: Any) -> None:
-    # the simulators expose no event for "every line subscribed": poll their state
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(0.05)
-
-
-def _subscribed(ib_sim: IbkrGatewaySim, tt_sim: TastytradeSim, symbols: set[str]) -> bool:
-    if not set(ib_sim.conids.values()) <= ib_sim.lines():
-        return False
-    return any(
-        symbols <= {s for kind, s in state.subscriptions if kind == "Greeks"}
-        for conn in tt_sim.dxlink.connections.values()
-        if conn.authorized
-        for state in conn.channels.values()
-    )
 
 
 async def _offer(
@@ -151,7 +135,7 @@ async def measure(
         try:
             assert process.stdin is not None and process.stdout is not None
             with trio.fail_after(60.0):
-                await _poll(lambda: _subscribed(ib_sim, tt_sim, symbols))
+                await wait_subscribed(ib_sim, tt_sim, ib_sim.conids.values(), symbols)
             elapsed, dx_sent_at = await _offer(ib_sim, tt_sim, rate, duration_s)
             sent = {
                 "ibkr": sum(1 for t in ib_sim.sent_ticks if t.key is not None),

@@ -18,7 +18,7 @@ import orjson
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.model import Contract
-from greeksd.recording import FORMAT, VERSION, contract_json
+from greeksd.recording import contract_json, fixture_header
 from greeksd.sim.market import SimContract, default_contracts
 
 BOOK_SIZE = 50
@@ -77,22 +77,18 @@ def ibkr_records(
 
 def greeks_row(fields: tuple[str, ...], symbol: str, ms: int, i: int) -> list[Any]:
     """One Greeks event's values in `fields` order (any layout: ours or the SDK's)."""
-    event = {
-        "eventType": "Greeks",
-        "eventSymbol": symbol,
-        "eventTime": 0,
-        "eventFlags": 0,
-        "index": ms << 22,
-        "time": ms,
-        "sequence": 0,
-        "price": 4.2 + i % 97 / 100,
-        "volatility": 0.27 + i % 13 / 1000,
-        "delta": 0.41 + i % 1000 / 10000,
-        "gamma": 0.012,
-        "theta": -0.05,
-        "rho": 0.08,
-        "vega": 0.19 + i % 7 / 100,
-    }
+    event = dx.greeks_event(
+        symbol,
+        ms,
+        index=ms << 22,
+        price=4.2 + i % 97 / 100,
+        volatility=0.27 + i % 13 / 1000,
+        delta=0.41 + i % 1000 / 10000,
+        gamma=0.012,
+        theta=-0.05,
+        rho=0.08,
+        vega=0.19 + i % 7 / 100,
+    )
     return [event[f] for f in fields]
 
 
@@ -149,14 +145,8 @@ def write_fixture(path: Path, brokers: list[str], per_broker: int) -> Path:
         streams.append(ibkr_records(contracts, per_broker, start_ms))
     if "tastytrade" in brokers:
         streams.append(dxlink_records(contracts, per_broker, start_ms))
-    header = {
-        "fixture": FORMAT,
-        "version": VERSION,
-        "recorded_at": now.isoformat(),
-        "brokers": brokers,
-    }
     with path.open("wb") as out:
-        out.write(orjson.dumps(header) + b"\n")
+        out.write(orjson.dumps(fixture_header(brokers, now)) + b"\n")
         for record in _interleave(*streams):
             out.write(orjson.dumps(record) + b"\n")
     return path

@@ -322,22 +322,18 @@ class DxLinkServer:
         g = tick.greeks
         nan_rho = self.nan_rho_rate > 0 and self._rng.random() < self.nan_rho_rate
         index = (time_ms // 1000) << 32 | (time_ms % 1000) << 22 | (tick.seq & 0x3FFFFF)
-        return {
-            "eventType": "Greeks",
-            "eventSymbol": dx.streamer_symbol(tick.contract.key),
-            "eventTime": 0,
-            "eventFlags": 0,
-            "index": index,
-            "time": time_ms,
-            "sequence": 0,
-            "price": g.price,
-            "volatility": g.implied_volatility,
-            "delta": g.delta,
-            "gamma": g.gamma,
-            "theta": g.theta,
-            "rho": "NaN" if nan_rho else g.rho,
-            "vega": g.vega,
-        }
+        return dx.greeks_event(
+            dx.streamer_symbol(tick.contract.key),
+            time_ms,
+            index=index,
+            price=g.price,
+            volatility=g.implied_volatility,
+            delta=g.delta,
+            gamma=g.gamma,
+            theta=g.theta,
+            rho="NaN" if nan_rho else g.rho,
+            vega=g.vega,
+        )
 
     @staticmethod
     def _underlying_values(tick: Tick, time_ms: int) -> dict[str, Any]:

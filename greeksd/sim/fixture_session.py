@@ -37,6 +37,7 @@ from greeksd.model import ContractKey, OptionRight, SnapshotSink, StreamStatus
 from greeksd.recording import record_session
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from greeksd.sim.market import SimContract, default_contracts
+from greeksd.sim.readiness import wait_subscribed
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 
 log = get_logger("greeksd.sim.fixture")
@@ -45,36 +46,23 @@ DEFAULT_OUT = Path("tests/fixtures/mixed-session.jsonl.gz")
 BOOK_SIZE = 10
 
 
+TYPICAL_GREEKS: dict[str, Any] = {
+    "price": 4.2,
+    "volatility": 0.27,
+    "delta": 0.41,
+    "gamma": 0.012,
+    "theta": -0.05,
+    "rho": 0.08,
+    "vega": 0.19,
+}
+
+
 def _greeks_frame(symbol: str, time_ms: int, **values: Any) -> str:
     """One COMPACT Greeks event in the field order greeksd asks for (the simulator
     echoes that order in FEED_CONFIG)."""
-    event = {
-        "eventType": "Greeks",
-        "eventSymbol": symbol,
-        "eventTime": 0,
-        "time": time_ms,
-        "price": 4.2,
-        "volatility": 0.27,
-        "delta": 0.41,
-        "gamma": 0.012,
-        "theta": -0.05,
-        "rho": 0.08,
-        "vega": 0.19,
-        **values,
-    }
+    event = dx.greeks_event(symbol, time_ms, **(TYPICAL_GREEKS | values))
     data = dx.compact_data([("Greeks", [[event[f] for f in dx.GREEKS_FIELDS]])])
     return dx.build(dx.FeedData(1, data))
-
-
-def _streaming(
-    ib_sim: IbkrGatewaySim, tt_sim: TastytradeSim, conids: set[int], symbol: str
-) -> bool:
-    """Both clients have subscribed what the schedule touches."""
-    return conids <= ib_sim.lines() and any(
-        conn.authorized
-        and any(("Greeks", symbol) in ch.subscriptions for ch in conn.channels.values())
-        for conn in tt_sim.dxlink.connections.values()
-    )
 
 
 async def inject_faults(
@@ -89,8 +77,7 @@ async def inject_faults(
     began = trio.current_time()
     conid0, conid1 = ib_sim.conid_of(book[0].key), ib_sim.conid_of(book[1].key)
     symbol0 = dx.streamer_symbol(book[0].key)
-    while not _streaming(ib_sim, tt_sim, {conid0, conid1}, symbol0):  # noqa: ASYNC110
-        await trio.sleep(0.01)  # two simulators' state, no one event to wait on
+    await wait_subscribed(ib_sim, tt_sim, {conid0, conid1}, {symbol0})
     start = trio.current_time()
     span = duration_s - (start - began)
 

@@ -520,6 +520,39 @@ def _check_index(event: FeedEvent, problems: list[str]) -> None:
     event["index"] = None
 
 
+def greeks_event(
+    symbol: str,
+    time_ms: int,
+    *,
+    price: Any,
+    volatility: Any,
+    delta: Any,
+    gamma: Any,
+    theta: Any,
+    rho: Any,
+    vega: Any,
+    index: int = 0,
+) -> FeedEvent:
+    """A Greeks event holding every field a client may ask for (ours or the SDK's layout),
+    as the server sends it: values are numbers, or the strings "NaN"/"Infinity"."""
+    return {
+        "eventType": "Greeks",
+        "eventSymbol": symbol,
+        "eventTime": 0,
+        "eventFlags": 0,
+        "index": index,
+        "time": time_ms,
+        "sequence": 0,
+        "price": price,
+        "volatility": volatility,
+        "delta": delta,
+        "gamma": gamma,
+        "theta": theta,
+        "rho": rho,
+        "vega": vega,
+    }
+
+
 def compact_data(groups: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> list[Any]:
     """Build COMPACT `data`: each (type, [event values, ...]) becomes one flat group."""
     data: list[Any] = []
