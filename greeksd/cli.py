@@ -179,6 +179,15 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _add_duration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds (0 = until Ctrl-C)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greeksd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -199,12 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="simulated brokers + embedded database + service",
         description="Run the whole service against simulated brokers.",
     )
-    demo.add_argument(
-        "--duration",
-        type=float,
-        default=0.0,
-        help="stop after this many seconds (0 = until Ctrl-C)",
-    )
+    _add_duration(demo)
     demo.add_argument(
         "--status-every", type=float, default=5.0, help="seconds between status lines"
     )
@@ -221,9 +225,7 @@ def make_parser() -> argparse.ArgumentParser:
     record.add_argument(
         "--brokers", help="comma-separated subset, e.g. ibkr (default: GREEKSD_BROKERS)"
     )
-    record.add_argument(
-        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)"
-    )
+    _add_duration(record)
     record.set_defaults(handler=_cmd_record)
 
     replay = commands.add_parser(

@@ -8,6 +8,8 @@ Assets are read from the package once and served with their type; unknown names 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -16,59 +18,66 @@ from quart import Blueprint, Response
 
 bp = Blueprint("dashboard", __name__)
 
-ASSETS: dict[str, str] = {
-    "index.html": "text/html; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
-    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
-    "uPlot.min.css": "text/css; charset=utf-8",
+
+@dataclass(frozen=True)
+class Asset:
+    file: str  # in greeksd/api/static
+    content_type: str
+    summary: str  # for /openapi.json
+
+
+# route -> asset: every route the page needs, and nothing else (anything else 404s)
+ASSETS: dict[str, Asset] = {
+    "/": Asset(
+        "index.html",
+        "text/html; charset=utf-8",
+        "The live dashboard: stream status, rows/s, latency, risk charts.",
+    ),
+    "/dashboard/app.js": Asset(
+        "app.js", "text/javascript; charset=utf-8", "The dashboard's script."
+    ),
+    "/dashboard/uPlot.iife.min.js": Asset(
+        "uPlot.iife.min.js", "text/javascript; charset=utf-8", "uPlot, the charting library."
+    ),
+    "/dashboard/uPlot.min.css": Asset(
+        "uPlot.min.css", "text/css; charset=utf-8", "uPlot's stylesheet."
+    ),
 }
 
 
 @cache
-def _asset(name: str) -> bytes:
-    return (files("greeksd.api") / "static" / name).read_bytes()
+def _read(file: str) -> bytes:
+    return (files("greeksd.api") / "static" / file).read_bytes()
 
 
-def _serve(name: str) -> Response:
-    return Response(
-        _asset(name),
-        content_type=ASSETS[name],
-        headers={"Cache-Control": "no-cache"},
+def _view(asset: Asset) -> Callable[[], Awaitable[Response]]:
+    async def serve() -> Response:
+        return Response(
+            _read(asset.file),
+            content_type=asset.content_type,
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return serve
+
+
+for _route, _asset in ASSETS.items():
+    bp.add_url_rule(
+        _route, endpoint=_asset.file.replace(".", "_"), view_func=_view(_asset), methods=["GET"]
     )
 
 
-@bp.get("/")
-async def index() -> Response:
-    return _serve("index.html")
-
-
-@bp.get("/dashboard/app.js")
-async def app_js() -> Response:
-    return _serve("app.js")
-
-
-@bp.get("/dashboard/uPlot.iife.min.js")
-async def uplot_js() -> Response:
-    return _serve("uPlot.iife.min.js")
-
-
-@bp.get("/dashboard/uPlot.min.css")
-async def uplot_css() -> Response:
-    return _serve("uPlot.min.css")
-
-
-def _page(summary: str, content_type: str) -> dict[str, Any]:
-    return {
+PATHS: dict[str, Any] = {
+    route: {
         "get": {
-            "summary": summary,
-            "responses": {"200": {"description": "OK", "content": {content_type: {}}}},
+            "summary": asset.summary,
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {asset.content_type.split(";")[0]: {}},
+                }
+            },
         }
     }
-
-
-PATHS: dict[str, Any] = {
-    "/": _page("The live dashboard: stream status, rows/s, latency, risk charts.", "text/html"),
-    "/dashboard/app.js": _page("The dashboard's script.", "text/javascript"),
-    "/dashboard/uPlot.iife.min.js": _page("uPlot, the charting library.", "text/javascript"),
-    "/dashboard/uPlot.min.css": _page("uPlot's stylesheet.", "text/css"),
+    for route, asset in ASSETS.items()
 }
