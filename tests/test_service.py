@@ -10,12 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from greeksd.store.partitions import ensure_partitions
 from tests.helpers import count_rows
 
 
@@ -121,14 +123,18 @@ def test_second_signal_spools_every_unwritten_row_and_the_next_start_stores_them
     db_url: str, tmp_path: Path
 ) -> None:
     port, env = _never_flushing(db_url, tmp_path)
-    proc = _greeksd("run", env=env, cwd=tmp_path)
-    # The table lock makes the shutdown flush hang, so the second signal arrives while
-    # every accepted row is still unwritten: a stuck database at Ctrl-C, Ctrl-C.
+    # Five-row batches under a table lock: the first flush hangs and every later row
+    # waits in the channel, so the second signal finds rows in both places: a stuck
+    # database at Ctrl-C, Ctrl-C. Today's partitions exist beforehand, so start-up needs
+    # no lock on the table.
+    env |= {"GREEKSD_FLUSH_ROWS": "5", "GREEKSD_PARTITION_DAYS_AHEAD": "1"}
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        ensure_partitions(setup, datetime.now(UTC).date(), 1)
     with psycopg.connect(db_url) as lock, psycopg.connect(db_url, autocommit=True) as watch:
+        lock.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
+        proc = _greeksd("run", env=env, cwd=tmp_path)
         try:
             _wait_for_status(port, lambda s: s["streams"]["synthetic"]["ticks"] >= 20, proc)
-            lock.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
-            proc.send_signal(signal.SIGTERM)
 
             def flush_blocked() -> bool:
                 row = watch.execute(
@@ -137,7 +143,16 @@ def test_second_signal_spools_every_unwritten_row_and_the_next_start_stores_them
                 ).fetchone()
                 return bool(row and row[0])
 
-            _poll(flush_blocked, "the shutdown flush to wait on the lock")
+            def api_gone() -> bool:  # the first signal stopped the HTTP server
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                except httpx.TransportError:
+                    return True
+                return False
+
+            _poll(flush_blocked, "the first flush to wait on the lock")
+            proc.send_signal(signal.SIGTERM)
+            _poll(api_gone, "the first SIGTERM to be handled")
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
         finally:
