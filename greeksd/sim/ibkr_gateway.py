@@ -11,6 +11,7 @@ switches (methods, or POST /sim/fault) let tests and demos break it on purpose.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import tempfile
 import time
@@ -678,6 +679,8 @@ class IbkrGatewaySim:
             config.bind = [f"{host}:{port}"]
             config.certfile = config.keyfile = str(pem)
             config.accesslog = None
+            # the library logger, so greeksd's handler formats (and filters) its lines
+            config.errorlog = logging.getLogger("hypercorn.error")
             config.graceful_timeout = 0.1
             async with trio.open_nursery() as nursery:
                 binds = await nursery.start(hypercorn_serve, self.app, config)
