@@ -9,11 +9,13 @@ channel to their own writer (`TradeWriter`), drained the same way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import psycopg
 import trio
 
+from greeksd.backoff import Backoff
 from greeksd.model import Snapshot, Trade
 from greeksd.sink import ChannelSink
 from greeksd.store.spool import Spool
@@ -38,11 +40,21 @@ async def open_pipeline(
     slo_ms: int = 500,
     spool: Spool | None = None,
     trade_queue_size: int = 10_000,
+    backoff: Backoff | None = None,
+    connect: Callable[[str], psycopg.Connection] | None = None,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
-    sink = ChannelSink(send, trade_send)
-    writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms, spool=spool)
+    writer = Writer(
+        url,
+        flush_rows=flush_rows,
+        flush_ms=flush_ms,
+        slo_ms=slo_ms,
+        spool=spool,
+        backoff=backoff,
+        connect=connect,
+    )
+    sink = ChannelSink(send, trade_send, on_conflate=writer.note_conflated)
     trade_writer = TradeWriter(url)
 
     async def pump_then_close() -> None:

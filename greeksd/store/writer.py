@@ -35,9 +35,23 @@ from greeksd.backoff import Backoff
 from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
-from greeksd.store.spool import Spool, SpoolFull, snapshot_to_dict
+from greeksd.store.spool import (
+    Spool,
+    SpoolFull,
+    SpoolUnavailable,
+    append_durably,
+    snapshot_to_dict,
+)
 
 log = get_logger("greeksd.writer")
+
+# Why rows wait in memory (status `holding_reason`, the sink's conflation reason).
+BOTH_UNAVAILABLE = "database and spool both unavailable"
+SPOOL_UNAVAILABLE_WHILE_DRAINING = "spool unavailable while it drains"
+WRITER_BEHIND = "writer behind the inflow"
+SPOOL_LOG_EVERY_S = 5.0  # at most one spool-failure log line per this many seconds
+SPOOL_RETRY_S = 1.0  # while a drain runs, how often arrivals retry an unavailable spool
+SPOOL_STATES = ("ok", "full", "unavailable", "none")  # status `spool_state`; none: no spool
 
 # A row's own columns, in table order: shared with the read queries.
 ROW_COLUMNS: tuple[str, ...] = (
@@ -190,6 +204,12 @@ class WriterStats:
     spool_bytes: int = 0
     spooled_rows: int = 0
     spool_full: int = 0
+    spool_state: str = "none"  # one of SPOOL_STATES
+    spool_error: str | None = None
+    spool_errors: int = 0
+    holding_reason: str | None = None
+    held_rows: int = 0
+    conflated_by_reason: dict[str, int] = field(default_factory=dict)
     rejected_rows: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
@@ -211,6 +231,12 @@ class WriterStats:
             "spool_bytes": self.spool_bytes,
             "spooled_rows": self.spooled_rows,
             "spool_full": self.spool_full,
+            "spool_state": self.spool_state,
+            "spool_error": self.spool_error,
+            "spool_errors": self.spool_errors,
+            "holding_reason": self.holding_reason,
+            "held_rows": self.held_rows,
+            "conflated_by_reason": dict(self.conflated_by_reason),
             "rejected_rows": self.rejected_rows,
             "latency_ms": {
                 "p50": pct[0.5],
@@ -248,14 +274,21 @@ class Writer:
         self._spool = spool
         self._next_attempt = -math.inf
         self._last_slo_warning = -math.inf
-        self._last_spool_full_log = -math.inf
+        self._last_spool_log = -math.inf
+        self._spool_failures_unlogged = 0
+        self._last_spool_probe = -math.inf
         self._progress = trio.Event()
         self._newest: dict[tuple[str, str, str], datetime] = {}
         self._batch: list[Snapshot] = []
+        self._deadline = math.inf  # when self._batch is due, from its first row
+        self._in_flight: Sequence[Snapshot] = ()
         self._receive: trio.MemoryReceiveChannel[Snapshot] | None = None
         self.stats = WriterStats()
         if spool is not None:
             self.stats.spool_bytes = spool.size
+            self.stats.spool_state = "ok" if spool.error is None else "unavailable"
+            self.stats.spool_error = spool.error
+            self.stats.spool_errors = int(spool.error is not None)
 
     async def wait_settled(self, rows: int) -> None:
         """Return once `rows` rows have been committed or recognised as duplicates: how
@@ -270,45 +303,59 @@ class Writer:
     async def run(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
         """Consume until the channel is closed and drained; every accepted row is
         committed (or, while the database is down, durably spooled) before this returns.
-        A leftover spool from an earlier run is drained first. Cancelling it abandons
-        the current batch, so shut down by closing the channel instead."""
+        A leftover spool from an earlier run is drained first; rows arriving meanwhile
+        are appended behind it (see `_drain_spool`). Cancelling it abandons the current
+        batch, so shut down by closing the channel instead."""
         self._receive = receive
         try:
-            if self.spool_pending:
-                await self._drain_spool()
-            deadline = math.inf
             async with receive:
+                if self.spool_pending:
+                    await self._drain_spool()
                 while True:
-                    wake = min(deadline, self._next_attempt if self.spool_pending else math.inf)
+                    wake = min(
+                        self._deadline, self._next_attempt if self.spool_pending else math.inf
+                    )
                     with trio.move_on_at(wake):
                         try:
-                            first = await receive.receive()
+                            self._add(await receive.receive())
                         except trio.EndOfChannel:
                             break
-                        if not self._batch:
-                            deadline = trio.current_time() + self.flush_s
-                        self._batch.append(first)
-                        while len(self._batch) < self.flush_rows:
-                            try:
-                                self._batch.append(receive.receive_nowait())
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
+                        self._fill()
                         if len(self._batch) < self.flush_rows:
                             continue
                     if self._batch:
-                        await self.write_batch(self._batch)
-                        self._batch = []
-                        deadline = math.inf
+                        await self._flush()
                     elif trio.current_time() >= self._next_attempt:
                         await self._drain_spool()
-            if self._batch:
-                await self.write_batch(self._batch)
-                self._batch = []
-            if self.spool_pending:  # one last try, so a healthy database ends up complete
-                await self._drain_spool()
+                while self._batch:
+                    await self._flush()
+                if self.spool_pending:  # one last try, so a healthy database ends up complete
+                    await self._drain_spool()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close)
+
+    def _add(self, row: Snapshot) -> None:
+        if not self._batch:
+            self._deadline = trio.current_time() + self.flush_s
+        self._batch.append(row)
+
+    def _fill(self) -> None:
+        """Top the batch up with whatever already waits in the channel."""
+        assert self._receive is not None
+        while len(self._batch) < self.flush_rows:
+            try:
+                self._batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+
+    async def _flush(self) -> None:
+        batch, self._batch, self._deadline = self._batch, [], math.inf
+        self._in_flight = batch
+        try:
+            await self.write_batch(batch)
+        finally:
+            self._in_flight = ()
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
         """Commit one batch, or spool it while the database is unreachable; without a
@@ -317,13 +364,15 @@ class Writer:
         self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
-            if self.spool_pending and (
-                trio.current_time() < self._next_attempt or not await self._drain_spool()
-            ):
+            if self.spool_pending:
+                # Behind what waits there, so rows reach the table in the order they came.
                 if self._append_to_spool(batch):
+                    if trio.current_time() >= self._next_attempt:
+                        await self._drain_spool()
                     return
-                await trio.sleep_until(self._next_attempt)
-                continue
+                if trio.current_time() < self._next_attempt or not await self._drain_spool():
+                    await trio.sleep_until(self._next_attempt)
+                    continue
             started = time.perf_counter()
             try:
                 inserted = await trio.to_thread.run_sync(self._write_sync, rows)
@@ -336,34 +385,129 @@ class Writer:
             self._on_success(batch, inserted, started)
             return
 
-    def _append_to_spool(self, batch: Sequence[Snapshot]) -> bool:
-        """Durably keep `batch` for later; False when the spool is full (loudly)."""
+    def _append_to_spool(self, batch: Sequence[Snapshot], holding: str = BOTH_UNAVAILABLE) -> bool:
+        """Durably keep `batch` for later. False when the spool cannot take it (its cap,
+        or the disk: full, read-only, I/O error): nothing of it is left in the file, the
+        caller keeps it in memory as `holding` says, and the failure is counted, shown
+        in status and logged (rate-limited)."""
         assert self._spool is not None
         try:
             self._spool.append(batch)
-        except SpoolFull as exc:
-            self.stats.spool_full += 1
-            now = trio.current_time()
-            if now - self._last_spool_full_log > 10.0:
-                self._last_spool_full_log = now
-                log.error(
-                    "spool_full",
-                    error=str(exc),
-                    spool_bytes=self._spool.size,
-                    consequence="holding batches in memory; the channel will conflate",
-                )
+        except SpoolUnavailable as exc:
+            self._spool_failed(exc, holding=holding, rows=len(batch))
             return False
+        self._spool_ok()
+        self._release_hold()
         self.stats.spool_bytes = self._spool.size
         self.stats.spooled_rows += len(batch)
         log.warning("batch_spooled", rows=len(batch), spool_bytes=self.stats.spool_bytes)
         return True
 
-    async def _drain_spool(self) -> bool:
-        """Replay the spool in order; True when it is empty again. Idempotent: rows that
-        an interrupted earlier drain already committed come back as duplicates."""
+    def _spool_failed(
+        self, exc: SpoolUnavailable, *, holding: str | None = None, rows: int = 0
+    ) -> None:
+        full = isinstance(exc, SpoolFull)
+        if full:
+            self.stats.spool_full += 1
+        else:
+            self.stats.spool_errors += 1
+        self.stats.spool_state = "full" if full else "unavailable"
+        self.stats.spool_error = exc.reason
+        if holding is not None:
+            self.stats.holding_reason = holding
+            self.stats.held_rows = rows
+        self._spool_failures_unlogged += 1
+        now = trio.current_time()
+        if now - self._last_spool_log < SPOOL_LOG_EVERY_S:
+            return
+        self._last_spool_log = now
         assert self._spool is not None
+        log.error(
+            "spool_full" if full else "spool_unavailable",
+            error=exc.reason,
+            failures=self._spool_failures_unlogged,
+            spool_bytes=self._spool.size,
+            held_rows=rows,
+            consequence=(
+                f"{holding}: holding rows in memory; the channel will conflate"
+                if holding
+                else "spool left as it is; retrying"
+            ),
+        )
+        self._spool_failures_unlogged = 0
+
+    def _spool_ok(self) -> None:
+        if self.stats.spool_state in ("full", "unavailable"):
+            log.info("spool_available", after_error=self.stats.spool_error)
+        self.stats.spool_state = "ok"
+        self.stats.spool_error = None
+        self._spool_failures_unlogged = 0
+        self._last_spool_log = -math.inf
+
+    def _release_hold(self) -> None:
+        """A batch left memory (committed or spooled): nothing is held any more. While
+        the spool is marked unavailable, check now and then whether it is back, so the
+        status does not keep saying so after the disk recovered."""
+        self.stats.holding_reason = None
+        self.stats.held_rows = 0
+        spool = self._spool
+        if spool is None or self.stats.spool_state == "ok":
+            return
+        now = trio.current_time()
+        if now - self._last_spool_probe < SPOOL_LOG_EVERY_S:
+            return
+        self._last_spool_probe = now
+        try:
+            spool.probe()
+        except SpoolUnavailable:
+            return
+        self._spool_ok()
+
+    def backlog_reason(self) -> str:
+        return self.stats.holding_reason or WRITER_BEHIND
+
+    def note_conflated(self) -> str:
+        """The sink replaced a waiting row by a newer one for the same contract: count it
+        under the reason the channel is full, and return that reason for its log line."""
+        reason = self.backlog_reason()
+        by_reason = self.stats.conflated_by_reason
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        return reason
+
+    def _retry_later(self) -> None:
+        self._next_attempt = trio.current_time() + self._backoff.next_delay()
+
+    async def _drain_spool(self) -> bool:
+        """Replay the spool in order; True when nothing is left pending. Idempotent: rows
+        that an interrupted earlier drain already committed come back as duplicates.
+
+        A drain can be long (a big spool, a slow database), so the channel is read
+        beside it (`_spool_arrivals`): new rows are appended behind the spooled ones and
+        drained in turn. They are on disk within one flush interval instead of waiting in
+        memory, and rows still reach the table in arrival order."""
+        assert self._spool is not None
+        async with trio.open_nursery() as nursery:
+            if self._receive is not None:
+                nursery.start_soon(self._spool_arrivals)
+            try:
+                return await self._replay_spool()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _replay_spool(self) -> bool:
+        spool = self._spool
+        assert spool is not None
         drained = 0
-        for batch in self._spool.batches():
+        while True:
+            try:
+                item = spool.next_pending()
+            except SpoolUnavailable as exc:
+                self._spool_failed(exc)
+                self._retry_later()
+                return False
+            if item is None:
+                break
+            batch, end = item
             started = time.perf_counter()
             try:
                 inserted = await trio.to_thread.run_sync(
@@ -373,35 +517,87 @@ class Writer:
                 self._on_failure(exc, len(batch))
                 return False
             except psycopg.Error as exc:
-                self._reject(batch, exc)
-                continue
-            self._on_success(batch, inserted, started)
-            drained += len(batch)
-        self._spool.clear()
-        self.stats.spool_bytes = 0
+                if not self._reject(batch, exc):
+                    self._retry_later()
+                    return False
+            else:
+                self._on_success(batch, inserted, started)
+                drained += len(batch)
+            try:
+                spool.mark_drained(end)
+            except SpoolUnavailable as exc:  # rows are in the database; the file stays
+                self._spool_failed(exc)
+            self.stats.spool_bytes = spool.size
         log.info("spool_drained", rows=drained)
         return True
 
-    def _reject(self, batch: Sequence[Snapshot], exc: psycopg.Error) -> None:
+    async def _spool_arrivals(self) -> None:
+        """Beside a drain: keep batching rows from the channel and append each due batch
+        (full, or past its flush deadline) behind the spool. Cancelled when the drain
+        ends; an unfinished batch stays in `self._batch` for `run` to carry on with.
+        When the spool cannot take them they wait in memory (retried every second)."""
+        assert self._receive is not None
+        closed = False
+        while True:
+            now = trio.current_time()
+            if self._batch and (
+                len(self._batch) >= self.flush_rows or closed or now >= self._deadline
+            ):
+                chunk = self._batch[: self.flush_rows]
+                if self._append_to_spool(chunk, holding=SPOOL_UNAVAILABLE_WHILE_DRAINING):
+                    self.stats.rows_received += len(chunk)
+                    self._count_late(chunk)
+                    del self._batch[: len(chunk)]
+                    if not self._batch:
+                        self._deadline = math.inf
+                    continue
+                await trio.sleep(SPOOL_RETRY_S)
+                continue
+            if closed:
+                await trio.sleep_forever()
+            with trio.move_on_at(self._deadline):
+                try:
+                    self._add(await self._receive.receive())
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    closed = True
+                    continue
+                self._fill()
+
+    def _reject(self, batch: Sequence[Snapshot], exc: psycopg.Error) -> bool:
         """A spooled batch the database refuses for its content: set it aside in a
-        `.rejected` file next to the spool (never dropped), count it, say so."""
+        `.rejected.jsonl` file next to the spool (never dropped), count it, say so.
+        False when the disk refuses that file too: the batch then stays spooled (and
+        blocks the drain behind it, so order holds) until the disk recovers."""
         assert self._spool is not None
         rejected = self._spool.path.with_suffix(".rejected.jsonl")
-        with rejected.open("ab") as f:
-            for s in batch:
-                f.write(orjson.dumps(snapshot_to_dict(s)) + b"\n")
+        error = f"{type(exc).__name__}: {str(exc).strip()}"
+        lines = b"".join(orjson.dumps(snapshot_to_dict(s)) + b"\n" for s in batch)
+        try:
+            append_durably(rejected, lines)
+        except OSError as os_error:
+            self._spool_failed(
+                SpoolUnavailable.from_os_error(
+                    os_error, f"setting a rejected batch aside in {rejected}"
+                )
+            )
+            log.error(
+                "spooled_batch_reject_failed",
+                rows=len(batch),
+                target=str(rejected),
+                error=error,
+                disk_error=self.stats.spool_error,
+                consequence="the batch stays in the spool; retrying",
+            )
+            return False
         self.stats.rejected_rows += len(batch)
-        log.error(
-            "spooled_batch_rejected",
-            rows=len(batch),
-            moved_to=str(rejected),
-            error=f"{type(exc).__name__}: {str(exc).strip()}",
-        )
+        log.error("spooled_batch_rejected", rows=len(batch), moved_to=str(rejected), error=error)
+        return True
 
     def _on_success(self, batch: Sequence[Snapshot], inserted: int, started: float) -> None:
         committed = datetime.now(UTC)
         self._backoff.reset()
         self._next_attempt = -math.inf
+        self._release_hold()
         if self.stats.state is not StreamState.CONNECTED:
             log.info("writer_connected")
         self.stats.state = StreamState.CONNECTED
@@ -422,7 +618,7 @@ class Writer:
         that harmless when the spool is drained."""
         if self._spool is None:
             return 0
-        pending, self._batch = self._batch, []
+        pending, self._batch = [*self._in_flight, *self._batch], []
         if self._receive is not None:
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 while True:
