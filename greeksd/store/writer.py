@@ -51,6 +51,7 @@ SPOOL_UNAVAILABLE_WHILE_DRAINING = "spool unavailable while it drains"
 WRITER_BEHIND = "writer behind the inflow"
 SPOOL_LOG_EVERY_S = 5.0  # at most one spool-failure log line per this many seconds
 SPOOL_RETRY_S = 1.0  # while a drain runs, how often arrivals retry an unavailable spool
+SPOOL_PROBE_EVERY_S = 1.0  # while rows commit, how often an unavailable spool is re-checked
 SPOOL_STATES = ("ok", "full", "unavailable", "none")  # status `spool_state`; none: no spool
 
 # A row's own columns, in table order: shared with the read queries.
@@ -454,7 +455,7 @@ class Writer:
         if spool is None or self.stats.spool_state == "ok":
             return
         now = trio.current_time()
-        if now - self._last_spool_probe < SPOOL_LOG_EVERY_S:
+        if now - self._last_spool_probe < SPOOL_PROBE_EVERY_S:
             return
         self._last_spool_probe = now
         try:
