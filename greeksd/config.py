@@ -132,6 +132,13 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "cap of the disk spool that holds batches while the database is unreachable",
     ),
+    Setting(
+        "DB_TIMEOUT_S",
+        "5",
+        _positive_float,
+        "how long a database call may take before the database counts as down (statement "
+        "timeout; the client gives up 1 s later; also connect and TCP timeouts)",
+    ),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting(
         "LATENCY_SLO_MS",
@@ -186,6 +193,7 @@ class Settings:
     flush_ms: int
     queue_size: int
     spool_max_mb: int
+    db_timeout_s: float
     log_level: str
     latency_slo_ms: int
     partition_days_ahead: int

@@ -38,11 +38,21 @@ async def open_pipeline(
     slo_ms: int = 500,
     spool: Spool | None = None,
     trade_queue_size: int = 10_000,
+    db_timeout_s: float = 5.0,
+    schema_ready: trio.Event | None = None,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
     sink = ChannelSink(send, trade_send)
-    writer = Writer(url, flush_rows=flush_rows, flush_ms=flush_ms, slo_ms=slo_ms, spool=spool)
+    writer = Writer(
+        url,
+        flush_rows=flush_rows,
+        flush_ms=flush_ms,
+        slo_ms=slo_ms,
+        spool=spool,
+        timeout_s=db_timeout_s,
+        schema_ready=schema_ready,
+    )
     trade_writer = TradeWriter(url)
 
     async def pump_then_close() -> None:

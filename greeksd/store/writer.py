@@ -11,7 +11,12 @@ without asking whether the previous attempt committed.
 
 psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
 asyncio API through trio-asyncio (see greeksd/bench/writer_paths.py and the README), and
-the rest of greeksd only sees a trio-native `run()`.
+the rest of greeksd only sees a trio-native `run()`. The writer's threads take their own
+`CapacityLimiter(1)`, never trio's default one that the API's reads share.
+
+A database that hangs is an outage like one that refuses (greeksd/store/deadline.py):
+every call is bounded, and once one failed a background probe decides when the database
+takes writes again, so meanwhile every batch goes straight to the spool.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,6 +41,7 @@ from greeksd.backoff import Backoff
 from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
+from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
 from greeksd.store.spool import Spool, SpoolFull, snapshot_to_dict
 
 log = get_logger("greeksd.writer")
@@ -99,6 +106,10 @@ CREATE_STAGING = (
     f"SELECT {_COLUMN_LIST} FROM greek_snapshots WITH NO DATA"
 )
 COPY_STAGING = f"COPY snapshot_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
+# What the probe asks before the writer tries again: the lock a COPY into the table needs.
+# A bare `SELECT 1` would call a locked table healthy and send the writer back into the
+# same wait.
+PROBE_WRITE_LOCK = "LOCK TABLE greek_snapshots IN ROW EXCLUSIVE MODE"
 INSERT_FROM_STAGING = (
     f"INSERT INTO greek_snapshots ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM snapshot_staging "
     "ON CONFLICT DO NOTHING"
@@ -237,15 +248,28 @@ class Writer:
         backoff: Backoff | None = None,
         connect: Callable[[str], psycopg.Connection] | None = None,
         spool: Spool | None = None,
+        timeout_s: float = 5.0,
+        schema_ready: trio.Event | None = None,
     ) -> None:
-        self._url = url
+        self._url = with_timeouts(url, timeout_s)
         self.flush_rows = flush_rows
         self.flush_s = flush_ms / 1000.0
         self.slo_ms = slo_ms
         self._backoff = backoff or Backoff(initial=0.2, maximum=5.0)
-        self._connect = connect or (lambda u: psycopg.connect(u, connect_timeout=5))
-        self._conn: psycopg.Connection | None = None
+        self._connect = connect or psycopg.connect
+        # statement_timeout on the server; the client gives up a little later, so a lock
+        # wait ends cleanly server-side and only a silent server is cut off by the client.
+        self._statement_timeout_s = timeout_s
+        self._deadline_s = timeout_s + CLIENT_GRACE_S
+        self._limiter = trio.CapacityLimiter(1)
+        self._link: Link | None = None
         self._spool = spool
+        # Set once the table exists (the service migrates in the background when the
+        # database is down at start); until then nothing is sent to the database.
+        self._schema_ready = schema_ready
+        self._nursery: trio.Nursery | None = None
+        self._probing = False
+        self._idle: trio.CancelScope | None = None
         self._next_attempt = -math.inf
         self._last_slo_warning = -math.inf
         self._last_spool_full_log = -math.inf
@@ -274,64 +298,78 @@ class Writer:
         the current batch, so shut down by closing the channel instead."""
         self._receive = receive
         try:
-            if self.spool_pending:
-                await self._drain_spool()
-            deadline = math.inf
-            async with receive:
-                while True:
-                    wake = min(deadline, self._next_attempt if self.spool_pending else math.inf)
-                    with trio.move_on_at(wake):
-                        try:
-                            first = await receive.receive()
-                        except trio.EndOfChannel:
-                            break
-                        if not self._batch:
-                            deadline = trio.current_time() + self.flush_s
-                        self._batch.append(first)
-                        while len(self._batch) < self.flush_rows:
-                            try:
-                                self._batch.append(receive.receive_nowait())
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        if len(self._batch) < self.flush_rows:
-                            continue
-                    if self._batch:
-                        await self.write_batch(self._batch)
-                        self._batch = []
-                        deadline = math.inf
-                    elif trio.current_time() >= self._next_attempt:
-                        await self._drain_spool()
-            if self._batch:
-                await self.write_batch(self._batch)
-                self._batch = []
-            if self.spool_pending:  # one last try, so a healthy database ends up complete
-                await self._drain_spool()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._spool is not None and not self._schema_is_ready():
+                    self._start_probe()
+                await self._consume(receive)
+                nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close)
 
+    async def _consume(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
+        if self.spool_pending and not self._held_off():
+            await self._drain_spool()
+        deadline = math.inf
+        async with receive:
+            while True:
+                # While a probe runs, it wakes this loop (cancels `_idle`) once the
+                # database answers; otherwise the next retry is a point in time.
+                retry = self._next_attempt if self.spool_pending and not self._probing else math.inf
+                with trio.move_on_at(min(deadline, retry)) as self._idle:
+                    try:
+                        first = await receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if not self._batch:
+                        deadline = trio.current_time() + self.flush_s
+                    self._batch.append(first)
+                    while len(self._batch) < self.flush_rows:
+                        try:
+                            self._batch.append(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if len(self._batch) < self.flush_rows:
+                        continue
+                if self._batch:
+                    await self.write_batch(self._batch)
+                    self._batch = []
+                    deadline = math.inf
+                elif self.spool_pending and not self._held_off():
+                    await self._drain_spool()
+        if self._batch:
+            await self.write_batch(self._batch)
+            self._batch = []
+        if self.spool_pending and not self._held_off():
+            await self._drain_spool()  # one last try, so a healthy database ends up complete
+
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
-        """Commit one batch, or spool it while the database is unreachable; without a
-        spool (or with a full one), retry with backoff until it commits."""
+        """Commit one batch, or spool it while the database is unreachable, hung or not
+        migrated yet; without a spool (or with a full one), retry with backoff until it
+        commits."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
-            if self.spool_pending and (
-                trio.current_time() < self._next_attempt or not await self._drain_spool()
+            if self._spool is not None and (
+                self._held_off() or (self.spool_pending and not await self._drain_spool())
             ):
                 if self._append_to_spool(batch):
                     return
-                await trio.sleep_until(self._next_attempt)
+                await self._until_retry()
                 continue
+            if self._schema_ready is not None:
+                await self._schema_ready.wait()  # no spool: nowhere else for the rows
             started = time.perf_counter()
             try:
-                inserted = await trio.to_thread.run_sync(self._write_sync, rows)
+                inserted = await self._write(rows)
             except psycopg.Error as exc:
                 self._on_failure(exc, len(rows))
                 if self._spool is not None and self._append_to_spool(batch):
                     return
-                await trio.sleep_until(self._next_attempt)
+                await self._until_retry()
                 continue
             self._on_success(batch, inserted, started)
             return
@@ -366,9 +404,7 @@ class Writer:
         for batch in self._spool.batches():
             started = time.perf_counter()
             try:
-                inserted = await trio.to_thread.run_sync(
-                    self._write_sync, [snapshot_row(s) for s in batch]
-                )
+                inserted = await self._write([snapshot_row(s) for s in batch])
             except UNREACHABLE as exc:
                 self._on_failure(exc, len(batch))
                 return False
@@ -444,20 +480,83 @@ class Writer:
             else:
                 self.stats.late += 1
 
-    def _on_failure(self, exc: psycopg.Error, rows: int) -> None:
+    def _on_failure(self, exc: psycopg.Error, rows: int, event: str = "batch_write_failed") -> None:
+        """A refusal, a broken connection or a timeout: degraded, retry after backoff.
+        With a spool, a probe takes over deciding when the database is back, so the run
+        loop spools every batch without waiting on the database meanwhile. (The thread
+        that failed has closed its connection itself.)"""
         self.stats.failed_attempts += 1
         self.stats.state = StreamState.DEGRADED
         self.stats.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
         delay = self._backoff.next_delay()
         self._next_attempt = trio.current_time() + delay
         log.error(
-            "batch_write_failed",
+            event,
             rows=rows,
             attempt=self._backoff.attempts,
             retry_in_s=round(delay, 2),
             error=self.stats.last_error,
         )
-        self._close()
+        self._start_probe()
+
+    def waiting_for_database(self, reason: str) -> None:
+        """The schema cannot be applied yet (the service retries in the background):
+        say so in the status until the database takes writes."""
+        self.stats.state = StreamState.DEGRADED
+        self.stats.last_error = f"waiting for database: {reason}"
+
+    def _schema_is_ready(self) -> bool:
+        return self._schema_ready is None or self._schema_ready.is_set()
+
+    def _held_off(self) -> bool:
+        """True while the run loop must not send anything to the database: before the
+        schema exists, while a probe is in charge, or before the backoff has passed."""
+        return (
+            self._probing or not self._schema_is_ready() or trio.current_time() < self._next_attempt
+        )
+
+    async def _until_retry(self) -> None:
+        """Sleep until the next attempt, at least a short step: while a probe's attempt
+        is in flight its verdict is not yet in `_next_attempt`, and this must not spin."""
+        await trio.sleep_until(max(self._next_attempt, trio.current_time() + 0.05))
+
+    def _start_probe(self) -> None:
+        if self._spool is not None and self._nursery is not None and not self._probing:
+            self._probing = True
+            self._nursery.start_soon(self._probe)
+
+    async def _probe(self) -> None:
+        """In the background, find out when the database takes writes again: wait for the
+        schema, then at the backoff pace take the lock a COPY needs (bounded like every
+        call). Until then the run loop spools each batch at once; afterwards it drains."""
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
+        while True:
+            await trio.sleep_until(self._next_attempt)
+            # The verdict is due by then: the run loop's retry clock must not run out first.
+            self._next_attempt = trio.current_time() + self._deadline_s
+            try:
+                await call_bounded(self._probe_sync, self._deadline_s, self._limiter)
+            except psycopg.Error as exc:
+                self._on_failure(exc, 0, "database_still_unavailable")
+                continue
+            break
+        self._probing = False
+        self._next_attempt = -math.inf
+        if self.stats.state is StreamState.DEGRADED:
+            self.stats.state = StreamState.CONNECTING
+            self.stats.last_error = None
+        log.info("database_answering", spool_bytes=self.stats.spool_bytes)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _probe_sync(self, watch: Watch) -> None:
+        link = watch.open(self._connect, self._url, self._statement_timeout_s)
+        try:
+            link.conn.execute(PROBE_WRITE_LOCK)
+            link.conn.rollback()
+        finally:
+            link.close()
 
     def _record_latency(self, batch: Sequence[Snapshot], committed: datetime) -> None:
         now_s = committed.timestamp()
@@ -470,20 +569,43 @@ class Writer:
                 "latency_slo_exceeded", p95_ms=round(p95, 1), slo_ms=self.slo_ms, window_s=60
             )
 
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> int:
+    async def _write(self, rows: list[tuple[Any, ...]]) -> int:
+        """One bounded attempt (greeksd/store/deadline.py) on the writer's connection.
+        The worker thread owns the connection while it runs; after a timeout it keeps
+        it, fails on the severed socket and closes it, and the next attempt connects
+        afresh: two threads never share a connection."""
+        link, self._link = self._link, None
+        link, inserted = await call_bounded(
+            partial(self._write_sync, link, rows), self._deadline_s, self._limiter
+        )
+        self._link = link
+        return inserted
+
+    def _write_sync(
+        self, link: Link | None, rows: list[tuple[Any, ...]], watch: Watch
+    ) -> tuple[Link, int]:
         """COPY straight into the table; if a row is already stored, write the batch
-        again through staging + ON CONFLICT DO NOTHING. Returns the rows inserted."""
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = self._conn = self._connect(self._url)
-            conn.execute(CREATE_STAGING)
-            conn.commit()
+        again through staging + ON CONFLICT DO NOTHING. Returns the connection (for the
+        next batch) and the rows inserted; on any failure closes the connection."""
+        if link is not None and link.conn.closed:
+            link.close()
+            link = None
+        if link is None:
+            link = watch.open(self._connect, self._url, self._statement_timeout_s)
+            fresh = True
+        else:
+            watch.use(link)
+            fresh = False
+        conn = link.conn
         try:
+            if fresh:
+                conn.execute(CREATE_STAGING)
+                conn.commit()
             try:
                 with conn.cursor() as cur:
                     copy_rows(cur, COPY_DIRECT, rows)
                 conn.commit()
-                return len(rows)
+                return link, len(rows)
             except psycopg.errors.UniqueViolation:
                 conn.rollback()
             with conn.cursor() as cur:
@@ -492,12 +614,11 @@ class Writer:
                 inserted = cur.rowcount
             conn.commit()
         except BaseException:
-            self._close()
+            link.close()
             raise
-        return inserted
+        return link, inserted
 
     def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
