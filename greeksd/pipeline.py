@@ -53,7 +53,7 @@ async def open_pipeline(
         timeout_s=db_timeout_s,
         schema_ready=schema_ready,
     )
-    trade_writer = TradeWriter(url)
+    trade_writer = TradeWriter(url, timeout_s=db_timeout_s, schema_ready=schema_ready)
 
     async def pump_then_close() -> None:
         async with send:

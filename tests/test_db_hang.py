@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -18,8 +19,9 @@ import psycopg
 import trio
 from psycopg import sql
 
+from greeksd.backoff import Backoff
 from greeksd.config import load_settings
-from greeksd.model import StreamState
+from greeksd.model import StreamState, Trade
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.service import maintain_partitions, open_service
 from greeksd.sim.market import SyntheticMarket, default_contracts
@@ -28,8 +30,10 @@ from greeksd.store.database import EmbeddedPostgres
 from greeksd.store.deadline import DatabaseTimeout, Link, Watch, call_bounded, with_timeouts
 from greeksd.store.migrations import discover, migrate
 from greeksd.store.spool import Spool
+from greeksd.store.trade_writer import TradeWriter
 from tests.factories import make_snapshot
 from tests.helpers import count_rows, fetch_rows, wait_until
+from tests.test_trades_paths import trade
 
 TIMEOUT_S = 1.0  # GREEKSD_DB_TIMEOUT_S for these tests: the client gives up after 2 s
 
@@ -307,3 +311,50 @@ async def test_service_starts_with_its_database_down_and_catches_up(
     assert count_rows(url) == accepted
     versions = {v for (v,) in fetch_rows(url, "SELECT version FROM schema_migrations")}
     assert versions == {m.version for m in discover()}
+
+
+async def test_trade_writer_treats_a_frozen_database_as_an_outage_and_loses_no_trade(
+    own_server: EmbeddedPostgres,
+) -> None:
+    writer = TradeWriter(
+        own_server.url, timeout_s=TIMEOUT_S, backoff=Backoff(initial=0.05, maximum=0.2)
+    )
+    send, receive = trio.open_memory_channel[Trade](10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, receive)
+        async with send:
+            await send.send(trade("before", Decimal(1)))
+            await writer.wait_settled(1)
+            with frozen(own_server):
+                await send.send(trade("frozen", Decimal(2)))
+                await wait_until(
+                    lambda: writer.stats.state is StreamState.DEGRADED,
+                    timeout=4 * TIMEOUT_S + 2,
+                    what="the trade writer to notice the hang",
+                )
+                assert "not answering" in (writer.stats.last_error or "")
+            await writer.wait_settled(2)
+    assert writer.stats.state is StreamState.CONNECTED
+    assert (writer.stats.written, writer.stats.rejected) == (2, 0)
+    stored = fetch_rows(own_server.url, "SELECT broker_trade_id FROM trades ORDER BY 1")
+    assert stored == [("before",), ("frozen",)]
+
+
+async def test_trade_writer_sends_nothing_until_the_schema_is_ready(empty_db_url: str) -> None:
+    schema_ready = trio.Event()
+    writer = TradeWriter(empty_db_url, timeout_s=TIMEOUT_S, schema_ready=schema_ready)
+    send, receive = trio.open_memory_channel[Trade](10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, receive)
+        async with send:
+            await send.send(trade("early", Decimal(1)))
+            await wait_until(
+                lambda: writer.stats.received == 1, timeout=2.0, what="the trade to arrive"
+            )
+            # With no `trades` table yet, an attempt would be refused and set aside.
+            assert (writer.stats.failed_attempts, writer.stats.rejected) == (0, 0)
+            await trio.to_thread.run_sync(migrate, empty_db_url)
+            schema_ready.set()
+            await writer.wait_settled(1)
+    assert (writer.stats.written, writer.stats.rejected) == (1, 0)
+    assert fetch_rows(empty_db_url, "SELECT broker_trade_id FROM trades") == [("early",)]
