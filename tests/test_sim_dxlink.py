@@ -400,7 +400,7 @@ async def test_error_unauthorized_after_authorization_is_informational() -> None
 
 
 async def test_auth_state_can_come_before_setup_and_timeouts_as_integers() -> None:
-    async with dxlink(keepalive_timeout=60) as server:
+    async with dxlink(keepalive_timeout=60.0) as server:
         server.auth_state_first = True
         server.integer_timeouts = True
         async with raw_client(server) as client:

@@ -53,7 +53,6 @@ log = get_logger("greeksd.sim.dxlink")
 
 #: The event types the simulator produces data for (others can be set up, never tick).
 PRODUCED_TYPES = ("Quote", "Trade", "Greeks")
-CHANNEL_REFUSALS = (None, "error", "silent")
 
 
 @dataclass(frozen=True, slots=True)

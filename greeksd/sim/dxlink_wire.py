@@ -381,6 +381,10 @@ def auth_state(authorized: bool) -> dict[str, Any]:
 
 
 def error(code: str, text: str) -> dict[str, Any]:
+    """An ERROR with one of the codes the protocol defines (a typo here would teach a
+    client to expect a code no real server sends)."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"DXLink has no ERROR code {code!r}")
     return {"type": "ERROR", "channel": 0, "error": code, "message": text}
 
 
