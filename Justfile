@@ -41,7 +41,7 @@ replay FIXTURE="tests/fixtures/mixed-session.jsonl.gz" *ARGS: setup
 
 # Regenerate the mixed IBKR + Tastytrade fixture from the simulators (about 30 s)
 fixtures *ARGS: setup
-    {{bin}}/python -m greeksd.sim.fixture_session --out tests/fixtures/mixed-session.jsonl.gz --duration 30 {{ARGS}}
+    {{bin}}/python -m greeksd.fixtures --out tests/fixtures/mixed-session.jsonl.gz --duration 30 {{ARGS}}
 
 # Run the foreground service (reads GREEKSD_* from the environment / .env)
 run *ARGS: setup

@@ -13,10 +13,16 @@ from pathlib import Path
 
 import trio
 
-from greeksd.config import ConfigError, Settings, load_settings, parse_brokers
+from greeksd.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_brokers,
+    parse_database_url,
+)
 from greeksd.logs import configure_logging, get_logger
 from greeksd.model import Source
-from greeksd.redact import register_secret
+from greeksd.redact import database_passwords, register_secret
 from greeksd.service import (
     check_api_exposure,
     database_url,
@@ -51,6 +57,20 @@ def build_sources(settings: Settings) -> list[Source]:
         else:
             raise ConfigError(f"broker {name!r} is not available in this build yet")
     return sources
+
+
+def _database_url_option(value: str | None) -> str | None:
+    """`--database-url`, held to the same rules as GREEKSD_DATABASE_URL (and never
+    echoed: it may hold a password)."""
+    if value is None:
+        return None
+    try:
+        url = parse_database_url(value.strip())
+    except ValueError as exc:
+        raise ConfigError(f"invalid --database-url=<redacted>: {exc}") from None
+    for password in database_passwords(url or ""):
+        register_secret(password)
+    return url
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -107,8 +127,8 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.recording import FixtureError
     from greeksd.replay import replay_fixture
 
-    if args.database_url:
-        settings = replace(settings, database_url=args.database_url)
+    if option := _database_url_option(args.database_url):
+        settings = replace(settings, database_url=option)
     if args.speed < 0:
         raise ConfigError("--speed must be 0 (as fast as possible) or a positive factor")
     with database_url(settings) as url:
@@ -174,9 +194,8 @@ def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
-    return run_benchmarks(
-        args.database_url or settings.database_url, Path(args.out), quick=args.quick
-    )
+    url = _database_url_option(args.database_url) or settings.database_url
+    return run_benchmarks(url, Path(args.out), quick=args.quick)
 
 
 def _add_duration(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ setting cannot exist in one place and be missing from another.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 import platformdirs
 from dotenv import dotenv_values
+from psycopg import Error as PsycopgError
+from psycopg.conninfo import conninfo_to_dict
+
+from greeksd.redact import database_passwords, mask_quoted
 
 PREFIX = "GREEKSD_"
 
@@ -82,6 +87,32 @@ def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_URL_SHAPE = "postgresql://user:password@host:port/dbname"
+
+
+def parse_database_url(text: str) -> str | None:
+    """A libpq connection string (`postgresql://`/`postgres://` URL or key=value pairs),
+    checked here so a typo stops start-up with one line instead of a traceback that
+    prints the URL, password included, when the first connection is attempted."""
+    if not text:
+        return None
+    url = _URL_SCHEME.match(text)
+    if url and url.group(1) not in {"postgresql", "postgres"}:  # libpq: case-sensitive
+        scheme = url.group(1)
+        hint = " (a SQLAlchemy driver suffix)" if "+" in scheme else ""
+        raise ValueError(f"scheme {scheme!r} is not supported{hint}; use {_URL_SHAPE}")
+    try:
+        conninfo_to_dict(text)
+    except PsycopgError as exc:
+        # libpq quotes pieces of the string it choked on; any of them may be the password
+        raise ValueError(
+            f"not a PostgreSQL URL or key=value connection string "
+            f"({mask_quoted(str(exc).strip())}); use {_URL_SHAPE}"
+        ) from None
+    return text
+
+
 def _default_data_dir() -> str:
     return platformdirs.user_data_dir("greeksd")
 
@@ -99,8 +130,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "DATABASE_URL",
         "",
-        _optional_str,
-        "PostgreSQL URL; unset starts an embedded PostgreSQL under DATA_DIR",
+        parse_database_url,
+        "PostgreSQL URL (`postgresql://…`, `postgres://…` or libpq key=value pairs); "
+        "unset starts an embedded PostgreSQL under DATA_DIR",
         secret=True,
     ),
     Setting(
@@ -131,6 +163,13 @@ SETTINGS: tuple[Setting, ...] = (
         "1024",
         _positive_int,
         "cap of the disk spool that holds batches while the database is unreachable",
+    ),
+    Setting(
+        "DB_TIMEOUT_S",
+        "5",
+        _positive_float,
+        "how long a database call may take before the database counts as down (statement "
+        "timeout; the client gives up 1 s later; also connect and TCP timeouts)",
     ),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting(
@@ -186,6 +225,7 @@ class Settings:
     flush_ms: int
     queue_size: int
     spool_max_mb: int
+    db_timeout_s: float
     log_level: str
     latency_slo_ms: int
     partition_days_ahead: int
@@ -207,9 +247,7 @@ class Settings:
         """Values that must never reach a log line, a status payload or an error."""
         values = [self.api_token, self.tt_secret, self.tt_refresh]
         if self.database_url:
-            from greeksd.redact import url_password
-
-            values.append(url_password(self.database_url))
+            values.extend(database_passwords(self.database_url))
         return [value for value in values if value]
 
 

@@ -40,6 +40,8 @@ async def open_pipeline(
     slo_ms: int = 500,
     spool: Spool | None = None,
     trade_queue_size: int = 10_000,
+    db_timeout_s: float = 5.0,
+    schema_ready: trio.Event | None = None,
     backoff: Backoff | None = None,
     connect: Callable[[str], psycopg.Connection] | None = None,
 ) -> AsyncIterator[Pipeline]:
@@ -51,11 +53,13 @@ async def open_pipeline(
         flush_ms=flush_ms,
         slo_ms=slo_ms,
         spool=spool,
+        timeout_s=db_timeout_s,
+        schema_ready=schema_ready,
         backoff=backoff,
         connect=connect,
     )
     sink = ChannelSink(send, trade_send, on_conflate=writer.note_conflated)
-    trade_writer = TradeWriter(url)
+    trade_writer = TradeWriter(url, timeout_s=db_timeout_s, schema_ready=schema_ready)
 
     async def pump_then_close() -> None:
         async with send:

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from urllib.parse import urlsplit
+
+from psycopg import Error as PsycopgError
+from psycopg.conninfo import conninfo_to_dict
 
 _REPLACEMENT = "***"
 _secrets: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I)
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _COOKIE_SESSION = re.compile(r'(?i)("session"\s*:\s*")[^"]+(")')
+_QUOTED = re.compile(r'"([^"]*)"')
 
 
-def url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
+def database_passwords(conninfo: str) -> list[str]:
+    """The password of a libpq connection string (URL or key=value), as written and as
+    libpq decodes it: either form may turn up in a message."""
+    found: set[str] = set()
+    with contextlib.suppress(ValueError):
+        found.add(urlsplit(conninfo).password or "")
+    with contextlib.suppress(PsycopgError):
+        found.add(str(conninfo_to_dict(conninfo).get("password") or ""))
+    return sorted(value for value in found if value)
+
+
+def mask_quoted(message: str) -> str:
+    """Replace every double-quoted fragment of a libpq error: libpq quotes the piece of
+    the connection string it could not parse, and that piece may hold the password."""
+    return _QUOTED.sub(lambda m: m[0] if len(m[1]) <= 1 else '"…"', message)
 
 
 def register_secret(value: str | None) -> None:

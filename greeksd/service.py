@@ -5,6 +5,10 @@
         └── pipeline (writer + overflow pump)      ← closed last, so it drains
             └── inner nursery: supervisor (one scope per broker), partition keeper, HTTP
 
+The database may be down (or hang) at start: migrations and partitions are then retried
+in the background (`keep_database`) while the streams run and the writer spools, and the
+writer only sends rows once the schema is in place.
+
 The first SIGINT/SIGTERM cancels the inner nursery (stop reading), then the pipeline
 drains and commits everything accepted, then the embedded database stops; exit 0. A
 second signal exits at once and says how many accepted rows were not written.
@@ -28,15 +32,18 @@ from hypercorn.config import Config as HypercornConfig
 
 from greeksd.api.app import create_app
 from greeksd.api.state import ServiceState, open_read_pool
+from greeksd.backoff import Backoff
 from greeksd.config import ConfigError, Settings
 from greeksd.logs import get_logger
 from greeksd.model import Source
 from greeksd.pipeline import open_pipeline
 from greeksd.redact import register_secret
 from greeksd.store.database import embedded_postgres
-from greeksd.store.migrations import migrate
+from greeksd.store.deadline import CLIENT_GRACE_S, Watch, call_bounded, with_timeouts
+from greeksd.store.migrations import MigrationError, migrate
 from greeksd.store.partitions import drop_expired, ensure_partitions
 from greeksd.store.spool import Spool
+from greeksd.store.writer import Writer
 from greeksd.supervisor import Supervisor
 
 log = get_logger("greeksd.service")
@@ -72,25 +79,102 @@ def database_url(settings: Settings) -> Iterator[str]:
         yield server.url
 
 
-def _maintain_partitions(url: str, days_ahead: int, retention_days: int) -> None:
+def _maintain_partitions_sync(
+    url: str, days_ahead: int, retention_days: int, timeout_s: float, watch: Watch
+) -> None:
     today = datetime.now(UTC).date()
-    with psycopg.connect(url, autocommit=True) as conn:
-        ensure_partitions(conn, today, days_ahead)
-        drop_expired(conn, today, retention_days)
+    link = watch.open(partial(psycopg.connect, autocommit=True), url, timeout_s)
+    try:
+        ensure_partitions(link.conn, today, days_ahead)
+        drop_expired(link.conn, today, retention_days)
+    finally:
+        link.close()
+
+
+async def maintain_partitions(
+    url: str,
+    days_ahead: int,
+    retention_days: int,
+    timeout_s: float,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    """One round of partition upkeep, bounded like the writer's calls (statement_timeout
+    plus a client deadline), so a frozen database cannot hang it."""
+    await call_bounded(
+        partial(_maintain_partitions_sync, url, days_ahead, retention_days, timeout_s),
+        timeout_s + CLIENT_GRACE_S,
+        limiter,
+    )
 
 
 async def keep_partitions(
-    url: str, days_ahead: int, retention_days: int, interval_s: float = 3600.0
+    url: str,
+    days_ahead: int,
+    retention_days: int,
+    interval_s: float = 3600.0,
+    *,
+    timeout_s: float = 5.0,
 ) -> None:
     """Create tomorrow's partitions before midnight and drop expired ones, hourly."""
+    limiter = trio.CapacityLimiter(1)
     while True:
         try:
-            await trio.to_thread.run_sync(_maintain_partitions, url, days_ahead, retention_days)
+            await maintain_partitions(url, days_ahead, retention_days, timeout_s, limiter)
             delay = interval_s
         except psycopg.Error as exc:
-            log.error("partition_maintenance_failed", error=str(exc).strip(), retry_in_s=60)
+            log.error(
+                "partition_maintenance_failed",
+                error=f"{type(exc).__name__}: {str(exc).strip()}",
+                retry_in_s=60,
+            )
             delay = min(60.0, interval_s)
         await trio.sleep(delay)
+
+
+async def prepare_database(url: str, settings: Settings) -> None:
+    """Migrations, then today's (and the next days') partitions. Migrations run without a
+    statement timeout (one may legitimately take long); connecting is still bounded by
+    the connect/TCP timeouts in `url`."""
+    await trio.to_thread.run_sync(migrate, url, abandon_on_cancel=True)
+    await maintain_partitions(
+        url,
+        settings.partition_days_ahead,
+        settings.retention_days,
+        settings.db_timeout_s,
+        trio.CapacityLimiter(1),
+    )
+
+
+async def keep_database(
+    url: str,
+    settings: Settings,
+    writer: Writer,
+    schema_ready: trio.Event,
+    *,
+    backoff: Backoff | None = None,
+) -> None:
+    """Until the schema is in place, retry `prepare_database` with backoff (the writer
+    spools meanwhile and the status says why); then open the writer's gate and keep
+    the partitions."""
+    backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+    while not schema_ready.is_set():
+        try:
+            await prepare_database(url, settings)
+        except (psycopg.Error, MigrationError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).strip()}"
+            writer.waiting_for_database(reason)
+            delay = backoff.next_delay()
+            log.error("database_not_ready", error=reason, retry_in_s=round(delay, 2))
+            await trio.sleep(delay)
+            continue
+        log.info("database_ready", attempts=backoff.attempts + 1)
+        schema_ready.set()
+    await keep_partitions(
+        url,
+        settings.partition_days_ahead,
+        settings.retention_days,
+        timeout_s=settings.db_timeout_s,
+    )
 
 
 @dataclass
@@ -126,10 +210,19 @@ async def open_service(
     for secret in settings.secrets():
         register_secret(secret)
     with database_url(settings) as url:
-        await trio.to_thread.run_sync(migrate, url)
-        await trio.to_thread.run_sync(
-            _maintain_partitions, url, settings.partition_days_ahead, settings.retention_days
-        )
+        bounded_url = with_timeouts(url, settings.db_timeout_s)
+        schema_ready = trio.Event()
+        unreachable: str | None = None
+        try:
+            await prepare_database(bounded_url, settings)
+            schema_ready.set()
+        except psycopg.OperationalError as exc:  # refused or not answering: start anyway
+            unreachable = f"{type(exc).__name__}: {str(exc).strip()}"
+            log.error(
+                "database_unreachable_at_start",
+                error=unreachable,
+                consequence="streams run and rows spool; migrations retried in the background",
+            )
         async with (
             open_read_pool(url) as reads,
             open_pipeline(
@@ -142,8 +235,12 @@ async def open_service(
                     settings.data_dir / "spool" / "snapshots.spool",
                     settings.spool_max_mb * 1024 * 1024,
                 ),
+                db_timeout_s=settings.db_timeout_s,
+                schema_ready=schema_ready,
             ) as pipeline,
         ):
+            if unreachable is not None:
+                pipeline.writer.waiting_for_database(unreachable)
             supervisor = Supervisor(pipeline.sink)
             for source in sources:
                 supervisor.add(source)
@@ -158,7 +255,7 @@ async def open_service(
             )
             async with trio.open_nursery() as inner:
                 inner.start_soon(
-                    keep_partitions, url, settings.partition_days_ahead, settings.retention_days
+                    keep_database, bounded_url, settings, pipeline.writer, schema_ready
                 )
                 api_url = await _serve_http(state, inner)
                 await inner.start(supervisor.run)

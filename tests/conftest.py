@@ -60,6 +60,21 @@ def server_url(embedded_server: EmbeddedPostgres | None) -> str:
 
 
 @pytest.fixture
+def own_server() -> Iterator[EmbeddedPostgres]:
+    """A migrated server of this test's own, so stopping or freezing it cannot disturb
+    any other test."""
+    data_dir = Path(tempfile.mkdtemp(prefix="greeksd-own-pg-"))
+    try:
+        with embedded_postgres(data_dir) as server:
+            migrate(server.url)
+            yield server
+            if not server.is_running():
+                server.start()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
 def db_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test only."""
     yield from _fresh_database(server_url)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from greeksd.config import SETTINGS, ConfigError, load_settings
+from tests.test_service import _env, _greeksd
 
 
 def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
@@ -56,3 +58,75 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     dotenv.write_text("GREEKSD_FLUSH_ROWS=7\nGREEKSD_FLUSH_MS=250\n")
     settings = load_settings({"GREEKSD_FLUSH_ROWS": "9"}, dotenv_path=dotenv)
     assert (settings.flush_rows, settings.flush_ms) == (9, 250)
+
+
+BAD_DATABASE_URLS = ["postgresql+psycopg://u:S3cretPW@h/db", "mysql://u:S3cretPW@h/db"]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("postgresql+psycopg://u:S3cretPW@h/db", "scheme 'postgresql+psycopg' is not supported"),
+        ("mysql://u:S3cretPW@h/db", "scheme 'mysql' is not supported"),
+        ("Postgresql://u:S3cretPW@h/db", "scheme 'Postgresql' is not supported"),
+        ("host=h password=S3cretPW junk", 'missing "=" after "…"'),
+        ("host=h password=S3cretPW=x junk", "not a PostgreSQL URL"),
+        ("postgresql://u:S3cretPW@[::1/db", "IPv6 host address"),
+        ("postgresql://u:S3cretPW%zz@h/db", "invalid percent-encoded token"),
+        ("host=h password='S3cretPW", "unterminated quoted string"),
+        ("h.example.com", "not a PostgreSQL URL or key=value"),
+    ],
+)
+def test_unusable_database_url_names_the_problem_without_the_password(
+    url: str, why: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"GREEKSD_DATABASE_URL": url}, dotenv_path=tmp_path / "none.env")
+    message = str(info.value)
+    assert message.startswith("invalid GREEKSD_DATABASE_URL=<redacted>: ")
+    assert why in message and "postgresql://user:password@host:port/dbname" in message
+    assert "S3cretPW" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:S3cretPW@db.example.com:5433/greeks?sslmode=require",
+        "postgres://u:S3cretPW@db/x",
+        "host=db port=5433 dbname=greeks user=u password=S3cretPW",
+        "postgresql:///greeks?host=/var/run/postgresql",
+    ],
+)
+def test_libpq_urls_and_key_value_strings_are_accepted_and_their_password_is_secret(
+    url: str, tmp_path: Path
+) -> None:
+    settings = load_settings({"GREEKSD_DATABASE_URL": url}, dotenv_path=tmp_path / "none.env")
+    assert settings.database_url == url
+    if "S3cretPW" in url:
+        assert "S3cretPW" in settings.secrets()
+
+
+def _assert_one_clean_line(proc: subprocess.Popen[str], prefix: str, why: str) -> None:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "S3cretPW" not in out + err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"greeksd: invalid {prefix}=<redacted>: "), err
+    assert why in err
+
+
+@pytest.mark.parametrize("url", BAD_DATABASE_URLS)
+@pytest.mark.parametrize("command", [["run"], ["db", "status"], ["replay", "none.jsonl"]])
+def test_every_command_refuses_a_bad_database_url_in_one_line(
+    url: str, command: list[str], tmp_path: Path
+) -> None:
+    proc = _greeksd(*command, env=_env(GREEKSD_DATABASE_URL=url), cwd=tmp_path)
+    scheme = url.split("://")[0]
+    _assert_one_clean_line(proc, "GREEKSD_DATABASE_URL", f"scheme {scheme!r} is not supported")
+
+
+@pytest.mark.parametrize("command", [["replay", "none.jsonl"], ["bench", "--quick"]])
+def test_database_url_option_gets_the_same_check(command: list[str], tmp_path: Path) -> None:
+    url = "mysql://u:S3cretPW@h/db"
+    proc = _greeksd(*command, "--database-url", url, env=_env(), cwd=tmp_path)
+    _assert_one_clean_line(proc, "--database-url", "scheme 'mysql' is not supported")

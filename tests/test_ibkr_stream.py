@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from trio_websocket import open_websocket_url
 
-from greeksd.backoff import Backoff
+from greeksd.backoff import Backoff, url_address
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayUnavailable, client_ssl_context
 from greeksd.brokers.ibkr.probe import probe_ibkr
@@ -308,6 +308,59 @@ async def test_stalled_gateway_trips_the_watchdog_and_refused_upgrade_degrades()
         sim.restore()
         await wait_until(lambda: connected(status), what="connected after restore")
         assert sim.ws_connects == 2
+
+
+def tickles(sim: IbkrGatewaySim) -> int:
+    return sum(1 for path in sim.rest_calls if path == "/v1/api/tickle")
+
+
+async def test_gateway_back_after_a_long_outage_is_reconnected_within_5s_without_hammering(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A real outage (the listening socket closed, a new gateway on the same port two
+    virtual minutes later) with the production backoff, which alone would have grown
+    to ~30 s: the stream probes instead, so it is back within seconds of the gateway."""
+    outage_s = 120.0
+    status = StreamStatus("ibkr")
+    async with trio.open_nursery() as nursery:
+        async with open_ibkr_sim(tick_interval=None) as sim:
+            stream = IbkrStream(sim.url, rest_min_interval=0.0)  # default backoff
+            nursery.start_soon(stream.run, ListSink(), status)
+            await wait_until(lambda: connected(status), what="connected")
+        await wait_until(lambda: status.state is StreamState.DEGRADED, what="link lost")
+        probes, reconnects = status.details.get("reachability_probes", 0), status.reconnects
+        await trio.sleep(outage_s)
+        probes = status.details.get("reachability_probes", 0) - probes
+        reconnects = status.reconnects - reconnects
+        async with open_ibkr_sim(tick_interval=None, port=url_address(sim.url)[1]) as back:
+            back_at = trio.current_time()
+            await wait_until(lambda: connected(status), what="connected to the new gateway")
+            took = trio.current_time() - back_at
+            assert tickles(back) == 1  # probes are TCP connects: one attempt, one tickle
+        nursery.cancel_scope.cancel()
+    assert took <= 5.0, f"reconnected {took:.1f}s after the gateway came back"
+    # one TCP connect per 1.5-2 s while it was down, and no full connection attempts
+    assert outage_s / 2.0 - 1 <= probes <= outage_s / 1.5 + 1, probes
+    assert reconnects <= 1, reconnects
+
+
+async def test_a_gateway_that_answers_but_refuses_still_gets_the_long_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ibkr_sim(tick_interval=None) as sim:
+        stream = IbkrStream(sim.url, rest_min_interval=0.0)  # default backoff
+        status = StreamStatus("ibkr")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.run, ListSink(), status)
+            await wait_until(lambda: connected(status), what="connected")
+            sim.expire_session()
+            start = tickles(sim)
+            await trio.sleep(120)
+            nursery.cancel_scope.cancel()
+    attempts = tickles(sim) - start
+    # backoff 0.5 s doubling to 30 s: about ten attempts in two minutes, not sixty
+    assert 4 <= attempts <= 14, attempts
+    assert status.state is StreamState.DEGRADED and "not authenticated" in (status.reason or "")
 
 
 async def test_simulator_accepts_legacy_and_cookieless_sockets() -> None:

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
 from greeksd.backoff import Backoff
@@ -30,27 +26,12 @@ from greeksd.pipeline import open_pipeline
 from greeksd.sim.ibkr_gateway import open_ibkr_sim
 from greeksd.sim.market import default_contracts
 from greeksd.sim.tastytrade_api import open_tastytrade_sim
-from greeksd.store.database import EmbeddedPostgres, embedded_postgres
-from greeksd.store.migrations import migrate
+from greeksd.store.database import EmbeddedPostgres
 from greeksd.store.spool import Spool
 from tests.helpers import fetch_rows, wait_until
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OUTAGE_S = 30.0
-
-
-@pytest.fixture
-def own_server() -> Iterator[EmbeddedPostgres]:
-    """A server of this test's own, so stopping it cannot disturb any other test."""
-    data_dir = Path(tempfile.mkdtemp(prefix="greeksd-outage-pg-"))
-    try:
-        with embedded_postgres(data_dir) as server:
-            migrate(server.url)
-            yield server
-            if not server.is_running():
-                server.start()
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_thirty_second_outage_loses_and_doubles_nothing(

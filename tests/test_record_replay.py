@@ -15,10 +15,10 @@ import orjson
 import pytest
 import trio
 
+from greeksd.fixtures import record_mixed_session
 from greeksd.pipeline import open_pipeline
 from greeksd.recording import FixtureError, read_fixture, scrub
 from greeksd.replay import replay_fixture
-from greeksd.sim.fixture_session import record_mixed_session
 from greeksd.sim.ibkr_gateway import open_ibkr_sim
 from greeksd.sim.market import default_contracts
 from greeksd.sim.tastytrade_api import SIM_REFRESH, SIM_SECRET, open_tastytrade_sim

@@ -126,8 +126,13 @@ def test_second_signal_spools_every_unwritten_row_and_the_next_start_stores_them
     # Five-row batches under a table lock: the first flush hangs and every later row
     # waits in the channel, so the second signal finds rows in both places: a stuck
     # database at Ctrl-C, Ctrl-C. Today's partitions exist beforehand, so start-up needs
-    # no lock on the table.
-    env |= {"GREEKSD_FLUSH_ROWS": "5", "GREEKSD_PARTITION_DAYS_AHEAD": "1"}
+    # no lock on the table. A long DB timeout keeps the flush stuck for the whole test
+    # (by default the statement timeout would end the wait after 5 s and spool the batch).
+    env |= {
+        "GREEKSD_FLUSH_ROWS": "5",
+        "GREEKSD_PARTITION_DAYS_AHEAD": "1",
+        "GREEKSD_DB_TIMEOUT_S": "120",
+    }
     with psycopg.connect(db_url, autocommit=True) as setup:
         ensure_partitions(setup, datetime.now(UTC).date(), 1)
     with psycopg.connect(db_url) as lock, psycopg.connect(db_url, autocommit=True) as watch:

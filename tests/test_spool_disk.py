@@ -33,7 +33,7 @@ from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.service import open_service
 from greeksd.store.spool import MAGIC, Spool, SpoolUnavailable
-from greeksd.store.writer import BOTH_UNAVAILABLE, Writer
+from greeksd.store.writer import BOTH_UNAVAILABLE, DATABASE_DOWN_NO_SPOOL, Writer
 from greeksd.supervisor import Supervisor
 from tests.factories import make_snapshot
 from tests.helpers import count_rows, fetch_rows, wait_until
@@ -165,7 +165,7 @@ async def test_full_disk_and_database_down_degrade_loudly_then_lose_and_double_n
     filler = tmpfs.fill(leave=4096)  # the first append tears half-way: it must be undone
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
-        "unused",
+        CLOSED_PORT,
         flush_rows=10,
         flush_ms=20,
         queue_size=30,
@@ -221,6 +221,41 @@ async def test_full_disk_and_database_down_degrade_loudly_then_lose_and_double_n
     assert len(stored) == sink.accepted - sink.conflated, "nothing lost but what conflated"
 
 
+async def test_without_a_spool_a_database_outage_holds_rows_under_its_own_reason(
+    db_url: str,
+) -> None:
+    """The limit case of a refusing spool: none configured (`greeksd replay`). The batch
+    waits in memory and what conflates behind it is counted under the database outage,
+    not under "writer behind the inflow"; once the database is back all the rest lands."""
+    database = Reroutable(CLOSED_PORT)
+    async with open_pipeline(
+        CLOSED_PORT,
+        flush_rows=10,
+        flush_ms=20,
+        queue_size=30,
+        backoff=fast_backoff(),
+        connect=database,
+    ) as pipeline:
+        sink, stats = pipeline.sink, pipeline.writer.stats
+        for i in range(10):
+            sink.put(make_snapshot(i))
+        await wait_until(lambda: stats.held_rows == 10, what="batch held in memory")
+        assert stats.holding_reason == DATABASE_DOWN_NO_SPOOL
+        assert stats.spool_state == "none" and stats.state.value == "degraded"
+        for i in range(10, 200):
+            sink.put(make_snapshot(i))
+        assert sink.conflated > 0
+        assert stats.conflated_by_reason == {DATABASE_DOWN_NO_SPOOL: sink.conflated}
+        assert metrics_of(pipeline)["greeksd_held_rows"] == 10
+
+        database.url = db_url
+        kept = sink.accepted - sink.conflated
+        await wait_until(lambda: stats.rows_written == kept, what="the rest written")
+        assert stats.holding_reason is None and stats.held_rows == 0
+    stored = stored_seq_counts(db_url)
+    assert set(stored.values()) == {1} and len(stored) == kept
+
+
 async def test_read_only_spool_at_start_starts_degraded_and_resumes_after_remount(
     db_url: str, tmpfs: Tmpfs
 ) -> None:
@@ -230,7 +265,12 @@ async def test_read_only_spool_at_start_starts_degraded_and_resumes_after_remoun
     assert spool.error is not None and "EROFS" in spool.error
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
-        "unused", flush_rows=10, flush_ms=20, spool=spool, backoff=fast_backoff(), connect=database
+        CLOSED_PORT,
+        flush_rows=10,
+        flush_ms=20,
+        spool=spool,
+        backoff=fast_backoff(),
+        connect=database,
     ) as pipeline:
         stats = pipeline.writer.stats
         assert stats.spool_state == "unavailable" and "EROFS" in (stats.spool_error or "")
@@ -339,7 +379,7 @@ async def test_rows_arriving_while_the_database_is_down_at_start_are_spooled(
     _leftover(path, range(30))
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
-        "unused",
+        CLOSED_PORT,
         flush_rows=10,
         flush_ms=20,
         spool=Spool(path, MAX_BYTES),

@@ -47,15 +47,15 @@ async def test_sdk_streamer_receives_the_greeks_the_simulator_sent() -> None:
                     received = [await streamer.get_event(Greeks) for _ in range(30)]
         (conn,) = sim.dxlink.all_connections()
     # the SDK's dialect: channel 3 for Greeks, its own field order without eventType
-    setups = [m for _, m in conn.received_of(dx.FeedSetup)]
-    assert setups[0].channel == 3
-    assert setups[0].event_fields is not None
-    assert setups[0].event_fields["Greeks"][:4] == (
+    setups = [m for _, m in conn.received_of("FEED_SETUP")]
+    assert setups[0]["channel"] == 3
+    assert setups[0]["acceptEventFields"]["Greeks"][:4] == [
         "eventSymbol",
         "eventTime",
         "eventFlags",
         "index",
-    )
+    ]
+    assert sim.dxlink.rejections == []  # the SDK's dialect is valid DXLink
     sent = {(s.symbol, s.time_ms): s for s in sim.sent_events}
     for event in received:
         expected = sent[(event.event_symbol, event.time)]

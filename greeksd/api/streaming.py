@@ -12,13 +12,25 @@ from greeksd.api.errors import bad_request
 from greeksd.api.openapi import ERROR, GUARDED_ERRORS, JSON_OK
 from greeksd.api.params import json_body, parse_broker, reject_unknown_fields
 from greeksd.api.state import current_state
+from greeksd.model import StreamState
 
 bp = Blueprint("streaming", __name__)
 
 
 @bp.get("/healthz")
-async def healthz() -> dict[str, Any]:
-    return {"status": "ok", "writer": current_state().writer.stats.state.value}
+async def healthz() -> dict[str, Any] | tuple[dict[str, Any], int]:
+    """503 while the writer is degraded (database down, hung, or not migrated yet): rows
+    are then only spooled, and a load balancer or supervisor should know."""
+    stats = current_state().writer.stats
+    if stats.state is StreamState.DEGRADED:
+        detail = stats.last_error or "the writer cannot reach the database"
+        return {
+            "error": "writer_degraded",
+            "detail": detail,
+            "status": "degraded",
+            "writer": stats.state.value,
+        }, 503
+    return {"status": "ok", "writer": stats.state.value}
 
 
 @bp.get("/v1/streaming/status")
@@ -70,7 +82,12 @@ _BODY = {
     },
 }
 PATHS: dict[str, Any] = {
-    "/healthz": {"get": {"summary": "Liveness and the writer's state.", "responses": JSON_OK}},
+    "/healthz": {
+        "get": {
+            "summary": "Liveness and the writer's state; 503 while the writer is degraded.",
+            "responses": {**JSON_OK, "503": ERROR},
+        }
+    },
     "/v1/streaming/status": {
         "get": {"summary": "Per-stream state and writer statistics.", "responses": JSON_OK}
     },

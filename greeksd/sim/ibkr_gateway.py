@@ -1,12 +1,23 @@
 """A protocol-faithful fake Client Portal Gateway: one HTTPS port (self-signed, trustme)
 with the REST calls under /v1/api and the websocket at /v1/api/ws.
 
-It behaves like the real gateway where clients usually go wrong: text commands, the
-`api={"session": …}` cookie, a sparse first market-data message, only changed fields
-afterwards, Greeks after prices, smd streams that end `smd_expiry_s` after they were
-requested, a lines limit that silently ignores extra subscriptions, a preflight snapshot
-that is empty the first time, and no data until /iserver/accounts was called. Fault
-switches (methods, or POST /sim/fault) let tests and demos break it on purpose.
+It reads and writes the websocket with its own code (`ibkr_wire`, never greeksd's
+client), and behaves like the real gateway where clients usually go wrong: text
+commands, the `api={"session": …}` cookie, a sparse first market-data message, only
+changed fields afterwards, Greeks after prices, smd streams that end `smd_expiry_s` after
+they were requested, a lines limit that silently ignores extra subscriptions, a preflight
+snapshot that is empty the first time, and no data until /iserver/accounts was called.
+
+Refused commands are logged and kept in `rejections`: an unknown topic or unparseable
+command gets `{"error":"Topic unknown …","code":1}`; an smd with unknown arguments or bad
+field ids, and any smd before /iserver/accounts, gets nothing at all (no line, no error).
+
+Fault switches (methods, or POST /sim/fault) let tests and demos break it on purpose,
+including what real gateways do on their own: `sts` split into partial frames
+(`split_sts`), a competing login, a logged-out gateway (401 everywhere), no brokerage
+bridge (400 "no bridge" on /iserver), several `tic` replies per `tic` (`tic_replies`),
+the first market-data image twice (`duplicate_first_image`), delayed or frozen data
+(`availability`, field 6509) and numbers as JSON numbers (`numeric_values`).
 """
 
 from __future__ import annotations
@@ -30,16 +41,16 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
-from greeksd.brokers.ibkr import protocol as p
 from greeksd.logs import get_logger
 from greeksd.model import ContractKey, format_strike
+from greeksd.sim import ibkr_wire as w
 from greeksd.sim.market import SimContract, SyntheticMarket, Tick, default_contracts
+from greeksd.sim.symbols import occ_symbol
 
 log = get_logger("greeksd.sim.ibkr")
 
 UNDERLYING_CONIDS = {"AAPL": 265598, "SPY": 756733, "SPX": 416904, "MSFT": 272093, "QQQ": 320227}
-PRICE_FIELDS = frozenset({p.LAST, p.BID, p.ASK, p.MARK})
-BOOKKEEPING = {"6119": "q0", p.AVAILABILITY: "RpB"}
+PRICE_FIELDS = frozenset({w.LAST, w.BID, w.ASK, w.MARK})
 MALFORMED_FRAMES: tuple[str | bytes, ...] = (
     "not json {",
     "[1, 2, 3]",
@@ -55,6 +66,15 @@ FAULTS = (
     "refuse_ws",
     "slow_rest",
     "throttle",
+    "competing",
+    "logged_out",
+    "no_bridge",
+    "split_sts",
+    "tic_replies",
+    "duplicate_first_image",
+    "delayed",
+    "frozen",
+    "numeric_values",
     "restore",
 )
 
@@ -69,12 +89,22 @@ class SentTick:
     updated_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A client command the gateway did not act on, for tests to read."""
+
+    conn: int
+    text: str
+    reason: str
+
+
 @dataclass(slots=True)
 class _Line:
     fields: tuple[str, ...]
     requested_at: float
     stage: int = 1  # 0 sparse (sent at subscribe), 1 prices only, 2 everything
     sent: dict[str, str] = field(default_factory=dict)
+    imaged: bool = False  # the first message with values went out
 
 
 @dataclass(eq=False)
@@ -95,16 +125,20 @@ def tick_values(tick: Tick) -> dict[str, str]:
     """The option's field strings as the gateway formats them (IV in percent)."""
     g = tick.greeks
     return {
-        p.LAST: _fmt(g.price, 2),
-        p.BID: _fmt(tick.bid, 2),
-        p.ASK: _fmt(tick.ask, 2),
-        p.MARK: _fmt((tick.bid + tick.ask) / 2, 3),
-        p.DELTA: _fmt(g.delta, 4),
-        p.GAMMA: _fmt(g.gamma, 5),
-        p.THETA: _fmt(g.theta, 4),
-        p.VEGA: _fmt(g.vega, 4),
-        p.IV: _fmt(g.implied_volatility * 100, 1) + "%",
+        w.LAST: _fmt(g.price, 2),
+        w.BID: _fmt(tick.bid, 2),
+        w.ASK: _fmt(tick.ask, 2),
+        w.MARK: _fmt((tick.bid + tick.ask) / 2, 3),
+        w.DELTA: _fmt(g.delta, 4),
+        w.GAMMA: _fmt(g.gamma, 5),
+        w.THETA: _fmt(g.theta, 4),
+        w.VEGA: _fmt(g.vega, 4),
+        w.IV: _fmt(g.implied_volatility * 100, 1) + "%",
     }
+
+
+def _expiry(day: date) -> str:
+    return day.strftime("%Y%m%d")
 
 
 class IbkrGatewaySim:
@@ -121,6 +155,11 @@ class IbkrGatewaySim:
         account: str = "U1234567",
         username: str = "simuser",
         bare_positions: bool = False,
+        tic_replies: int = 1,
+        split_sts: bool = False,
+        duplicate_first_image: bool = False,
+        availability: str = w.REALTIME,
+        numeric_values: bool = False,
     ) -> None:
         as_of = as_of or date.today()
         self.market = SyntheticMarket(contracts or default_contracts(as_of), as_of=as_of, seed=seed)
@@ -131,6 +170,12 @@ class IbkrGatewaySim:
         self.account = account
         self.username = username
         self.bare_positions = bare_positions
+        # what real gateways do on their own (see the module docstring)
+        self.tic_replies = tic_replies
+        self.split_sts = split_sts
+        self.duplicate_first_image = duplicate_first_image
+        self.availability = availability
+        self.numeric_values = numeric_values
         self.url = ""
         self.ca_file: Path | None = None
         self.conids: dict[ContractKey, int] = {}
@@ -138,6 +183,7 @@ class IbkrGatewaySim:
         self.sent_ticks: list[SentTick] = []
         self.received: list[tuple[float, str]] = []  # (trio time, client text)
         self.ignored_subscriptions: list[int] = []
+        self.rejections: list[Rejection] = []
         self.ws_connects = 0
         self.market_ticks = 0
         self.dropped_ticks = 0  # option market-data messages the full outbox refused
@@ -151,6 +197,9 @@ class IbkrGatewaySim:
         self._next_conn = 0
         self._session = secrets.token_hex(16)
         self._authenticated = True
+        self._competing = False
+        self._gateway_login = True  # the user's browser login to the gateway itself
+        self._bridge = True  # the brokerage session behind /iserver
         self._iserver_accounts_called = False
         self._preflighted: set[int] = set()
         self._stalled = False
@@ -182,7 +231,7 @@ class IbkrGatewaySim:
     def _position_json(self, c: SimContract) -> dict[str, Any]:
         k = c.key
         strike = format_strike(k.strike)
-        local = f"{k.root:<6}{k.expiration:%y%m%d}{k.right.value}{int(k.strike * 1000):08d}"
+        local = occ_symbol(k)
         row: dict[str, Any] = {
             "acctId": self.account,
             "conid": self.conids[k],
@@ -198,7 +247,7 @@ class IbkrGatewaySim:
             "undSym": c.underlying,
             "undConid": self.underlying_conids[c.underlying],
             "multiplier": float(c.multiplier),
-            "expiry": p.expiry_text(k.expiration),
+            "expiry": _expiry(k.expiration),
             "putOrCall": k.right.value,
             "strike": strike,
         }
@@ -212,7 +261,7 @@ class IbkrGatewaySim:
         return {
             **self._position_json(c),
             "tradingClass": c.key.root,
-            "expiry": p.expiry_text(c.key.expiration),
+            "expiry": _expiry(c.key.expiration),
             "putOrCall": c.key.right.value,
             "strike": format_strike(c.key.strike),
             "multiplier": float(c.multiplier),
@@ -263,7 +312,7 @@ class IbkrGatewaySim:
         """Send an execution again on `str` (the gateway repeats fills, e.g. on replay)."""
         for conn in self._conns.values():
             if conn.trades:
-                self._send(conn, p.trades_frame([execution]))
+                self._send(conn, w.trades([execution]))
 
     # ---- faults ---------------------------------------------------------------------
     def drop_connections(self) -> None:
@@ -301,27 +350,61 @@ class IbkrGatewaySim:
         """The next `requests` REST calls get 429."""
         self._throttle = requests
 
+    def compete(self) -> None:
+        """Another login took the brokerage session: sts and auth status say
+        `competing: true` (still authenticated) and market data stops until `restore`."""
+        self._competing = True
+        self._broadcast_sts()
+
+    def log_out(self) -> None:
+        """The gateway itself is logged out (the user's browser login is gone): every
+        /v1/api call, /tickle included, answers 401; websocket upgrades are refused."""
+        self._gateway_login = False
+        self._broadcast_sts()
+
+    def drop_bridge(self) -> None:
+        """No brokerage session behind a logged-in gateway: /iserver/* (except
+        /iserver/auth/*) answers 400 "no bridge", auth status says not authenticated
+        and not connected."""
+        self._bridge = False
+        self._broadcast_sts()
+
     def restore(self) -> None:
-        """Clear every fault; a re-authenticated session has a new token and needs
-        /iserver/accounts again."""
-        if not self._authenticated:
+        """Clear every fault (not the dialect options such as `split_sts`); a
+        re-authenticated session has a new token and needs /iserver/accounts again."""
+        if not self._session_ok():
             self._session = secrets.token_hex(16)
             self._iserver_accounts_called = False
-            self._authenticated = True
+        changed = not self._session_ok() or self._competing
+        self._authenticated = self._gateway_login = self._bridge = True
+        self._competing = False
+        if changed:
             self._broadcast_sts()
         self._stalled = self._refuse_ws = False
         self._rest_delay, self._throttle = 0.0, 0
 
-    def apply_fault(self, name: str, value: float = 0.0) -> None:
+    def apply_fault(self, name: str, value: float | None = None) -> None:
+        """`value`: seconds for slow_rest, requests for throttle, replies for
+        tic_replies (default 2); a dialect switch is turned off by value 0."""
+        on = value is None or value != 0
         actions = {
             "drop": self.drop_connections,
             "stall": self.stall,
             "malformed": self.send_malformed,
             "expire_session": self.expire_session,
             "refuse_ws": self.refuse_websocket,
+            "competing": self.compete,
+            "logged_out": self.log_out,
+            "no_bridge": self.drop_bridge,
             "restore": self.restore,
-            "slow_rest": lambda: self.slow_rest(value),
-            "throttle": lambda: self.throttle(int(value)),
+            "slow_rest": lambda: self.slow_rest(value or 0.0),
+            "throttle": lambda: self.throttle(int(value or 0)),
+            "split_sts": lambda: setattr(self, "split_sts", on),
+            "tic_replies": lambda: setattr(self, "tic_replies", 2 if value is None else int(value)),
+            "duplicate_first_image": lambda: setattr(self, "duplicate_first_image", on),
+            "delayed": lambda: setattr(self, "availability", w.DELAYED if on else w.REALTIME),
+            "frozen": lambda: setattr(self, "availability", w.FROZEN if on else w.REALTIME),
+            "numeric_values": lambda: setattr(self, "numeric_values", on),
         }
         if name not in actions:
             raise ValueError(f"unknown fault {name!r}; use one of {', '.join(FAULTS)}")
@@ -341,86 +424,98 @@ class IbkrGatewaySim:
             return False
         return True
 
+    def _session_ok(self) -> bool:
+        """A brokerage session exists (it may still be competing)."""
+        return self._authenticated and self._gateway_login and self._bridge
+
+    def _problem(self) -> str:
+        if not self._gateway_login:
+            return "not logged in"
+        if not self._bridge:
+            return "no bridge"
+        return "" if self._authenticated else "session expired"
+
     def _broadcast_sts(self) -> None:
         for conn in self._conns.values():
             if conn.logged_in:
-                self._send(conn, self._sts())
+                self._send_sts(conn)
 
-    def _sts(self) -> str:
-        message = "" if self._authenticated else "session expired"
-        return p.sts_frame(self._authenticated, message=message, username=self.username)
+    def _send_sts(self, conn: _Conn) -> None:
+        """The auth status, whole, or (`split_sts`) as real gateways also send it: three
+        frames `{"competing"}`, `{"message"}`, then `{"authenticated", ...}`."""
+        competing, message = self._competing, self._problem()
+        rest = {
+            "authenticated": self._session_ok(),
+            "fail": "",
+            "serverName": "greeksd-sim",
+            "serverVersion": "sim",
+            "username": self.username,
+        }
+        if self.split_sts:
+            for part in ({"competing": competing}, {"message": message}, rest):
+                self._send(conn, w.sts(part))
+        else:
+            self._send(conn, w.sts({**rest, "competing": competing, "message": message}))
+
+    def _reject(self, conn: _Conn, text: str, reason: str) -> None:
+        self.rejections.append(Rejection(conn.ident, text[:200], reason))
+        log.warning("ibkr_sim_rejected", conn=conn.ident, command=text[:80], reason=reason)
 
     def _login(self, conn: _Conn, how: str) -> None:
         self.logins.append(how)
         conn.logged_in = True
-        self._send(
-            conn,
-            p.frame({"topic": "system", "success": self.username, "isFT": False, "isPaper": False}),
-        )
-        self._send(conn, self._sts())
-        self._send(
-            conn,
-            p.frame(
-                {
-                    "topic": "act",
-                    "args": {
-                        "accounts": [self.account],
-                        "selectedAccount": self.account,
-                        "acctProps": {self.account: {"hasChildAccounts": False}},
-                        "isPaper": False,
-                    },
-                }
-            ),
-        )
+        self._send(conn, w.logged_in(self.username))
+        self._send_sts(conn)
+        self._send(conn, w.accounts(self.account))
 
     def _handle_text(self, conn: _Conn, text: str) -> None:
         self.received.append((trio.current_time(), text))
-        if text.startswith("{"):  # legacy handshake: {"session": "<token>"}
-            if p.session_from_cookie("api=" + text) == self._session and not conn.logged_in:
+        try:
+            command = w.parse_command(text)
+        except w.CommandError as exc:
+            self._reject(conn, text, exc.reason)
+            if exc.answer is not None:
+                self._send(conn, exc.answer)
+            return
+        if command.topic == "session":  # the legacy handshake
+            if command.text == self._session and not conn.logged_in:
                 self._login(conn, "legacy")
             elif not conn.logged_in:
-                self._send(conn, p.frame({"error": "Topic unknown: " + text[:20], "code": 1}))
-            return
-        command = p.parse_command(text)
-        if command is None or command.topic not in {"smd", "umd", "tic", "ech", "str", "utr"}:
-            self._send(conn, p.frame({"error": "Topic unknown: " + text[:20], "code": 1}))
+                self._reject(conn, text, "legacy handshake with an unknown session")
+                self._send(conn, w.topic_unknown(text))
             return
         if not conn.logged_in:  # a cookie-less socket: the local gateway's session serves it
             self._login(conn, "cookieless")
         if command.topic == "tic":
-            self._send(
-                conn,
-                p.frame(
-                    {
-                        "topic": "tic",
-                        "alive": self._authenticated,
-                        "id": f"sim{conn.ident}",
-                        "lastAccessed": int(time.time() * 1000),
-                    }
-                ),
-            )
+            for _ in range(self.tic_replies):
+                now_ms = int(time.time() * 1000)
+                self._send(conn, w.tic_reply(self._session_ok(), f"sim{conn.ident}", now_ms))
         elif command.topic == "ech":
-            self._send(conn, p.ECHO_HB)
+            self._send(conn, text)
         elif command.topic in {"str", "utr"}:
             conn.trades = command.topic == "str"
-        elif command.topic == "smd" and command.conid is not None:
-            self._subscribe(conn, command.conid, command.args.get("fields") or [])
-        elif command.topic == "umd" and command.conid is not None:
-            conn.lines.pop(command.conid, None)
+        elif command.topic == "umd":
+            conn.lines.pop(command.conid or 0, None)
+        elif not self._iserver_accounts_called:
+            self._reject(conn, text, "smd before /iserver/accounts was called")
+            self.ignored_subscriptions.append(command.conid or 0)  # silently, like the gateway
+        else:
+            self._subscribe(conn, command.conid or 0, command.fields)
 
-    def _subscribe(self, conn: _Conn, conid: int, fields: list[Any]) -> None:
+    def _subscribe(self, conn: _Conn, conid: int, fields: tuple[str, ...]) -> None:
         now = trio.current_time()
         self._expire(conn, now)
         line = conn.lines.get(conid)
         if line is not None:  # a repeat request renews the 10-minute stream, may add fields
             line.requested_at = now
-            line.fields = tuple(dict.fromkeys((*line.fields, *map(str, fields))))
+            line.fields = tuple(dict.fromkeys((*line.fields, *fields)))
             return
-        if len(conn.lines) >= self.max_lines or not self._iserver_accounts_called:
+        if len(conn.lines) >= self.max_lines:
             self.ignored_subscriptions.append(conid)  # silently, like the gateway
             return
-        conn.lines[conid] = _Line(tuple(map(str, fields)), now)
-        self._send(conn, p.market_data_frame(conid, BOOKKEEPING, int(time.time() * 1000)))
+        conn.lines[conid] = _Line(fields, now)
+        bookkeeping = {w.MARKER: "q0", w.AVAILABILITY: self.availability}
+        self._send(conn, w.market_data(conid, bookkeeping, int(time.time() * 1000)))
 
     def _expire(self, conn: _Conn, now: float) -> None:
         for conid in [
@@ -445,7 +540,7 @@ class IbkrGatewaySim:
 
     def _deliver(self, conid: int, values: dict[str, str], *, raw: bool = False) -> None:
         self._latest.setdefault(conid, {}).update(values)
-        if not self._authenticated or self._stalled:
+        if not self._session_ok() or self._competing or self._stalled:
             return
         now = trio.current_time()
         key = next((k for k, c in self.conids.items() if c == conid), None)
@@ -465,10 +560,14 @@ class IbkrGatewaySim:
                 continue
             line.sent.update(changed)
             updated = int(time.time() * 1000)
-            if self._send(conn, p.market_data_frame(conid, changed, updated)):
-                self.sent_ticks.append(SentTick(conid, key, changed, updated))
-            elif key is not None:
-                self.dropped_ticks += 1
+            frame = w.market_data(conid, changed, updated, numeric=self.numeric_values)
+            copies = 2 if self.duplicate_first_image and not line.imaged else 1
+            line.imaged = True
+            for _ in range(copies):
+                if self._send(conn, frame):
+                    self.sent_ticks.append(SentTick(conid, key, changed, updated))
+                elif key is not None:
+                    self.dropped_ticks += 1
 
     def tick(self) -> Tick:
         """Advance the market one step and send what changed."""
@@ -476,7 +575,7 @@ class IbkrGatewaySim:
         self.market_ticks += 1
         self._deliver(
             self.underlying_conids[tick.contract.underlying],
-            {p.LAST: _fmt(tick.underlying_price, 2)},
+            {w.LAST: _fmt(tick.underlying_price, 2)},
         )
         self._deliver(self.conids[tick.contract.key], tick_values(tick))
         return tick
@@ -494,7 +593,7 @@ class IbkrGatewaySim:
         async def heartbeat() -> None:
             while True:
                 await trio.sleep(self.heartbeat_s)
-                self._send(conn, p.frame({"topic": "system", "hb": int(time.time() * 1000)}))
+                self._send(conn, w.heartbeat(int(time.time() * 1000)))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
@@ -502,7 +601,7 @@ class IbkrGatewaySim:
             if session is not None and session == self._session:
                 self._login(conn, "cookie")
             else:
-                self._send(conn, p.WAITING_FOR_SESSION)
+                self._send(conn, w.WAITING_FOR_SESSION)
             while True:
                 data = await ws.receive()
                 self._handle_text(conn, data if isinstance(data, str) else data.decode())
@@ -514,7 +613,7 @@ class IbkrGatewaySim:
 
         @app.websocket("/v1/api/ws")
         async def ws_endpoint() -> Any:
-            if sim._refuse_ws:
+            if sim._refuse_ws or not sim._gateway_login:
                 return Response("websocket refused", status=401)
             await websocket.accept()
             sim.ws_connects += 1
@@ -525,7 +624,7 @@ class IbkrGatewaySim:
             try:
                 with conn.scope:
                     await sim._run_conn(
-                        conn, receive, p.session_from_cookie(websocket.headers.get("Cookie"))
+                        conn, receive, w.session_from_cookie(websocket.headers.get("Cookie"))
                     )
             finally:
                 del sim._conns[conn.ident]
@@ -546,7 +645,16 @@ class IbkrGatewaySim:
                 "/v1/api/iserver/marketdata",
                 "/v1/api/iserver/account",
             )
-            if not sim._authenticated and request.path.startswith(guarded):
+            path = request.path
+            if not sim._gateway_login and path.startswith("/v1/api"):
+                return {"error": "not authenticated"}, 401  # /tickle too
+            if (
+                not sim._bridge
+                and path.startswith("/v1/api/iserver/")
+                and not path.startswith("/v1/api/iserver/auth/")
+            ):
+                return {"error": "no bridge", "statusCode": 400}, 400
+            if not sim._authenticated and path.startswith(guarded):
                 return {"error": "not authenticated"}, 401
             return None
 
@@ -626,7 +734,7 @@ class IbkrGatewaySim:
                 if conid in sim._preflighted and sim._iserver_accounts_called:
                     values = sim._latest.get(conid, {})
                     row |= {f: values[f] for f in fields if f in values}
-                    row |= {p.AVAILABILITY: "RpB", "_updated": int(time.time() * 1000)}
+                    row |= {w.AVAILABILITY: sim.availability, "_updated": int(time.time() * 1000)}
                 sim._preflighted.add(conid)
                 rows.append(row)
             return rows
@@ -635,7 +743,8 @@ class IbkrGatewaySim:
         async def fault() -> Any:
             body = await request.get_json(force=True, silent=True) or {}
             try:
-                sim.apply_fault(str(body.get("fault")), float(body.get("value") or 0))
+                value = body.get("value")
+                sim.apply_fault(str(body.get("fault")), None if value is None else float(value))
             except ValueError as exc:
                 return {"error": str(exc)}, 400
             return {"ok": True}
@@ -644,10 +753,10 @@ class IbkrGatewaySim:
 
     def _auth_json(self) -> dict[str, Any]:
         return {
-            "authenticated": self._authenticated,
-            "competing": False,
-            "connected": True,
-            "message": "" if self._authenticated else "expired",
+            "authenticated": self._session_ok(),
+            "competing": self._competing,
+            "connected": self._gateway_login and self._bridge,
+            "message": self._problem(),
             "fail": "",
             "serverInfo": {"serverName": "greeksd-sim"},
         }

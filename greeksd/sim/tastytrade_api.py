@@ -24,11 +24,11 @@ from hypercorn.trio import serve
 from quart import request
 from quart_trio import QuartTrio
 
-from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.logs import get_logger
 from greeksd.model import ContractKey
 from greeksd.sim.dxlink_server import DxLinkServer, SentGreeks
 from greeksd.sim.market import SimContract, SyntheticMarket, default_contracts
+from greeksd.sim.symbols import occ_symbol, streamer_symbol
 
 log = get_logger("greeksd.sim.tastytrade")
 
@@ -110,7 +110,7 @@ class TastytradeSim:
         body = {
             "id": 250000000 + len(self.transactions) + 1,
             "account-number": self.account,
-            "symbol": dx.occ_symbol(contract.key),
+            "symbol": occ_symbol(contract.key),
             "instrument-type": "Equity Option",
             "underlying-symbol": contract.underlying,
             "transaction-type": "Trade",
@@ -187,7 +187,7 @@ class TastytradeSim:
         items = [
             _position(
                 self.account,
-                dx.occ_symbol(c.key),
+                occ_symbol(c.key),
                 "Equity Option",
                 c.underlying,
                 c.quantity,
@@ -200,7 +200,7 @@ class TastytradeSim:
 
     def option_body(self, occ: str) -> dict[str, Any] | None:
         for contract in self.market.contracts:
-            if dx.occ_symbol(contract.key) == occ:
+            if occ_symbol(contract.key) == occ:
                 return _option(contract)
         return None
 
@@ -244,7 +244,7 @@ def _option(contract: SimContract) -> dict[str, Any]:
     days = (key.expiration - datetime.now(UTC).date()).days
     return {
         "instrument-type": "Equity Option",
-        "symbol": dx.occ_symbol(key),
+        "symbol": occ_symbol(key),
         "active": True,
         "strike-price": str(key.strike),
         "root-symbol": key.root,
@@ -260,7 +260,7 @@ def _option(contract: SimContract) -> dict[str, Any]:
         "market-time-instrument-collection": "Equity Option",
         "days-to-expiration": days,
         "is-closing-only": False,
-        "streamer-symbol": dx.streamer_symbol(key),
+        "streamer-symbol": streamer_symbol(key),
     }
 
 
@@ -358,15 +358,27 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
     @app.post("/sim/faults/<name>")
     async def fault(name: str) -> Any:
         on = request.args.get("on", "1") != "0"
+        dxlink = sim.dxlink
         actions: dict[str, Any] = {
             "drop": sim.drop,
             "malformed": sim.send_malformed,
             "error": sim.send_error,
+            "error-unauthorized": lambda: dxlink.send_error("UNAUTHORIZED", "not entitled"),
+            "reorder-greeks": lambda: dxlink.reorder_fields("Greeks"),
         }
+
         switches: dict[str, Any] = {
             "stall": sim.stall,
             "refuse-token": sim.refuse_tokens,
             "omit-event-fields": sim.omit_event_fields,
+            "auth-state-first": lambda on: setattr(dxlink, "auth_state_first", on),
+            "integer-timeouts": lambda on: setattr(dxlink, "integer_timeouts", on),
+            "refuse-channels": lambda on: setattr(
+                dxlink, "channel_refusal", "error" if on else None
+            ),
+            "never-open-channels": lambda on: setattr(
+                dxlink, "channel_refusal", "silent" if on else None
+            ),
         }
         if name in actions:
             await actions[name]()

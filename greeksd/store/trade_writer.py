@@ -6,7 +6,10 @@ table's (broker, broker_trade_id) key turns re-polled or re-sent fills into coun
 duplicates, which is what makes blind retries safe. While the database is unreachable
 the batch is retried with backoff (new fills queue in the bounded channel meanwhile); a
 batch the database refuses for its content is retried trade by trade, so one bad fill is
-set aside (counted, logged) without losing its neighbours.
+set aside (counted, logged) without losing its neighbours. Every database call is
+bounded like the snapshot writer's (greeksd/store/deadline.py), on a thread limiter of
+its own, so a hung database is an outage here too, and nothing is sent before the schema
+exists (a trade refused for a missing table would be set aside for good).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -22,6 +26,7 @@ import trio
 from greeksd.backoff import Backoff
 from greeksd.logs import get_logger
 from greeksd.model import StreamState, Trade
+from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
 from greeksd.store.trades import insert_trades
 from greeksd.store.writer import UNREACHABLE
 
@@ -60,14 +65,17 @@ class TradeWriter:
         batch_max: int = 500,
         backoff: Backoff | None = None,
         connect: Callable[[str], psycopg.Connection] | None = None,
+        timeout_s: float = 5.0,
+        schema_ready: trio.Event | None = None,
     ) -> None:
-        self._url = url
+        self._url = with_timeouts(url, timeout_s)
         self.batch_max = batch_max
         self._backoff = backoff or Backoff(initial=0.2, maximum=5.0)
-        self._connect = connect or (
-            lambda u: psycopg.connect(u, connect_timeout=5, autocommit=True)
-        )
-        self._conn: psycopg.Connection | None = None
+        self._connect = connect or (lambda u: psycopg.connect(u, autocommit=True))
+        self._timeout_s = timeout_s
+        self._limiter = trio.CapacityLimiter(1)
+        self._schema_ready = schema_ready
+        self._link: Link | None = None
         self._progress = trio.Event()
         self.stats = TradeWriterStats()
 
@@ -97,9 +105,11 @@ class TradeWriter:
         await self._store(batch)
 
     async def _store(self, batch: Sequence[Trade]) -> None:
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
         while True:
             try:
-                inserted = await trio.to_thread.run_sync(self._insert, batch)
+                inserted = await self._insert(batch)
             except UNREACHABLE as exc:
                 await self._retry_later(exc, len(batch))
                 continue
@@ -125,7 +135,6 @@ class TradeWriter:
             retry_in_s=round(delay, 2),
             error=self.stats.last_error,
         )
-        await trio.to_thread.run_sync(self._close)
         await trio.sleep(delay)
 
     def _reject(self, trade: Trade, exc: psycopg.Error) -> None:
@@ -153,14 +162,35 @@ class TradeWriter:
         self._progress.set()
         self._progress = trio.Event()
 
-    def _insert(self, batch: Sequence[Trade]) -> int:
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = self._conn = self._connect(self._url)
-        return insert_trades(conn, batch)
+    async def _insert(self, batch: Sequence[Trade]) -> int:
+        """One bounded attempt; the worker thread owns the connection while it runs and
+        closes it on any failure, so the next attempt connects afresh."""
+        link, self._link = self._link, None
+        link, inserted = await call_bounded(
+            partial(self._insert_sync, link, batch),
+            self._timeout_s + CLIENT_GRACE_S,
+            self._limiter,
+        )
+        self._link = link
+        return inserted
+
+    def _insert_sync(
+        self, link: Link | None, batch: Sequence[Trade], watch: Watch
+    ) -> tuple[Link, int]:
+        if link is not None and link.conn.closed:
+            link.close()
+            link = None
+        if link is None:
+            link = watch.open(self._connect, self._url, self._timeout_s)
+        else:
+            watch.use(link)
+        try:
+            return link, insert_trades(link.conn, batch)
+        except BaseException:
+            link.close()
+            raise
 
     def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()

@@ -11,7 +11,18 @@ without asking whether the previous attempt committed.
 
 psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
 asyncio API through trio-asyncio (see greeksd/bench/writer_paths.py and the README), and
-the rest of greeksd only sees a trio-native `run()`.
+the rest of greeksd only sees a trio-native `run()`. The writer's threads take their own
+`CapacityLimiter(1)`, never trio's default one that the API's reads share.
+
+A database that hangs is an outage like one that refuses (greeksd/store/deadline.py):
+every call is bounded, and once one failed a background probe decides when the database
+takes writes again, so meanwhile every batch goes straight to the spool.
+
+A spool whose disk refuses (full, read-only, I/O error) does not stop the writer either:
+the batch waits in memory, the status says why (`holding_reason`), and the sink counts
+what conflates under that reason. While older rows wait in the spool, new batches are
+appended behind them (also during a drain, by a reader beside it), so rows reach the
+table in the order they came.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,6 +47,7 @@ from greeksd.backoff import Backoff
 from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
+from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
 from greeksd.store.spool import (
     Spool,
     SpoolFull,
@@ -47,6 +60,7 @@ log = get_logger("greeksd.writer")
 
 # Why rows wait in memory (status `holding_reason`, the sink's conflation reason).
 BOTH_UNAVAILABLE = "database and spool both unavailable"
+DATABASE_DOWN_NO_SPOOL = "database unavailable and no spool configured"
 SPOOL_UNAVAILABLE_WHILE_DRAINING = "spool unavailable while it drains"
 WRITER_BEHIND = "writer behind the inflow"
 SPOOL_LOG_EVERY_S = 5.0  # at most one spool-failure log line per this many seconds
@@ -114,6 +128,10 @@ CREATE_STAGING = (
     f"SELECT {_COLUMN_LIST} FROM greek_snapshots WITH NO DATA"
 )
 COPY_STAGING = f"COPY snapshot_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)"
+# What the probe asks before the writer tries again: the lock a COPY into the table needs.
+# A bare `SELECT 1` would call a locked table healthy and send the writer back into the
+# same wait.
+PROBE_WRITE_LOCK = "LOCK TABLE greek_snapshots IN ROW EXCLUSIVE MODE"
 INSERT_FROM_STAGING = (
     f"INSERT INTO greek_snapshots ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM snapshot_staging "
     "ON CONFLICT DO NOTHING"
@@ -264,15 +282,30 @@ class Writer:
         backoff: Backoff | None = None,
         connect: Callable[[str], psycopg.Connection] | None = None,
         spool: Spool | None = None,
+        timeout_s: float = 5.0,
+        schema_ready: trio.Event | None = None,
     ) -> None:
-        self._url = url
+        self._url = with_timeouts(url, timeout_s)
         self.flush_rows = flush_rows
         self.flush_s = flush_ms / 1000.0
         self.slo_ms = slo_ms
         self._backoff = backoff or Backoff(initial=0.2, maximum=5.0)
-        self._connect = connect or (lambda u: psycopg.connect(u, connect_timeout=5))
-        self._conn: psycopg.Connection | None = None
+        self._connect = connect or psycopg.connect
+        # statement_timeout on the server; the client gives up a little later, so a lock
+        # wait ends cleanly server-side and only a silent server is cut off by the client.
+        self._statement_timeout_s = timeout_s
+        self._deadline_s = timeout_s + CLIENT_GRACE_S
+        self._limiter = trio.CapacityLimiter(1)
+        self._link: Link | None = None
         self._spool = spool
+        # Set once the table exists (the service migrates in the background when the
+        # database is down at start); until then nothing is sent to the database.
+        self._schema_ready = schema_ready
+        self._nursery: trio.Nursery | None = None
+        self._probing = False
+        # The scope the writer waits in (for rows, or for its next attempt): the probe
+        # cancels it once the database answers, so the writer resumes at once.
+        self._idle: trio.CancelScope | None = None
         self._next_attempt = -math.inf
         self._last_slo_warning = -math.inf
         self._last_spool_log = -math.inf
@@ -281,7 +314,7 @@ class Writer:
         self._progress = trio.Event()
         self._newest: dict[tuple[str, str, str], datetime] = {}
         self._batch: list[Snapshot] = []
-        self._deadline = math.inf  # when self._batch is due, from its first row
+        self._batch_due = math.inf  # when self._batch is due, from its first row
         self._in_flight: Sequence[Snapshot] = ()
         self._receive: trio.MemoryReceiveChannel[Snapshot] | None = None
         self.stats = WriterStats()
@@ -303,42 +336,52 @@ class Writer:
 
     async def run(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
         """Consume until the channel is closed and drained; every accepted row is
-        committed (or, while the database is down, durably spooled) before this returns.
-        A leftover spool from an earlier run is drained first; rows arriving meanwhile
-        are appended behind it (see `_drain_spool`). Cancelling it abandons the current
+        committed (or, while the database is down, hung or not migrated yet, durably
+        spooled) before this returns. A leftover spool from an earlier run is drained
+        first; rows arriving meanwhile are appended behind it (see `_drain_spool`). The
+        probe (`_probe`) runs in this task's nursery. Cancelling it abandons the current
         batch, so shut down by closing the channel instead."""
         self._receive = receive
         try:
-            async with receive:
-                if self.spool_pending:
-                    await self._drain_spool()
-                while True:
-                    wake = min(
-                        self._deadline, self._next_attempt if self.spool_pending else math.inf
-                    )
-                    with trio.move_on_at(wake):
-                        try:
-                            self._add(await receive.receive())
-                        except trio.EndOfChannel:
-                            break
-                        self._fill()
-                        if len(self._batch) < self.flush_rows:
-                            continue
-                    if self._batch:
-                        await self._flush()
-                    elif trio.current_time() >= self._next_attempt:
-                        await self._drain_spool()
-                while self._batch:
-                    await self._flush()
-                if self.spool_pending:  # one last try, so a healthy database ends up complete
-                    await self._drain_spool()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._spool is not None and not self._schema_is_ready():
+                    self._start_probe()
+                await self._consume(receive)
+                nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close)
 
+    async def _consume(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
+        async with receive:
+            if self.spool_pending and not self._held_off():
+                await self._drain_spool()
+            while True:
+                # While a probe runs, it wakes this loop (cancels `_idle`) once the
+                # database answers; otherwise the next retry is a point in time.
+                retry = self._next_attempt if self.spool_pending and not self._probing else math.inf
+                with trio.move_on_at(min(self._batch_due, retry)) as self._idle:
+                    try:
+                        self._add(await receive.receive())
+                    except trio.EndOfChannel:
+                        break
+                    self._fill()
+                    if len(self._batch) < self.flush_rows:
+                        continue
+                if self._batch:
+                    await self._flush()
+                elif self.spool_pending and not self._held_off():
+                    await self._drain_spool()
+            while self._batch:
+                await self._flush()
+            if self.spool_pending and not self._held_off():
+                await self._drain_spool()  # one last try, so a healthy database ends up complete
+
     def _add(self, row: Snapshot) -> None:
         if not self._batch:
-            self._deadline = trio.current_time() + self.flush_s
+            self._batch_due = trio.current_time() + self.flush_s
         self._batch.append(row)
 
     def _fill(self) -> None:
@@ -351,7 +394,7 @@ class Writer:
                 break
 
     async def _flush(self) -> None:
-        batch, self._batch, self._deadline = self._batch, [], math.inf
+        batch, self._batch, self._batch_due = self._batch, [], math.inf
         self._in_flight = batch
         try:
             await self.write_batch(batch)
@@ -359,29 +402,39 @@ class Writer:
             self._in_flight = ()
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
-        """Commit one batch, or spool it while the database is unreachable; without a
-        spool (or with a full one), retry with backoff until it commits."""
+        """Commit one batch, or spool it while the database is unreachable, hung or not
+        migrated yet, or while older rows wait in the spool (behind them, so rows reach
+        the table in the order they came). When neither database nor spool takes it
+        (no spool configured, or the spool's disk refuses), hold it here, say why in
+        `holding_reason`, and retry both until one does."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
-            if self.spool_pending:
-                # Behind what waits there, so rows reach the table in the order they came.
-                if self._append_to_spool(batch):
-                    if trio.current_time() >= self._next_attempt:
+            held_off = self._held_off()
+            if self._spool is not None and (held_off or self.spool_pending):
+                holding = BOTH_UNAVAILABLE if held_off else SPOOL_UNAVAILABLE_WHILE_DRAINING
+                if self._append_to_spool(batch, holding):
+                    if not held_off:
                         await self._drain_spool()
                     return
-                if trio.current_time() < self._next_attempt or not await self._drain_spool():
-                    await trio.sleep_until(self._next_attempt)
+                # Held in memory. Once the spool is drained the batch may go straight in.
+                if held_off or not await self._drain_spool():
+                    await self._until_retry()
                     continue
+            if self._schema_ready is not None and not self._schema_ready.is_set():
+                self._hold(DATABASE_DOWN_NO_SPOOL, len(batch))
+                await self._schema_ready.wait()  # no spool: nowhere else for the rows
             started = time.perf_counter()
             try:
-                inserted = await trio.to_thread.run_sync(self._write_sync, rows)
+                inserted = await self._write(rows)
             except psycopg.Error as exc:
                 self._on_failure(exc, len(rows))
-                if self._spool is not None and self._append_to_spool(batch):
+                if self._spool is None:
+                    self._hold(DATABASE_DOWN_NO_SPOOL, len(batch))
+                elif self._append_to_spool(batch, BOTH_UNAVAILABLE):
                     return
-                await trio.sleep_until(self._next_attempt)
+                await self._until_retry()
                 continue
             self._on_success(batch, inserted, started)
             return
@@ -415,8 +468,7 @@ class Writer:
         self.stats.spool_state = "full" if full else "unavailable"
         self.stats.spool_error = exc.reason
         if holding is not None:
-            self.stats.holding_reason = holding
-            self.stats.held_rows = rows
+            self._hold(holding, rows)
         self._spool_failures_unlogged += 1
         now = trio.current_time()
         if now - self._last_spool_log < SPOOL_LOG_EVERY_S:
@@ -444,6 +496,12 @@ class Writer:
         self.stats.spool_error = None
         self._spool_failures_unlogged = 0
         self._last_spool_log = -math.inf
+
+    def _hold(self, reason: str, rows: int) -> None:
+        """A batch waits in memory because nothing takes it: the status says why, and
+        the sink counts conflation under that reason (`note_conflated`)."""
+        self.stats.holding_reason = reason
+        self.stats.held_rows = rows
 
     def _release_hold(self) -> None:
         """A batch left memory (committed or spooled): nothing is held any more. While
@@ -476,16 +534,17 @@ class Writer:
         return reason
 
     def _retry_later(self) -> None:
+        """The spool's disk (not the database) failed a drain: try again after backoff."""
         self._next_attempt = trio.current_time() + self._backoff.next_delay()
 
     async def _drain_spool(self) -> bool:
         """Replay the spool in order; True when nothing is left pending. Idempotent: rows
         that an interrupted earlier drain already committed come back as duplicates.
 
-        A drain can be long (a big spool, a slow database), so the channel is read
-        beside it (`_spool_arrivals`): new rows are appended behind the spooled ones and
-        drained in turn. They are on disk within one flush interval instead of waiting in
-        memory, and rows still reach the table in arrival order."""
+        A drain can be long (a big spool, a slow or hung database), so the channel is
+        read beside it (`_spool_arrivals`): new rows are appended behind the spooled ones
+        and drained in turn. They are on disk within one flush interval instead of
+        waiting in memory, and rows still reach the table in arrival order."""
         assert self._spool is not None
         async with trio.open_nursery() as nursery:
             if self._receive is not None:
@@ -511,9 +570,7 @@ class Writer:
             batch, end = item
             started = time.perf_counter()
             try:
-                inserted = await trio.to_thread.run_sync(
-                    self._write_sync, [snapshot_row(s) for s in batch]
-                )
+                inserted = await self._write([snapshot_row(s) for s in batch])
             except UNREACHABLE as exc:
                 self._on_failure(exc, len(batch))
                 return False
@@ -542,7 +599,7 @@ class Writer:
         while True:
             now = trio.current_time()
             if self._batch and (
-                len(self._batch) >= self.flush_rows or closed or now >= self._deadline
+                len(self._batch) >= self.flush_rows or closed or now >= self._batch_due
             ):
                 chunk = self._batch[: self.flush_rows]
                 if self._append_to_spool(chunk, holding=SPOOL_UNAVAILABLE_WHILE_DRAINING):
@@ -550,13 +607,13 @@ class Writer:
                     self._count_late(chunk)
                     del self._batch[: len(chunk)]
                     if not self._batch:
-                        self._deadline = math.inf
+                        self._batch_due = math.inf
                     continue
                 await trio.sleep(SPOOL_RETRY_S)
                 continue
             if closed:
                 await trio.sleep_forever()
-            with trio.move_on_at(self._deadline):
+            with trio.move_on_at(self._batch_due):
                 try:
                     self._add(await self._receive.receive())
                 except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -641,20 +698,86 @@ class Writer:
             else:
                 self.stats.late += 1
 
-    def _on_failure(self, exc: psycopg.Error, rows: int) -> None:
+    def _on_failure(self, exc: psycopg.Error, rows: int, event: str = "batch_write_failed") -> None:
+        """A refusal, a broken connection or a timeout: degraded, retry after backoff.
+        With a spool, a probe takes over deciding when the database is back, so the run
+        loop spools every batch without waiting on the database meanwhile. (The thread
+        that failed has closed its connection itself.)"""
         self.stats.failed_attempts += 1
         self.stats.state = StreamState.DEGRADED
         self.stats.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
         delay = self._backoff.next_delay()
         self._next_attempt = trio.current_time() + delay
         log.error(
-            "batch_write_failed",
+            event,
             rows=rows,
             attempt=self._backoff.attempts,
             retry_in_s=round(delay, 2),
             error=self.stats.last_error,
         )
-        self._close()
+        self._start_probe()
+
+    def waiting_for_database(self, reason: str) -> None:
+        """The schema cannot be applied yet (the service retries in the background):
+        say so in the status until the database takes writes."""
+        self.stats.state = StreamState.DEGRADED
+        self.stats.last_error = f"waiting for database: {reason}"
+
+    def _schema_is_ready(self) -> bool:
+        return self._schema_ready is None or self._schema_ready.is_set()
+
+    def _held_off(self) -> bool:
+        """True while nothing may be sent to the database: before the schema exists,
+        while a probe is in charge, or before the backoff has passed (after a database
+        failure, or a spool disk failure during a drain)."""
+        return (
+            self._probing or not self._schema_is_ready() or trio.current_time() < self._next_attempt
+        )
+
+    async def _until_retry(self) -> None:
+        """Wait for the next attempt, at least a short step (while a probe's attempt is
+        in flight its verdict is not yet in `_next_attempt`, and this must not spin).
+        The probe's verdict ends the wait early, like it wakes the idle run loop."""
+        with trio.move_on_at(max(self._next_attempt, trio.current_time() + 0.05)) as self._idle:
+            await trio.sleep_forever()
+
+    def _start_probe(self) -> None:
+        if self._spool is not None and self._nursery is not None and not self._probing:
+            self._probing = True
+            self._nursery.start_soon(self._probe)
+
+    async def _probe(self) -> None:
+        """In the background, find out when the database takes writes again: wait for the
+        schema, then at the backoff pace take the lock a COPY needs (bounded like every
+        call). Until then the run loop spools each batch at once; afterwards it drains."""
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
+        while True:
+            await trio.sleep_until(self._next_attempt)
+            # The verdict is due by then: the run loop's retry clock must not run out first.
+            self._next_attempt = trio.current_time() + self._deadline_s
+            try:
+                await call_bounded(self._probe_sync, self._deadline_s, self._limiter)
+            except psycopg.Error as exc:
+                self._on_failure(exc, 0, "database_still_unavailable")
+                continue
+            break
+        self._probing = False
+        self._next_attempt = -math.inf
+        if self.stats.state is StreamState.DEGRADED:
+            self.stats.state = StreamState.CONNECTING
+            self.stats.last_error = None
+        log.info("database_answering", spool_bytes=self.stats.spool_bytes)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _probe_sync(self, watch: Watch) -> None:
+        link = watch.open(self._connect, self._url, self._statement_timeout_s)
+        try:
+            link.conn.execute(PROBE_WRITE_LOCK)
+            link.conn.rollback()
+        finally:
+            link.close()
 
     def _record_latency(self, batch: Sequence[Snapshot], committed: datetime) -> None:
         now_s = committed.timestamp()
@@ -667,20 +790,43 @@ class Writer:
                 "latency_slo_exceeded", p95_ms=round(p95, 1), slo_ms=self.slo_ms, window_s=60
             )
 
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> int:
+    async def _write(self, rows: list[tuple[Any, ...]]) -> int:
+        """One bounded attempt (greeksd/store/deadline.py) on the writer's connection.
+        The worker thread owns the connection while it runs; after a timeout it keeps
+        it, fails on the severed socket and closes it, and the next attempt connects
+        afresh: two threads never share a connection."""
+        link, self._link = self._link, None
+        link, inserted = await call_bounded(
+            partial(self._write_sync, link, rows), self._deadline_s, self._limiter
+        )
+        self._link = link
+        return inserted
+
+    def _write_sync(
+        self, link: Link | None, rows: list[tuple[Any, ...]], watch: Watch
+    ) -> tuple[Link, int]:
         """COPY straight into the table; if a row is already stored, write the batch
-        again through staging + ON CONFLICT DO NOTHING. Returns the rows inserted."""
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = self._conn = self._connect(self._url)
-            conn.execute(CREATE_STAGING)
-            conn.commit()
+        again through staging + ON CONFLICT DO NOTHING. Returns the connection (for the
+        next batch) and the rows inserted; on any failure closes the connection."""
+        if link is not None and link.conn.closed:
+            link.close()
+            link = None
+        if link is None:
+            link = watch.open(self._connect, self._url, self._statement_timeout_s)
+            fresh = True
+        else:
+            watch.use(link)
+            fresh = False
+        conn = link.conn
         try:
+            if fresh:
+                conn.execute(CREATE_STAGING)
+                conn.commit()
             try:
                 with conn.cursor() as cur:
                     copy_rows(cur, COPY_DIRECT, rows)
                 conn.commit()
-                return len(rows)
+                return link, len(rows)
             except psycopg.errors.UniqueViolation:
                 conn.rollback()
             with conn.cursor() as cur:
@@ -689,12 +835,11 @@ class Writer:
                 inserted = cur.rowcount
             conn.commit()
         except BaseException:
-            self._close()
+            link.close()
             raise
-        return inserted
+        return link, inserted
 
     def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()

@@ -3,7 +3,8 @@
 One connection = one `_Link` with its own nursery: a reader (which is also the watchdog),
 a `tic` loop, a `/tickle` loop, an smd renewal loop (IBKR ends every smd stream after 10
 minutes) and a positions refresher. Any of them losing the link cancels the others; `run`
-then backs off and starts over with a fresh session and full re-subscription.
+then waits (`Reconnect`: backoff if the gateway refused, a cheap TCP probe every ~2 s
+while it is unreachable) and starts over with a fresh session and full re-subscription.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from greeksd.backoff import Backoff
+from greeksd.backoff import Backoff, Reconnect, url_address
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, NotAuthenticated
 from greeksd.brokers.ibkr.protocol import OptionPosition
@@ -122,6 +123,7 @@ class IbkrStream:
         max_lines: int = 100,
         rest_min_interval: float = 0.1,
         backoff: Backoff | None = None,
+        probe_interval_s: float = 2.0,
         recorder: Recorder | None = None,
     ) -> None:
         self.url = url
@@ -135,6 +137,7 @@ class IbkrStream:
         self.max_lines = max_lines
         self.rest_min_interval = rest_min_interval
         self.backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        self.reconnect = Reconnect(self.backoff, probe_interval=probe_interval_s)
         self.recorder = recorder  # `greeksd record`: frames, positions, new links
         # Every option conid ever seen (positions, secdef): an execution names its option
         # only by conid, and a closing fill arrives after the position is gone.
@@ -168,9 +171,8 @@ class IbkrStream:
                     status.last_error = reason
                     status.reconnects += 1
                     status.set_state(StreamState.DEGRADED, reason, now=_now())
-                    delay = self.backoff.next_delay()
-                    log.warning("ibkr_link_lost", reason=reason, retry_in_s=round(delay, 2))
-                    await trio.sleep(delay)
+                    log.warning("ibkr_link_lost", reason=reason)
+                    await self.reconnect.pause(status, url_address(self.url))
 
     async def _connect_once(
         self, gw: GatewayClient, sink: SnapshotSink, status: StreamStatus

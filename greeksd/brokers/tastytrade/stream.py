@@ -2,9 +2,11 @@
 
 One link at a time; per link a child nursery runs the reader, the keepalive timer and
 the position refresher. A task that detects the end of the link (dead link, refused
-token, closed socket) records why and cancels the link's nursery; `run` then backs off
-and reconnects, fetching a fresh quote token only when the old one was refused. The
-protocol work (parsing, decoding, mapping to rows) lives in `protocol.py`.
+token, closed socket) records why and cancels the link's nursery; `run` then waits
+(`Reconnect`: backoff if the server answered, a cheap TCP probe every ~2 s while the
+REST API or DXLink, whichever failed, is unreachable) and reconnects, fetching a fresh
+quote token only when the old one was refused. The protocol work (parsing, decoding,
+mapping to rows) lives in `protocol.py`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+from tastytrade import API_URL
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from trio_websocket import open_websocket_url as _open_websocket_url
 
-from greeksd.backoff import Backoff
+from greeksd.backoff import Address, Backoff, Reconnect, url_address
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.session import (
     Positions,
@@ -115,9 +118,13 @@ class TastytradeStream:
         aggregation_period: float = 0.1,
         channel: int = 1,
         backoff: Backoff | None = None,
+        rest_url: str | None = None,
+        probe_interval_s: float = 2.0,
         subscription_chunk_bytes: int = dx.SUBSCRIPTION_CHUNK_BYTES,
         recorder: Recorder | None = None,
     ) -> None:
+        """`rest_url`: the REST API's base URL, probed while it is unreachable (None:
+        REST failures only back off)."""
         if channel <= 0 or channel % 2 == 0:
             raise ValueError("DXLink feed channels must be odd and positive")
         self._open_api = api.open if isinstance(api, TastytradeApi) else api
@@ -127,6 +134,8 @@ class TastytradeStream:
         self._aggregation_period = aggregation_period
         self._channel = channel
         self._backoff = backoff or Backoff()
+        self._reconnect = Reconnect(self._backoff, probe_interval=probe_interval_s)
+        self._rest_address = url_address(rest_url) if rest_url else None
         self._chunk_bytes = subscription_chunk_bytes
         self._mapper = dx.SnapshotMapper()
         self._wanted: set[dx.Subscription] = set()
@@ -140,7 +149,11 @@ class TastytradeStream:
             account=settings.tt_account,
             api_url=settings.tt_api_url,
         )
-        return cls(api, positions_refresh_s=settings.tt_positions_refresh_s)
+        return cls(
+            api,
+            positions_refresh_s=settings.tt_positions_refresh_s,
+            rest_url=settings.tt_api_url or API_URL,
+        )
 
     # ------------------------------------------------------------------ outer loops
 
@@ -152,31 +165,31 @@ class TastytradeStream:
                         await self._run_links(api, sink, status)
                 except TastytradeAuthError as exc:
                     self._degrade(status, str(exc))
-                await self._pause(status)
+                await self._pause(status, None)  # it answered: a refused credential
 
     async def _run_links(self, api: RestApi, sink: SnapshotSink, status: StreamStatus) -> None:
         """Reconnect forever; only a refused OAuth credential escapes (to `run`)."""
         token: QuoteToken | None = None
         while True:
             status.set_state(StreamState.CONNECTING, now=_now())
+            endpoint = self._rest_address  # the server the attempt is talking to
             try:
                 await self._refresh_positions(api, status)
                 await self._poll_trades(api, sink, status)
                 if token is None:
                     token = await api.quote_token()
                     status.details["token_fetches"] = status.details.get("token_fetches", 0) + 1
+                endpoint = url_address(token.dxlink_url)
                 await self._run_link(api, token, sink, status)
             except TokenRefused as exc:
                 token = None
                 self._degrade(status, str(exc))
             except (LinkFailure, TastytradeApiError, HandshakeError, ConnectionClosed) as exc:
                 self._degrade(status, _describe(exc))
-            await self._pause(status)
+            await self._pause(status, endpoint)
 
-    async def _pause(self, status: StreamStatus) -> None:
-        delay = self._backoff.next_delay()
-        log.info("reconnect_backoff", delay_s=round(delay, 3))
-        await trio.sleep(delay)
+    async def _pause(self, status: StreamStatus, endpoint: Address | None) -> None:
+        await self._reconnect.pause(status, endpoint)
         status.reconnects += 1
 
     def _degrade(self, status: StreamStatus, reason: str) -> None:

@@ -1,7 +1,7 @@
 """The mixed IBKR + Tastytrade fixture: both simulators on one book, recorded by the real
 streams, with every awkward case a replay must reproduce injected on a schedule.
 
-    python -m greeksd.sim.fixture_session --out tests/fixtures/mixed-session.jsonl.gz
+    python -m greeksd.fixtures --out tests/fixtures/mixed-session.jsonl.gz
 
 (`just fixtures`). The markets are seeded, so values repeat run to run; times and the
 exact interleaving of the two brokers do not, which is fine: tests check that replay
@@ -11,6 +11,10 @@ Schedule, as fractions of the duration: malformed frames (both), an IBKR partial
 with explicit clears, DXLink Greeks with NaN/Infinity, duplicate frames (both), late
 events (both), a position opened, every connection dropped (reconnect), a position
 closed. Positions are refreshed every `refresh_s`, so opened/closed ones show up.
+
+It lives outside `greeksd.sim` because it runs greeksd's clients against the simulators;
+the simulators themselves never import the clients (tests/test_sim_independence.py). The
+frames it injects are built by the simulators, as a server would send them.
 """
 
 from __future__ import annotations
@@ -27,20 +31,21 @@ from typing import Any
 import trio
 
 from greeksd.backoff import Backoff
-from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.ibkr.stream import IbkrStream
-from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.logs import configure_logging, get_logger
 from greeksd.model import ContractKey, OptionRight, SnapshotSink, StreamStatus
 from greeksd.recording import record_session
+from greeksd.sim import ibkr_wire as ib
+from greeksd.sim.dxlink_server import greeks_event
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from greeksd.sim.market import SimContract, default_contracts
 from greeksd.sim.readiness import wait_subscribed
+from greeksd.sim.symbols import streamer_symbol
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 
-log = get_logger("greeksd.sim.fixture")
+log = get_logger("greeksd.fixtures")
 
 DEFAULT_OUT = Path("tests/fixtures/mixed-session.jsonl.gz")
 BOOK_SIZE = 10
@@ -57,12 +62,9 @@ TYPICAL_GREEKS: dict[str, Any] = {
 }
 
 
-def _greeks_frame(symbol: str, time_ms: int, **values: Any) -> str:
-    """One COMPACT Greeks event in the field order greeksd asks for (the simulator
-    echoes that order in FEED_CONFIG)."""
-    event = dx.greeks_event(symbol, time_ms, **(TYPICAL_GREEKS | values))
-    data = dx.compact_data([("Greeks", [[event[f] for f in dx.GREEKS_FIELDS]])])
-    return dx.build(dx.FeedData(1, data))
+def _greeks(symbol: str, time_ms: int, **values: Any) -> dict[str, Any]:
+    """One Greeks event with typical values, `values` overriding some."""
+    return greeks_event(symbol, time_ms, **(TYPICAL_GREEKS | values))
 
 
 async def inject_faults(
@@ -76,7 +78,7 @@ async def inject_faults(
     done, before `duration_s`."""
     began = trio.current_time()
     conid0, conid1 = ib_sim.conid_of(book[0].key), ib_sim.conid_of(book[1].key)
-    symbol0 = dx.streamer_symbol(book[0].key)
+    symbol0 = streamer_symbol(book[0].key)
     await wait_subscribed(ib_sim, tt_sim, {conid0, conid1}, {symbol0})
     start = trio.current_time()
     span = duration_s - (start - began)
@@ -94,22 +96,21 @@ async def inject_faults(
 
     await at(0.25, "nan_greeks")
     now_ms = int(time.time() * 1000)
-    await tt_sim.dxlink.send_frame(
-        _greeks_frame(symbol0, now_ms, delta="NaN", vega="Infinity", rho="NaN")
+    await tt_sim.dxlink.inject_greeks(
+        _greeks(symbol0, now_ms, delta="NaN", vega="Infinity", rho="NaN")
     )
 
     await at(0.3, "duplicates")
-    duplicate = _greeks_frame(symbol0, int(time.time() * 1000), delta=0.4242)
-    await tt_sim.dxlink.send_frame(duplicate)
-    await tt_sim.dxlink.send_frame(duplicate)
-    ib_frame = ib.market_data_frame(conid1, {ib.DELTA: "-0.3131"}, int(time.time() * 1000))
+    duplicate = _greeks(symbol0, int(time.time() * 1000), delta=0.4242)
+    await tt_sim.dxlink.inject_greeks(duplicate, times=2)
+    ib_frame = ib.market_data(conid1, {ib.DELTA: "-0.3131"}, int(time.time() * 1000))
     ib_sim.send_frame(ib_frame)
     ib_sim.send_frame(ib_frame)
 
     await at(0.35, "out_of_order")
     late_ms = int(time.time() * 1000) - 5000
-    await tt_sim.dxlink.send_frame(_greeks_frame(symbol0, late_ms, delta=0.3999))
-    ib_sim.send_frame(ib.market_data_frame(conid1, {ib.DELTA: "-0.2929"}, late_ms))
+    await tt_sim.dxlink.inject_greeks(_greeks(symbol0, late_ms, delta=0.3999))
+    ib_sim.send_frame(ib.market_data(conid1, {ib.DELTA: "-0.2929"}, late_ms))
 
     await at(0.4, "position_opened")
     expiry = book[0].key.expiration + timedelta(days=28)
