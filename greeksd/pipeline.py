@@ -9,11 +9,13 @@ channel to their own writer (`TradeWriter`), drained the same way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import psycopg
 import trio
 
+from greeksd.backoff import Backoff
 from greeksd.model import Snapshot, Trade
 from greeksd.sink import ChannelSink
 from greeksd.store.spool import Spool
@@ -40,10 +42,11 @@ async def open_pipeline(
     trade_queue_size: int = 10_000,
     db_timeout_s: float = 5.0,
     schema_ready: trio.Event | None = None,
+    backoff: Backoff | None = None,
+    connect: Callable[[str], psycopg.Connection] | None = None,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
-    sink = ChannelSink(send, trade_send)
     writer = Writer(
         url,
         flush_rows=flush_rows,
@@ -52,7 +55,10 @@ async def open_pipeline(
         spool=spool,
         timeout_s=db_timeout_s,
         schema_ready=schema_ready,
+        backoff=backoff,
+        connect=connect,
     )
+    sink = ChannelSink(send, trade_send, on_conflate=writer.note_conflated)
     trade_writer = TradeWriter(url, timeout_s=db_timeout_s, schema_ready=schema_ready)
 
     async def pump_then_close() -> None:

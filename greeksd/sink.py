@@ -8,11 +8,18 @@ room frees up. Memory stays bounded by channel size + number of contracts.
 Trades take a separate small channel to their own writer: they are rare, must never be
 conflated, and must not wait behind a backlog of Greeks rows. A full trade channel means
 the trade writer has been stuck for thousands of fills: counted and logged as an error.
+
+Conflation is loud: each conflated row is reported to `on_conflate` (the writer, which
+counts it under the reason the channel is full, e.g. "database and spool both
+unavailable") and an error line with that reason is logged at most every few seconds.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
@@ -21,12 +28,16 @@ from greeksd.model import Snapshot, Trade
 
 log = get_logger("greeksd.sink")
 
+CONFLATION_LOG_EVERY_S = 5.0
+
 
 class ChannelSink:
     def __init__(
         self,
         send_channel: trio.MemorySendChannel[Snapshot],
         trade_channel: trio.MemorySendChannel[Trade] | None = None,
+        *,
+        on_conflate: Callable[[], str] | None = None,
     ) -> None:
         self._send = send_channel
         self._trades = trade_channel
@@ -37,6 +48,9 @@ class ChannelSink:
         self._closed = False
         self.accepted = 0
         self.conflated = 0
+        self._on_conflate = on_conflate
+        self._last_conflation_log = -math.inf
+        self._conflated_unlogged = 0
 
     def put(self, snapshot: Snapshot) -> None:
         if self._closed:
@@ -50,9 +64,25 @@ class ChannelSink:
                 log.warning("channel_full_conflating", queue=self.queue_depth)
         key = snapshot.conflation_key()
         if key in self._overflow:
-            self.conflated += 1
+            self._conflate()
         self._overflow[key] = snapshot
         self._wakeup.set()
+
+    def _conflate(self) -> None:
+        self.conflated += 1
+        self._conflated_unlogged += 1
+        reason = self._on_conflate() if self._on_conflate is not None else "channel full"
+        now = time.monotonic()
+        if now - self._last_conflation_log >= CONFLATION_LOG_EVERY_S:
+            self._last_conflation_log = now
+            log.error(
+                "rows_conflated",
+                reason=reason,
+                since_last_log=self._conflated_unlogged,
+                conflated=self.conflated,
+                queue=self.queue_depth,
+            )
+            self._conflated_unlogged = 0
 
     def put_trade(self, trade: Trade) -> None:
         if self._closed:

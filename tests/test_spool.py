@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from greeksd.model import Snapshot
 from greeksd.store.spool import MAGIC, Spool, SpoolFull
 from greeksd.store.writer import Writer
 from tests.factories import make_snapshot
@@ -129,3 +130,24 @@ async def test_spooled_batch_the_table_refuses_is_set_aside_not_dropped(
     await writer.run(receive)
     assert writer.stats.rejected_rows == 1 and count_rows(db_url) == 1
     assert "x\\u0000y" in path.with_suffix(".rejected.jsonl").read_text()
+
+
+async def test_a_corrupt_record_mid_spool_is_set_aside_and_the_writer_moves_on(
+    db_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.spool"
+    spool = Spool(path, max_bytes=10_000_000)
+    spool.append([make_snapshot(0)])
+    spool.append([make_snapshot(1)])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # bit rot in the second record's payload
+    path.write_bytes(bytes(data))
+    reopened = Spool(path, max_bytes=10_000_000)
+    writer = Writer(db_url, spool=reopened)
+    send, receive = trio.open_memory_channel[Snapshot](10)
+    send.close()
+    with trio.fail_after(10):
+        await writer.run(receive)
+    assert count_rows(db_url) == 1 and reopened.corrupt_records == 1
+    assert writer.stats.spool_bytes == 0 and Spool(path, max_bytes=1).size == 0
+    assert path.with_suffix(".spool.corrupt").stat().st_size > 0

@@ -11,6 +11,7 @@ from quart import Blueprint, Response
 from greeksd.api.state import ServiceState, current_state
 from greeksd.latency import PROMETHEUS_BOUNDS_S
 from greeksd.model import StreamState
+from greeksd.store.writer import SPOOL_STATES
 
 bp = Blueprint("metrics", __name__)
 
@@ -109,6 +110,30 @@ def render(state: ServiceState) -> str:
             "Rows written to the disk spool.",
             stats.spooled_rows,
         ),
+        (
+            "greeksd_spool_errors_total",
+            "counter",
+            "Spool operations the disk refused (full, read-only, I/O error).",
+            stats.spool_errors,
+        ),
+        (
+            "greeksd_spool_full_total",
+            "counter",
+            "Appends refused because the spool reached GREEKSD_SPOOL_MAX_MB.",
+            stats.spool_full,
+        ),
+        (
+            "greeksd_held_rows",
+            "gauge",
+            "Rows the writer holds in memory because neither database nor spool takes them.",
+            stats.held_rows,
+        ),
+        (
+            "greeksd_rejected_rows_total",
+            "counter",
+            "Spooled rows the table refused, set aside in the .rejected.jsonl file.",
+            stats.rejected_rows,
+        ),
     )
     if state.trade_writer is not None:
         trade_stats = state.trade_writer.stats
@@ -134,6 +159,18 @@ def render(state: ServiceState) -> str:
         "gauge",
         "1 for the writer's current state, else 0.",
         (({"state": st.value}, float(stats.state is st)) for st in StreamState),
+    )
+    lines += _family(
+        "greeksd_spool_state",
+        "gauge",
+        "1 for the disk spool's current state, else 0.",
+        (({"state": st}, float(stats.spool_state == st)) for st in SPOOL_STATES),
+    )
+    lines += _family(
+        "greeksd_conflated_by_reason_total",
+        "counter",
+        "Conflated rows by the reason the channel was full.",
+        (({"reason": r}, float(n)) for r, n in sorted(stats.conflated_by_reason.items())),
     )
     latency = stats.latency
     cumulative = list(accumulate(latency.prometheus_counts))

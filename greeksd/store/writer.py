@@ -17,6 +17,12 @@ the rest of greeksd only sees a trio-native `run()`. The writer's threads take t
 A database that hangs is an outage like one that refuses (greeksd/store/deadline.py):
 every call is bounded, and once one failed a background probe decides when the database
 takes writes again, so meanwhile every batch goes straight to the spool.
+
+A spool whose disk refuses (full, read-only, I/O error) does not stop the writer either:
+the batch waits in memory, the status says why (`holding_reason`), and the sink counts
+what conflates under that reason. While older rows wait in the spool, new batches are
+appended behind them (also during a drain, by a reader beside it), so rows reach the
+table in the order they came.
 """
 
 from __future__ import annotations
@@ -42,9 +48,25 @@ from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
 from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
-from greeksd.store.spool import Spool, SpoolFull, snapshot_to_dict
+from greeksd.store.spool import (
+    Spool,
+    SpoolFull,
+    SpoolUnavailable,
+    append_durably,
+    snapshot_to_dict,
+)
 
 log = get_logger("greeksd.writer")
+
+# Why rows wait in memory (status `holding_reason`, the sink's conflation reason).
+BOTH_UNAVAILABLE = "database and spool both unavailable"
+DATABASE_DOWN_NO_SPOOL = "database unavailable and no spool configured"
+SPOOL_UNAVAILABLE_WHILE_DRAINING = "spool unavailable while it drains"
+WRITER_BEHIND = "writer behind the inflow"
+SPOOL_LOG_EVERY_S = 5.0  # at most one spool-failure log line per this many seconds
+SPOOL_RETRY_S = 1.0  # while a drain runs, how often arrivals retry an unavailable spool
+SPOOL_PROBE_EVERY_S = 1.0  # while rows commit, how often an unavailable spool is re-checked
+SPOOL_STATES = ("ok", "full", "unavailable", "none")  # status `spool_state`; none: no spool
 
 # A row's own columns, in table order: shared with the read queries.
 ROW_COLUMNS: tuple[str, ...] = (
@@ -201,6 +223,12 @@ class WriterStats:
     spool_bytes: int = 0
     spooled_rows: int = 0
     spool_full: int = 0
+    spool_state: str = "none"  # one of SPOOL_STATES
+    spool_error: str | None = None
+    spool_errors: int = 0
+    holding_reason: str | None = None
+    held_rows: int = 0
+    conflated_by_reason: dict[str, int] = field(default_factory=dict)
     rejected_rows: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
@@ -222,6 +250,12 @@ class WriterStats:
             "spool_bytes": self.spool_bytes,
             "spooled_rows": self.spooled_rows,
             "spool_full": self.spool_full,
+            "spool_state": self.spool_state,
+            "spool_error": self.spool_error,
+            "spool_errors": self.spool_errors,
+            "holding_reason": self.holding_reason,
+            "held_rows": self.held_rows,
+            "conflated_by_reason": dict(self.conflated_by_reason),
             "rejected_rows": self.rejected_rows,
             "latency_ms": {
                 "p50": pct[0.5],
@@ -269,17 +303,26 @@ class Writer:
         self._schema_ready = schema_ready
         self._nursery: trio.Nursery | None = None
         self._probing = False
+        # The scope the writer waits in (for rows, or for its next attempt): the probe
+        # cancels it once the database answers, so the writer resumes at once.
         self._idle: trio.CancelScope | None = None
         self._next_attempt = -math.inf
         self._last_slo_warning = -math.inf
-        self._last_spool_full_log = -math.inf
+        self._last_spool_log = -math.inf
+        self._spool_failures_unlogged = 0
+        self._last_spool_probe = -math.inf
         self._progress = trio.Event()
         self._newest: dict[tuple[str, str, str], datetime] = {}
         self._batch: list[Snapshot] = []
+        self._batch_due = math.inf  # when self._batch is due, from its first row
+        self._in_flight: Sequence[Snapshot] = ()
         self._receive: trio.MemoryReceiveChannel[Snapshot] | None = None
         self.stats = WriterStats()
         if spool is not None:
             self.stats.spool_bytes = spool.size
+            self.stats.spool_state = "ok" if spool.error is None else "unavailable"
+            self.stats.spool_error = spool.error
+            self.stats.spool_errors = int(spool.error is not None)
 
     async def wait_settled(self, rows: int) -> None:
         """Return once `rows` rows have been committed or recognised as duplicates: how
@@ -293,9 +336,11 @@ class Writer:
 
     async def run(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
         """Consume until the channel is closed and drained; every accepted row is
-        committed (or, while the database is down, durably spooled) before this returns.
-        A leftover spool from an earlier run is drained first. Cancelling it abandons
-        the current batch, so shut down by closing the channel instead."""
+        committed (or, while the database is down, hung or not migrated yet, durably
+        spooled) before this returns. A leftover spool from an earlier run is drained
+        first; rows arriving meanwhile are appended behind it (see `_drain_spool`). The
+        probe (`_probe`) runs in this task's nursery. Cancelling it abandons the current
+        batch, so shut down by closing the channel instead."""
         self._receive = receive
         try:
             async with trio.open_nursery() as nursery:
@@ -310,98 +355,219 @@ class Writer:
                 await trio.to_thread.run_sync(self._close)
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[Snapshot]) -> None:
-        if self.spool_pending and not self._held_off():
-            await self._drain_spool()
-        deadline = math.inf
         async with receive:
+            if self.spool_pending and not self._held_off():
+                await self._drain_spool()
             while True:
                 # While a probe runs, it wakes this loop (cancels `_idle`) once the
                 # database answers; otherwise the next retry is a point in time.
                 retry = self._next_attempt if self.spool_pending and not self._probing else math.inf
-                with trio.move_on_at(min(deadline, retry)) as self._idle:
+                with trio.move_on_at(min(self._batch_due, retry)) as self._idle:
                     try:
-                        first = await receive.receive()
+                        self._add(await receive.receive())
                     except trio.EndOfChannel:
                         break
-                    if not self._batch:
-                        deadline = trio.current_time() + self.flush_s
-                    self._batch.append(first)
-                    while len(self._batch) < self.flush_rows:
-                        try:
-                            self._batch.append(receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                    self._fill()
                     if len(self._batch) < self.flush_rows:
                         continue
                 if self._batch:
-                    await self.write_batch(self._batch)
-                    self._batch = []
-                    deadline = math.inf
+                    await self._flush()
                 elif self.spool_pending and not self._held_off():
                     await self._drain_spool()
-        if self._batch:
-            await self.write_batch(self._batch)
-            self._batch = []
-        if self.spool_pending and not self._held_off():
-            await self._drain_spool()  # one last try, so a healthy database ends up complete
+            while self._batch:
+                await self._flush()
+            if self.spool_pending and not self._held_off():
+                await self._drain_spool()  # one last try, so a healthy database ends up complete
+
+    def _add(self, row: Snapshot) -> None:
+        if not self._batch:
+            self._batch_due = trio.current_time() + self.flush_s
+        self._batch.append(row)
+
+    def _fill(self) -> None:
+        """Top the batch up with whatever already waits in the channel."""
+        assert self._receive is not None
+        while len(self._batch) < self.flush_rows:
+            try:
+                self._batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+
+    async def _flush(self) -> None:
+        batch, self._batch, self._batch_due = self._batch, [], math.inf
+        self._in_flight = batch
+        try:
+            await self.write_batch(batch)
+        finally:
+            self._in_flight = ()
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
         """Commit one batch, or spool it while the database is unreachable, hung or not
-        migrated yet; without a spool (or with a full one), retry with backoff until it
-        commits."""
+        migrated yet, or while older rows wait in the spool (behind them, so rows reach
+        the table in the order they came). When neither database nor spool takes it
+        (no spool configured, or the spool's disk refuses), hold it here, say why in
+        `holding_reason`, and retry both until one does."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
         rows = [snapshot_row(s) for s in batch]
         while True:
-            if self._spool is not None and (
-                self._held_off() or (self.spool_pending and not await self._drain_spool())
-            ):
-                if self._append_to_spool(batch):
+            held_off = self._held_off()
+            if self._spool is not None and (held_off or self.spool_pending):
+                holding = BOTH_UNAVAILABLE if held_off else SPOOL_UNAVAILABLE_WHILE_DRAINING
+                if self._append_to_spool(batch, holding):
+                    if not held_off:
+                        await self._drain_spool()
                     return
-                await self._until_retry()
-                continue
-            if self._schema_ready is not None:
+                # Held in memory. Once the spool is drained the batch may go straight in.
+                if held_off or not await self._drain_spool():
+                    await self._until_retry()
+                    continue
+            if self._schema_ready is not None and not self._schema_ready.is_set():
+                self._hold(DATABASE_DOWN_NO_SPOOL, len(batch))
                 await self._schema_ready.wait()  # no spool: nowhere else for the rows
             started = time.perf_counter()
             try:
                 inserted = await self._write(rows)
             except psycopg.Error as exc:
                 self._on_failure(exc, len(rows))
-                if self._spool is not None and self._append_to_spool(batch):
+                if self._spool is None:
+                    self._hold(DATABASE_DOWN_NO_SPOOL, len(batch))
+                elif self._append_to_spool(batch, BOTH_UNAVAILABLE):
                     return
                 await self._until_retry()
                 continue
             self._on_success(batch, inserted, started)
             return
 
-    def _append_to_spool(self, batch: Sequence[Snapshot]) -> bool:
-        """Durably keep `batch` for later; False when the spool is full (loudly)."""
+    def _append_to_spool(self, batch: Sequence[Snapshot], holding: str = BOTH_UNAVAILABLE) -> bool:
+        """Durably keep `batch` for later. False when the spool cannot take it (its cap,
+        or the disk: full, read-only, I/O error): nothing of it is left in the file, the
+        caller keeps it in memory as `holding` says, and the failure is counted, shown
+        in status and logged (rate-limited)."""
         assert self._spool is not None
         try:
             self._spool.append(batch)
-        except SpoolFull as exc:
-            self.stats.spool_full += 1
-            now = trio.current_time()
-            if now - self._last_spool_full_log > 10.0:
-                self._last_spool_full_log = now
-                log.error(
-                    "spool_full",
-                    error=str(exc),
-                    spool_bytes=self._spool.size,
-                    consequence="holding batches in memory; the channel will conflate",
-                )
+        except SpoolUnavailable as exc:
+            self._spool_failed(exc, holding=holding, rows=len(batch))
             return False
+        self._spool_ok()
+        self._release_hold()
         self.stats.spool_bytes = self._spool.size
         self.stats.spooled_rows += len(batch)
         log.warning("batch_spooled", rows=len(batch), spool_bytes=self.stats.spool_bytes)
         return True
 
-    async def _drain_spool(self) -> bool:
-        """Replay the spool in order; True when it is empty again. Idempotent: rows that
-        an interrupted earlier drain already committed come back as duplicates."""
+    def _spool_failed(
+        self, exc: SpoolUnavailable, *, holding: str | None = None, rows: int = 0
+    ) -> None:
+        full = isinstance(exc, SpoolFull)
+        if full:
+            self.stats.spool_full += 1
+        else:
+            self.stats.spool_errors += 1
+        self.stats.spool_state = "full" if full else "unavailable"
+        self.stats.spool_error = exc.reason
+        if holding is not None:
+            self._hold(holding, rows)
+        self._spool_failures_unlogged += 1
+        now = trio.current_time()
+        if now - self._last_spool_log < SPOOL_LOG_EVERY_S:
+            return
+        self._last_spool_log = now
         assert self._spool is not None
+        log.error(
+            "spool_full" if full else "spool_unavailable",
+            error=exc.reason,
+            failures=self._spool_failures_unlogged,
+            spool_bytes=self._spool.size,
+            held_rows=rows,
+            consequence=(
+                f"{holding}: holding rows in memory; the channel will conflate"
+                if holding
+                else "spool left as it is; retrying"
+            ),
+        )
+        self._spool_failures_unlogged = 0
+
+    def _spool_ok(self) -> None:
+        if self.stats.spool_state in ("full", "unavailable"):
+            log.info("spool_available", after_error=self.stats.spool_error)
+        self.stats.spool_state = "ok"
+        self.stats.spool_error = None
+        self._spool_failures_unlogged = 0
+        self._last_spool_log = -math.inf
+
+    def _hold(self, reason: str, rows: int) -> None:
+        """A batch waits in memory because nothing takes it: the status says why, and
+        the sink counts conflation under that reason (`note_conflated`)."""
+        self.stats.holding_reason = reason
+        self.stats.held_rows = rows
+
+    def _release_hold(self) -> None:
+        """A batch left memory (committed or spooled): nothing is held any more. While
+        the spool is marked unavailable, check now and then whether it is back, so the
+        status does not keep saying so after the disk recovered."""
+        self.stats.holding_reason = None
+        self.stats.held_rows = 0
+        spool = self._spool
+        if spool is None or self.stats.spool_state == "ok":
+            return
+        now = trio.current_time()
+        if now - self._last_spool_probe < SPOOL_PROBE_EVERY_S:
+            return
+        self._last_spool_probe = now
+        try:
+            spool.probe()
+        except SpoolUnavailable:
+            return
+        self._spool_ok()
+
+    def backlog_reason(self) -> str:
+        return self.stats.holding_reason or WRITER_BEHIND
+
+    def note_conflated(self) -> str:
+        """The sink replaced a waiting row by a newer one for the same contract: count it
+        under the reason the channel is full, and return that reason for its log line."""
+        reason = self.backlog_reason()
+        by_reason = self.stats.conflated_by_reason
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        return reason
+
+    def _retry_later(self) -> None:
+        """The spool's disk (not the database) failed a drain: try again after backoff."""
+        self._next_attempt = trio.current_time() + self._backoff.next_delay()
+
+    async def _drain_spool(self) -> bool:
+        """Replay the spool in order; True when nothing is left pending. Idempotent: rows
+        that an interrupted earlier drain already committed come back as duplicates.
+
+        A drain can be long (a big spool, a slow or hung database), so the channel is
+        read beside it (`_spool_arrivals`): new rows are appended behind the spooled ones
+        and drained in turn. They are on disk within one flush interval instead of
+        waiting in memory, and rows still reach the table in arrival order."""
+        assert self._spool is not None
+        async with trio.open_nursery() as nursery:
+            if self._receive is not None:
+                nursery.start_soon(self._spool_arrivals)
+            try:
+                return await self._replay_spool()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _replay_spool(self) -> bool:
+        spool = self._spool
+        assert spool is not None
         drained = 0
-        for batch in self._spool.batches():
+        while True:
+            try:
+                item = spool.next_pending()
+            except SpoolUnavailable as exc:
+                self._spool_failed(exc)
+                self._retry_later()
+                return False
+            if item is None:
+                break
+            batch, end = item
             started = time.perf_counter()
             try:
                 inserted = await self._write([snapshot_row(s) for s in batch])
@@ -409,35 +575,87 @@ class Writer:
                 self._on_failure(exc, len(batch))
                 return False
             except psycopg.Error as exc:
-                self._reject(batch, exc)
-                continue
-            self._on_success(batch, inserted, started)
-            drained += len(batch)
-        self._spool.clear()
-        self.stats.spool_bytes = 0
+                if not self._reject(batch, exc):
+                    self._retry_later()
+                    return False
+            else:
+                self._on_success(batch, inserted, started)
+                drained += len(batch)
+            try:
+                spool.mark_drained(end)
+            except SpoolUnavailable as exc:  # rows are in the database; the file stays
+                self._spool_failed(exc)
+            self.stats.spool_bytes = spool.size
         log.info("spool_drained", rows=drained)
         return True
 
-    def _reject(self, batch: Sequence[Snapshot], exc: psycopg.Error) -> None:
+    async def _spool_arrivals(self) -> None:
+        """Beside a drain: keep batching rows from the channel and append each due batch
+        (full, or past its flush deadline) behind the spool. Cancelled when the drain
+        ends; an unfinished batch stays in `self._batch` for `run` to carry on with.
+        When the spool cannot take them they wait in memory (retried every second)."""
+        assert self._receive is not None
+        closed = False
+        while True:
+            now = trio.current_time()
+            if self._batch and (
+                len(self._batch) >= self.flush_rows or closed or now >= self._batch_due
+            ):
+                chunk = self._batch[: self.flush_rows]
+                if self._append_to_spool(chunk, holding=SPOOL_UNAVAILABLE_WHILE_DRAINING):
+                    self.stats.rows_received += len(chunk)
+                    self._count_late(chunk)
+                    del self._batch[: len(chunk)]
+                    if not self._batch:
+                        self._batch_due = math.inf
+                    continue
+                await trio.sleep(SPOOL_RETRY_S)
+                continue
+            if closed:
+                await trio.sleep_forever()
+            with trio.move_on_at(self._batch_due):
+                try:
+                    self._add(await self._receive.receive())
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    closed = True
+                    continue
+                self._fill()
+
+    def _reject(self, batch: Sequence[Snapshot], exc: psycopg.Error) -> bool:
         """A spooled batch the database refuses for its content: set it aside in a
-        `.rejected` file next to the spool (never dropped), count it, say so."""
+        `.rejected.jsonl` file next to the spool (never dropped), count it, say so.
+        False when the disk refuses that file too: the batch then stays spooled (and
+        blocks the drain behind it, so order holds) until the disk recovers."""
         assert self._spool is not None
         rejected = self._spool.path.with_suffix(".rejected.jsonl")
-        with rejected.open("ab") as f:
-            for s in batch:
-                f.write(orjson.dumps(snapshot_to_dict(s)) + b"\n")
+        error = f"{type(exc).__name__}: {str(exc).strip()}"
+        lines = b"".join(orjson.dumps(snapshot_to_dict(s)) + b"\n" for s in batch)
+        try:
+            append_durably(rejected, lines)
+        except OSError as os_error:
+            self._spool_failed(
+                SpoolUnavailable.from_os_error(
+                    os_error, f"setting a rejected batch aside in {rejected}"
+                )
+            )
+            log.error(
+                "spooled_batch_reject_failed",
+                rows=len(batch),
+                target=str(rejected),
+                error=error,
+                disk_error=self.stats.spool_error,
+                consequence="the batch stays in the spool; retrying",
+            )
+            return False
         self.stats.rejected_rows += len(batch)
-        log.error(
-            "spooled_batch_rejected",
-            rows=len(batch),
-            moved_to=str(rejected),
-            error=f"{type(exc).__name__}: {str(exc).strip()}",
-        )
+        log.error("spooled_batch_rejected", rows=len(batch), moved_to=str(rejected), error=error)
+        return True
 
     def _on_success(self, batch: Sequence[Snapshot], inserted: int, started: float) -> None:
         committed = datetime.now(UTC)
         self._backoff.reset()
         self._next_attempt = -math.inf
+        self._release_hold()
         if self.stats.state is not StreamState.CONNECTED:
             log.info("writer_connected")
         self.stats.state = StreamState.CONNECTED
@@ -458,7 +676,7 @@ class Writer:
         that harmless when the spool is drained."""
         if self._spool is None:
             return 0
-        pending, self._batch = self._batch, []
+        pending, self._batch = [*self._in_flight, *self._batch], []
         if self._receive is not None:
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 while True:
@@ -509,16 +727,19 @@ class Writer:
         return self._schema_ready is None or self._schema_ready.is_set()
 
     def _held_off(self) -> bool:
-        """True while the run loop must not send anything to the database: before the
-        schema exists, while a probe is in charge, or before the backoff has passed."""
+        """True while nothing may be sent to the database: before the schema exists,
+        while a probe is in charge, or before the backoff has passed (after a database
+        failure, or a spool disk failure during a drain)."""
         return (
             self._probing or not self._schema_is_ready() or trio.current_time() < self._next_attempt
         )
 
     async def _until_retry(self) -> None:
-        """Sleep until the next attempt, at least a short step: while a probe's attempt
-        is in flight its verdict is not yet in `_next_attempt`, and this must not spin."""
-        await trio.sleep_until(max(self._next_attempt, trio.current_time() + 0.05))
+        """Wait for the next attempt, at least a short step (while a probe's attempt is
+        in flight its verdict is not yet in `_next_attempt`, and this must not spin).
+        The probe's verdict ends the wait early, like it wakes the idle run loop."""
+        with trio.move_on_at(max(self._next_attempt, trio.current_time() + 0.05)) as self._idle:
+            await trio.sleep_forever()
 
     def _start_probe(self) -> None:
         if self._spool is not None and self._nursery is not None and not self._probing:
