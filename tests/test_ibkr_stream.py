@@ -556,6 +556,20 @@ async def test_probe_writes_coverage_and_succeeds(tmp_path: Path) -> None:
     assert all(r["delta"] == "True" and r["implied_volatility"] == "True" for r in rows)
     assert all(float(r["first_greeks_ms"]) > 0 for r in rows)
     assert all(v["6509"] == "RpB" for v in summary["preflight"].values())
+    assert summary["market_data"] == {"live": 8, "delayed": 0, "frozen": 0, "unknown": 0}
+    assert all(r["market_data"] == "live" for r in rows)
+    assert not any("delayed or frozen" in h for h in summary["hints"])
+
+
+async def test_probe_reports_delayed_data_as_not_live(tmp_path: Path) -> None:
+    async with open_ibkr_sim(tick_interval=0.01, availability="DpB") as sim:
+        code = await probe_ibkr(sim.url, duration_s=1.5, out_dir=tmp_path, rest_min_interval=0.0)
+    summary = json.loads((tmp_path / "ibkr-probe.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "ibkr-probe-coverage.csv").open()))
+    assert code == 0, summary  # Greeks arrive, delayed
+    assert summary["market_data"] == {"live": 0, "delayed": 8, "frozen": 0, "unknown": 0}
+    assert {(r["availability"], r["market_data"]) for r in rows} == {("DpB", "delayed")}
+    assert any(h.startswith("8 contract(s) get delayed or frozen") for h in summary["hints"])
 
 
 @pytest.mark.parametrize(
