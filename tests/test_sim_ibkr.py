@@ -21,12 +21,13 @@ import trio
 import trio.testing
 from trio_websocket import HandshakeError, WebSocketConnection, open_websocket_url
 
+from greeksd.backoff import Backoff
 from greeksd.brokers.ibkr.connection import COMPETING
 from greeksd.brokers.ibkr.stream import IbkrStream
 from greeksd.model import StreamState, StreamStatus
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from tests.helpers import wait_until
-from tests.test_ibkr_stream import ListSink, connected, running, sent_state
+from tests.test_ibkr_stream import ListSink, connected, requests_to, running, sent_state
 
 AAPL = 265598
 FENCE = "ech+fence"
@@ -360,21 +361,19 @@ async def test_our_client_degrades_with_the_reason(fault: str, reason: str) -> N
 
 
 async def test_our_client_connects_through_a_split_sts() -> None:
+    slow_retry = Backoff(initial=10.0, maximum=10.0)  # the link's own reason stays visible
     async with (
         open_ibkr_sim(tick_interval=0.01, split_sts=True) as sim,
-        running(sim) as (_sink, status),
+        running(sim, backoff=slow_retry) as (_sink, status),
     ):
         await wait_until(lambda: status.ticks > 5, timeout=3, what="ticks")
         assert status.reconnects == 0
         # a split expiry: {competing}, {message}, then {authenticated: false} ends the link
         # at once (not at the next /tickle, 60 s away), with the earlier frame's message
         sim.expire_session()
-        await wait_until(
-            lambda: status.last_error == "not authenticated: session expired",
-            timeout=3,
-            what="the websocket's split sts read",
-        )
-        assert sim.ws_connects == 1
+        await wait_until(lambda: status.reconnects == 1, timeout=3, what="the link lost")
+        assert status.last_error == "not authenticated: session expired"
+        assert sim.ws_connects == 1 and len(requests_to(sim, "/tickle")) == 1  # no tickle yet
 
 
 async def test_a_competing_login_is_not_fought(autojump_clock: trio.testing.MockClock) -> None:
