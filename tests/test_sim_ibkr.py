@@ -276,6 +276,28 @@ async def test_numeric_fields_can_come_as_json_numbers() -> None:
         assert (values["31"], values["7633"], values["84"]) == (190.125, "28.4%", "")
 
 
+async def test_with_pacing_a_burst_gets_429_and_a_penalty_box(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with gateway(pacing=True, penalty_s=30.0, penalty_retry_after=True) as gw:
+        http = gw.http
+        assert (await http.post("/tickle")).status_code == 200
+        await trio.sleep(1.0)
+        assert (await http.post("/tickle")).status_code == 200  # 1/s is allowed
+        second = await http.post("/tickle")  # the same second: over the limit
+        assert (second.status_code, second.headers["Retry-After"]) == (429, "30")
+        assert (await http.get("/iserver/accounts")).status_code == 429  # in the box
+        assert [path for _, path in gw.sim.pacing_violations] == ["/v1/api/tickle"]
+        assert gw.sim.penalized_requests == 1
+        await trio.sleep(30.0)
+        statuses = [(await http.get("/iserver/accounts")).status_code for _ in range(11)]
+        assert statuses == [200] * 10 + [429]  # 10 per second overall
+        await trio.sleep(30.0)
+        assert (await http.get("/portfolio/accounts")).status_code == 200
+        await trio.sleep(4.0)
+        assert (await http.get("/portfolio/accounts")).status_code == 429  # 1 per 5 s
+
+
 # ---------------------------------------------------------------- greeksd's client
 
 
