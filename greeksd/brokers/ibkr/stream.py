@@ -351,10 +351,10 @@ class _Link:
             log.warning("ibkr_market_data_not_live", **counts)
         details.update(counts)
 
-    def rest_failed(self, event: str, exc: GatewayError) -> None:
+    def rest_failed(self, event: str, exc: GatewayError, **fields: Any) -> None:
         """A REST call of a running link failed: log it; a penalty box also degrades the
         status (the websocket keeps streaming, `tic` keeps the session alive)."""
-        log.warning(event, error=str(exc))
+        log.warning(event, error=str(exc), **fields)
         if isinstance(exc, PenaltyBox):
             self.status.details["penalty_box_until"] = _iso(self.gw.penalty_until)
             self.status.set_state(StreamState.DEGRADED, str(exc), now=_now())
@@ -413,7 +413,7 @@ class _Link:
         except NotAuthenticated:
             raise
         except GatewayError as exc:
-            self.rest_failed("ibkr_secdef_failed", exc)
+            self.rest_failed("ibkr_secdef_failed", exc, conids=len(conids))
             return
         for conid, secdef in secdefs.items():
             try:
