@@ -161,6 +161,9 @@ class Snapshot:
     received_at: datetime
     source_payload: dict[str, Any] | None = None
     persisted_at: datetime | None = field(default=None)
+    #: 'live', 'delayed' or 'frozen' when the broker says (IBKR field 6509), None when it
+    #: does not: delayed or frozen values must never pass for live ones.
+    market_data: str | None = None
 
     @classmethod
     def for_contract(
@@ -182,6 +185,7 @@ class Snapshot:
         last: float | None = None,
         mark: float | None = None,
         source_payload: dict[str, Any] | None = None,
+        market_data: str | None = None,
     ) -> Snapshot:
         """Build a row from a discovered position, so identity fields never diverge."""
         key = contract.key
@@ -209,6 +213,7 @@ class Snapshot:
             event_time=event_time,
             received_at=received_at,
             source_payload=source_payload,
+            market_data=market_data,
         )
 
     def conflation_key(self) -> tuple[str, str, str]:

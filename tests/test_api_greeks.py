@@ -147,6 +147,18 @@ async def test_filters_select_exactly_the_matching_rows(db_url: str, tmp_path: P
         assert none == {"next": None, "rows": []}
 
 
+async def test_rows_say_whether_their_market_data_was_live_delayed_or_frozen(
+    db_url: str, tmp_path: Path
+) -> None:
+    flags = ["live", "delayed", "frozen", None]
+    async with open_api(db_url, tmp_path) as h:
+        await h.put([make_snapshot(i, market_data=flags[i]) for i in range(4)])
+        _, body = await h.get_json("/v1/greeks/snapshots")
+        assert [r["market_data"] for r in body["rows"]] == flags
+        _, latest = await h.get_json("/v1/greeks/latest")
+        assert {r["market_data"] for r in latest["rows"]} == set(flags)
+
+
 async def test_latest_is_the_newest_row_per_contract(db_url: str, tmp_path: Path) -> None:
     async with open_api(db_url, tmp_path) as h:
         rows = _rows(300)

@@ -53,3 +53,17 @@ async def test_simulator_to_greek_snapshots_rows(db_url: str) -> None:
             assert rho is None and abs(iv - float(sent["7633"][:-1]) / 100) < 1e-12
             assert (bid, ask, last) == (float(sent["84"]), float(sent["86"]), float(sent["31"]))
             assert payload["7308"] == sent["7308"]
+
+
+async def test_frozen_data_is_stored_flagged_never_as_live(db_url: str) -> None:
+    status = StreamStatus("ibkr")
+    async with (
+        open_ibkr_sim(tick_interval=0.01, availability="ZpB") as sim,
+        open_pipeline(db_url, flush_rows=20, flush_ms=50) as pipeline,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(IbkrStream(sim.url, rest_min_interval=0.0).run, pipeline.sink, status)
+        await wait_until(lambda: status.ticks > 50, what="ticks")
+        nursery.cancel_scope.cancel()
+    rows = fetch_rows(db_url, "SELECT market_data, count(*) FROM greek_snapshots GROUP BY 1")
+    assert len(rows) == 1 and rows[0][0] == "frozen" and rows[0][1] > 50

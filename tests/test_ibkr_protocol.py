@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.model import Broker, ContractKey, OptionRight
 
@@ -191,6 +192,110 @@ def test_server_frames_parse_back() -> None:
     assert p.parse_frame(frame) == p.MarketData(42, {"7308": "0.5"}, 1700000000000)
     assert p.parse_frame(p.sts_frame(False, competing=True)) == p.AuthStatus(False, True, "", "")
     assert p.parse_frame(p.WAITING_FOR_SESSION) == p.WaitingForSession()
+
+
+def test_a_partial_sts_leaves_absent_flags_unknown_and_odd_types_malformed() -> None:
+    sts = '{"topic":"sts","args":%s}'
+    assert p.parse_frame(sts % '{"competing":false}') == p.AuthStatus(None, False, "", "")
+    assert p.parse_frame(sts % '{"message":"x"}') == p.AuthStatus(None, None, "x", "")
+    assert p.parse_frame(sts % '{"authenticated":null}') == p.AuthStatus(None, None, "", "")
+    assert isinstance(p.parse_frame(sts % '{"authenticated":"false"}'), p.Malformed)
+
+
+def _decide(*frames: dict[str, Any]) -> list[c.Ready | c.Lost | None]:
+    state = c.SessionState()
+    return [state.update(p.AuthStatus(**{"message": "", "fail": "", **f})) for f in frames]
+
+
+def test_session_state_decides_only_on_explicit_flags_across_split_frames() -> None:
+    # a login as real gateways send it: competing, then message, then authenticated
+    split_login = _decide(
+        {"authenticated": None, "competing": False},
+        {"authenticated": None, "competing": None},
+        {"authenticated": True, "competing": None},
+    )
+    assert split_login == [None, None, c.Ready()]
+    # an expiry: the message arrives before the flag it explains
+    expiry = _decide(
+        {"authenticated": None, "competing": False},
+        {"authenticated": None, "competing": None, "message": "session expired"},
+        {"authenticated": False, "competing": None},
+    )
+    assert expiry == [None, None, c.Lost("not authenticated: session expired")]
+    assert _decide({"authenticated": True, "competing": True}) == [c.Lost(c.COMPETING)]
+    assert _decide({"authenticated": None, "competing": True}) == [c.Lost(c.COMPETING)]
+    assert _decide({"authenticated": True, "competing": False}) == [c.Ready()]
+
+
+def test_market_data_quality_comes_from_field_6509_and_marks_rows() -> None:
+    assert [p.market_data_quality(v) for v in ("RpB", "DpB", "ZpB", "YpB", "N", "", None)] == [
+        "live",
+        "delayed",
+        "frozen",
+        "frozen",
+        None,
+        None,
+        None,
+    ]
+    book, option = _book()
+    snap = book.apply(_md(option.conid, {"7308": "-0.41"}), RECEIVED)
+    assert snap is not None and snap.market_data is None  # 6509 not seen yet: unknown
+    book.apply(_md(option.conid, {"6509": "DpB"}), RECEIVED)
+    snap = book.apply(_md(option.conid, {"7308": "-0.42"}), RECEIVED)
+    assert snap is not None and snap.market_data == "delayed"
+    assert book.quality_counts() == {"delayed_contracts": 1, "frozen_contracts": 0}
+    book.apply(_md(option.conid, {"6509": "ZpB"}), RECEIVED)
+    assert book.quality_counts() == {"delayed_contracts": 0, "frozen_contracts": 1}
+
+
+def test_json_number_values_are_taken_as_their_text() -> None:
+    frame = '{"topic":"smd+42","conid":42,"_updated":1,"31":190.125,"7308":0.56,"84":""}'
+    event = p.parse_frame(frame)
+    assert event == p.MarketData(42, {"31": "190.125", "7308": "0.56", "84": ""}, 1)
+
+
+def test_rest_answers_name_what_the_user_must_do() -> None:
+    url = "https://localhost:5000"
+    assert c.rest_failure("POST", "/tickle", 200, {}, "", url) is None
+    assert c.rest_failure("POST", "/tickle", 401, None, "", url) == (
+        c.Failure.NOT_LOGGED_IN,
+        "gateway not logged in: open https://localhost:5000 and log in",
+    )
+    no_bridge = c.rest_failure("GET", "/iserver/accounts", 400, {"error": "no bridge"}, "", url)
+    assert no_bridge is not None and no_bridge[0] is c.Failure.NO_BRIDGE
+    assert 'answered 400 "no bridge"' in no_bridge[1] and url in no_bridge[1]
+    elsewhere = c.rest_failure("GET", "/portfolio/accounts", 400, {"error": "no bridge"}, "", url)
+    assert elsewhere is not None and elsewhere[0] is c.Failure.ERROR  # only /iserver/* says it
+    other_401 = c.rest_failure("GET", "/portfolio/accounts", 401, None, "", url)
+    assert other_401 == (
+        c.Failure.NOT_AUTHENTICATED,
+        "not authenticated (HTTP 401 on GET /portfolio/accounts)",
+    )
+    too_many = c.rest_failure("GET", "/iserver/accounts", 429, None, "", url)
+    assert too_many is not None and too_many[0] is c.Failure.PENALTY_BOX
+    assert c.tickle_session({"error": "no session"}) == ("", False, False, "no session")
+
+
+def test_pacer_keeps_the_global_and_per_endpoint_spacing_and_the_penalty_box() -> None:
+    pacer = c.RestPacer()
+    assert pacer.acquire("/tickle", 0.0) == 0.0
+    assert pacer.acquire("/iserver/accounts", 0.0) == pytest.approx(0.1)  # 10/s overall
+    assert pacer.acquire("/iserver/accounts", 0.1) == 0.0
+    assert pacer.acquire("/tickle", 0.2) == pytest.approx(0.8)  # tickle 1/s
+    assert pacer.acquire("/portfolio/accounts", 0.2) == 0.0  # the waiting tickle holds none
+    assert pacer.acquire("/portfolio/accounts", 1.0) == pytest.approx(4.2)  # 1 per 5 s
+    assert pacer.acquire("/tickle", 1.0) == 0.0
+    assert pacer.acquire("/iserver/account/trades", 10.0) == 0.0
+    assert pacer.acquire("/iserver/account/trades", 14.9) == pytest.approx(0.1)
+    unpaced = c.RestPacer(scale=0.0)  # what `min_interval=0` gives (simulator tests)
+    assert unpaced.acquire("/tickle", 3.0) == unpaced.acquire("/tickle", 3.0) == 0.0
+    wall = datetime(2026, 1, 2, 14, 0, tzinfo=UTC)
+    assert pacer.penalize(100.0, wall, None) == 600.0  # no Retry-After: ~10 minutes
+    assert pacer.penalty_remaining(699.0) == pytest.approx(1.0)
+    assert pacer.penalty_remaining(700.0) == 0.0
+    assert pacer.penalty_reason() == "gateway penalty box until 14:10:00 UTC"
+    assert pacer.penalize(800.0, wall, 30.0) == 30.0  # Retry-After wins
+    assert pacer.penalty_reason() == "gateway penalty box until 14:00:30 UTC"
 
 
 json_values = st.recursive(

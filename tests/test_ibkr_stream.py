@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,14 @@ from trio_websocket import open_websocket_url
 
 from greeksd.backoff import Backoff, url_address
 from greeksd.brokers.ibkr import protocol as p
-from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayUnavailable, client_ssl_context
+from greeksd.brokers.ibkr.gateway import (
+    GatewayClient,
+    GatewayUnavailable,
+    NoBridge,
+    NotLoggedIn,
+    PenaltyBox,
+    client_ssl_context,
+)
 from greeksd.brokers.ibkr.probe import probe_ibkr
 from greeksd.brokers.ibkr.stream import IbkrStream
 from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus
@@ -382,9 +390,9 @@ async def test_simulator_accepts_legacy_and_cookieless_sockets() -> None:
         assert sim.logins == ["legacy", "cookieless"]
 
 
-async def test_gateway_preflight_429_backoff_and_tls() -> None:
+async def test_gateway_preflight_and_tls() -> None:
     async with open_ibkr_sim(tick_interval=0.01) as sim:
-        async with GatewayClient(sim.url, min_interval=0.0, backoff_429_s=0.02) as gw:
+        async with GatewayClient(sim.url, min_interval=0.0) as gw:
             await gw.iserver_accounts()
             await wait_until(lambda: sim.market_ticks > 8, what="every contract priced")
             conid = next(iter(sim.conids.values()))
@@ -392,10 +400,6 @@ async def test_gateway_preflight_429_backoff_and_tls() -> None:
             assert first == [{"conid": conid, "conidEx": str(conid)}]
             second = await gw.snapshot([conid], ["31", "7308", "6509"])
             assert second[0]["6509"] == "RpB" and "31" in second[0]
-            sim.throttle(2)
-            calls = len(sim.rest_calls)
-            assert (await gw.auth_status()).authenticated
-            assert len(sim.rest_calls) - calls == 3
         async with GatewayClient(sim.url, verify_tls=True) as strict:
             with pytest.raises(GatewayUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
                 await strict.tickle()
@@ -404,6 +408,140 @@ async def test_gateway_preflight_429_backoff_and_tls() -> None:
             assert (await pinned.tickle()).session
     remote = client_ssl_context("https://gateway.example:5000", ca_file=None, verify_tls=False)
     assert remote.check_hostname
+
+
+PENALTY = r"gateway penalty box until \d\d:\d\d:\d\d UTC"
+
+
+async def test_a_429_is_a_penalty_box_nothing_is_sent_until_it_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ibkr_sim(tick_interval=None) as sim, GatewayClient(sim.url) as gw:
+        sim.throttle(1)  # one 429 without Retry-After
+        with pytest.raises(PenaltyBox, match=PENALTY):
+            await gw.auth_status()
+        sent = len(sim.rest_calls)
+        for wait in (0.0, 300.0, 299.0):  # 599 s into IBKR's ~10-minute box
+            await trio.sleep(wait)
+            with pytest.raises(PenaltyBox, match=PENALTY):
+                await gw.tickle()
+        assert len(sim.rest_calls) == sent, "a request reached the gateway in the penalty box"
+        await trio.sleep(1.0)
+        assert (await gw.tickle()).session and len(sim.rest_calls) == sent + 1
+
+
+async def test_a_429_with_retry_after_is_waited_out_for_that_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        open_ibkr_sim(
+            tick_interval=None, pacing=True, penalty_s=30, penalty_retry_after=True
+        ) as sim,
+        GatewayClient(sim.url, min_interval=0.0) as gw,  # pacing off: it will burst
+    ):
+        await gw.tickle()
+        with pytest.raises(PenaltyBox, match=PENALTY):
+            await gw.tickle()  # the second within 1 s: over IBKR's /tickle limit
+        assert gw.penalty_remaining() == pytest.approx(30.0)
+        assert len(sim.pacing_violations) == 1
+        await trio.sleep(29.9)
+        with pytest.raises(PenaltyBox):
+            await gw.tickle()
+        await trio.sleep(0.1)
+        assert (await gw.tickle()).session
+    assert sim.penalized_requests == 0  # nothing was sent inside the box
+
+
+async def test_logged_out_and_bridgeless_gateways_raise_what_to_do() -> None:
+    async with (
+        open_ibkr_sim(tick_interval=None) as sim,
+        GatewayClient(sim.url, min_interval=0) as gw,
+    ):
+        sim.log_out()
+        with pytest.raises(NotLoggedIn) as logged_out:
+            await gw.tickle()
+        assert logged_out.value.reason == f"gateway not logged in: open {sim.url} and log in"
+        sim.restore()
+        sim.drop_bridge()
+        with pytest.raises(NoBridge) as no_bridge:
+            await gw.iserver_accounts()
+        assert no_bridge.value.reason == (
+            "no bridge: the gateway has no brokerage session (GET /iserver/accounts "
+            f'answered 400 "no bridge"); log in again at {sim.url}'
+        )
+
+
+def requests_to(sim: IbkrGatewaySim, path: str) -> list[float]:
+    """When (trio time) the simulator received each request for `path`."""
+    return [at for at, got in sim.rest_log if got == f"/v1/api{path}"]
+
+
+def penalized(status: StreamStatus) -> bool:
+    return status.state is StreamState.DEGRADED and bool(re.fullmatch(PENALTY, status.reason or ""))
+
+
+@pytest.mark.parametrize("paced", [True, False], ids=["paced", "control-unpaced"])
+async def test_the_client_keeps_ibkrs_pacing_or_the_gateway_boxes_it(
+    paced: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The simulator enforces IBKR's limits. Asked to tickle every 0.3 s and to refresh
+    positions every 0.5 s, the client keeps to 1 /tickle per s, 1 /portfolio/accounts
+    per 5 s and 10 requests per s; with its pacing off (the control) the gateway puts it
+    in the penalty box, and the client then sends nothing at all."""
+    async with open_ibkr_sim(tick_interval=None, pacing=True) as sim:
+        options: dict[str, Any] = {"rest_min_interval": 0.1 if paced else 0.0}
+        async with running(sim, tickle_s=0.3, positions_refresh_s=0.5, **options) as (_, status):
+            await trio.sleep(60)
+            if paced:
+                assert sim.pacing_violations == [] and connected(status)
+            else:
+                assert sim.pacing_violations and penalized(status)
+                assert status.details["penalty_box_until"]
+    assert sim.penalized_requests == 0
+    if not paced:
+        return
+    tickles, accounts = requests_to(sim, "/tickle"), requests_to(sim, "/portfolio/accounts")
+    everything = [at for at, _ in sim.rest_log]
+    assert 55 <= len(tickles) <= 61 and 10 <= len(accounts) <= 13  # at the limits, not idle
+    assert min(b - a for a, b in itertools.pairwise(tickles)) >= 1.0 - 1e-9
+    assert min(b - a for a, b in itertools.pairwise(accounts)) >= 5.0 - 1e-9
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(everything, everything[10:], strict=False))
+
+
+async def test_a_penalty_box_at_connect_is_waited_out_then_the_stream_connects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ibkr_sim(tick_interval=None) as sim:
+        sim.throttle(1)  # the first request, the connect's /tickle, gets a 429
+        async with running(sim) as (_sink, status):
+            await wait_until(lambda: penalized(status), what="degraded: penalty box")
+            ((refused_at, _),) = sim.rest_log
+            await trio.sleep(refused_at + 599 - trio.current_time())
+            assert penalized(status) and len(sim.rest_log) == 1, "sent inside the box"
+            await trio.sleep(2)
+            await wait_until(lambda: connected(status), what="connected after the box")
+            assert status.reconnects == 1 and "penalty_box_until" not in status.details
+            assert requests_to(sim, "/tickle")[1] - refused_at >= 600.0 - 1e-6
+
+
+async def test_a_penalty_box_on_a_live_link_keeps_streaming_and_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ibkr_sim(tick_interval=None) as sim, running(sim) as (sink, status):
+        await wait_until(lambda: connected(status), what="connected")
+        sim.throttle(1)  # the next REST call (tickle or positions, at ~60 s) gets a 429
+        await trio.sleep(61)
+        assert penalized(status) and status.details["penalty_box_until"], (status, sim.rest_log)
+        refused_at = max(at for at, _ in sim.rest_log)
+        rows = len(sink.rows)
+        for _ in range(2 * len(sim.market.contracts)):
+            sim.tick()
+        await wait_until(lambda: len(sink.rows) > rows, what="rows inside the penalty box")
+        await trio.sleep(refused_at + 599 - trio.current_time())
+        assert max(at for at, _ in sim.rest_log) == refused_at, "sent inside the box"
+        await trio.sleep(70)  # the box is over, the next tickle answers
+        assert connected(status) and "penalty_box_until" not in status.details
+        assert status.reconnects == 0 and sim.ws_connects == 1
 
 
 async def test_probe_writes_coverage_and_succeeds(tmp_path: Path) -> None:
@@ -418,6 +556,20 @@ async def test_probe_writes_coverage_and_succeeds(tmp_path: Path) -> None:
     assert all(r["delta"] == "True" and r["implied_volatility"] == "True" for r in rows)
     assert all(float(r["first_greeks_ms"]) > 0 for r in rows)
     assert all(v["6509"] == "RpB" for v in summary["preflight"].values())
+    assert summary["market_data"] == {"live": 8, "delayed": 0, "frozen": 0, "unknown": 0}
+    assert all(r["market_data"] == "live" for r in rows)
+    assert not any("delayed or frozen" in h for h in summary["hints"])
+
+
+async def test_probe_reports_delayed_data_as_not_live(tmp_path: Path) -> None:
+    async with open_ibkr_sim(tick_interval=0.01, availability="DpB") as sim:
+        code = await probe_ibkr(sim.url, duration_s=1.5, out_dir=tmp_path, rest_min_interval=0.0)
+    summary = json.loads((tmp_path / "ibkr-probe.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "ibkr-probe-coverage.csv").open()))
+    assert code == 0, summary  # Greeks arrive, delayed
+    assert summary["market_data"] == {"live": 0, "delayed": 8, "frozen": 0, "unknown": 0}
+    assert {(r["availability"], r["market_data"]) for r in rows} == {("DpB", "delayed")}
+    assert any(h.startswith("8 contract(s) get delayed or frozen") for h in summary["hints"])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from greeksd.store.migrations import MigrationError, migrate, status
+from greeksd.store.migrations import SCHEMA_DIR, MigrationError, migrate, status
 from greeksd.store.partitions import create_partition, drop_expired, ensure_partitions
 from greeksd.store.writer import Writer
 from tests.factories import make_snapshot
@@ -16,7 +16,7 @@ from tests.helpers import fetch_rows
 
 
 def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
-    assert migrate(empty_db_url) == ["001_init", "002_persisted_at_default"]
+    assert migrate(empty_db_url) == ["001_init", "002_persisted_at_default", "003_data_quality"]
     tables = {
         r[0]
         for r in fetch_rows(
@@ -36,7 +36,11 @@ def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
     }
     assert any("(event_time DESC)" in d for d in indexes)
     assert any("(broker, account_id, contract_key, event_time DESC" in d for d in indexes)
-    assert status(empty_db_url) == [("001_init", True), ("002_persisted_at_default", True)]
+    assert status(empty_db_url) == [
+        ("001_init", True),
+        ("002_persisted_at_default", True),
+        ("003_data_quality", True),
+    ]
 
 
 def test_second_migrate_is_a_no_op(empty_db_url: str) -> None:
@@ -64,6 +68,53 @@ def test_failed_migration_leaves_nothing_half_applied(empty_db_url: str, tmp_pat
         migrate(empty_db_url, schema)
     assert fetch_rows(empty_db_url, "SELECT to_regclass('half')") == [(None,)]
     assert fetch_rows(empty_db_url, "SELECT count(*) FROM schema_migrations") == [(0,)]
+
+
+async def test_data_quality_column_reaches_existing_partitions_and_refuses_other_values(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """003 on a database that already holds rows in a daily partition and the default
+    one: the column appears everywhere, old rows are NULL (unknown), new rows carry the
+    flag, and a value other than live/delayed/frozen is refused."""
+    before = tmp_path / "schema"
+    before.mkdir()
+    for name in ("001_init.sql", "002_persisted_at_default.sql"):
+        (before / name).write_bytes((SCHEMA_DIR / name).read_bytes())
+    migrate(empty_db_url, before)
+    old = "INSERT INTO greek_snapshots (broker, account_id, contract_key, underlying,"
+    old += " expiration, strike, option_type, event_time, received_at, fingerprint)"
+    old += " VALUES ('ibkr', 'U1', 'AAPL 2026-12-18 C 190', 'AAPL', '2026-12-18', 190,"
+    old += " 'C', %s, now(), 1)"
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        ensure_partitions(conn, date(2026, 11, 25), 0)
+        conn.execute(old, (datetime(2026, 11, 25, 15, tzinfo=UTC),))
+        conn.execute(old, (datetime(2031, 1, 1, tzinfo=UTC),))  # the default partition
+    assert migrate(empty_db_url) == ["003_data_quality"]
+    columns = fetch_rows(
+        empty_db_url,
+        "SELECT table_name FROM information_schema.columns WHERE column_name = 'market_data'",
+    )
+    assert {c for (c,) in columns} == {
+        "greek_snapshots",
+        "greek_snapshots_p20261125",
+        "greek_snapshots_default",
+    }
+    writer = Writer(empty_db_url)
+    await writer.write_batch(
+        [make_snapshot(1, market_data="delayed"), make_snapshot(2, market_data="frozen")]
+    )
+    rows = fetch_rows(
+        empty_db_url, "SELECT market_data, count(*) FROM greek_snapshots GROUP BY 1 ORDER BY 1"
+    )
+    assert rows == [("delayed", 1), ("frozen", 1), (None, 2)]
+    with (
+        psycopg.connect(empty_db_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.CheckViolation),
+    ):
+        conn.execute(
+            old.replace("fingerprint)", "fingerprint, market_data)").replace("1)", "2, 'stale')"),
+            (datetime(2026, 11, 25, 16, tzinfo=UTC),),
+        )
 
 
 async def test_far_future_row_lands_in_default_partition_and_moves_later(db_url: str) -> None:

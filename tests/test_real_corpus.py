@@ -35,25 +35,8 @@ _GITHUB_SOURCE = re.compile(r"github:[\w.-]+/[\w.-]+ \S+@[0-9a-f]{40}")
 _URL_SOURCE = re.compile(r"https://\S+")
 _DATE = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?")
 
-_STS_MISSING_KEY = (
-    "ibkr protocol._classify: AuthStatus(bool(args.get('authenticated')), "
-    "bool(args.get('competing')), ...) turns a key the sts frame does not carry into False; "
-    "the real gateway sends partial sts frames, so a missing key must decode to None (unknown)"
-)
-_TICKLE_ERROR_BODY = (
-    "ibkr GatewayClient.tickle reads only body['iserver']['authStatus']: a 200 body "
-    "{'error': ...} becomes SessionInfo(authenticated=False, message='') and the gateway's "
-    "error text is lost"
-)
-XFAIL: dict[str, str] = {
-    "ibind-25-sts-competing-only": _STS_MISSING_KEY,
-    "ibind-25-sts-message-only": _STS_MISSING_KEY,
-    "cpwebapi-sts-authenticated-only": _STS_MISSING_KEY,
-    "cpapi-docs-sts": _STS_MISSING_KEY,
-    "gateway-doc-sts-competing-only": _STS_MISSING_KEY,
-    "ibeam-242-tickle-no-session": _TICKLE_ERROR_BODY,
-    "openapi-tickle-error": _TICKLE_ERROR_BODY,
-}
+# Items today's parsers get wrong, each with the reason: a strict xfail, so a fix shows.
+XFAIL: dict[str, str] = {}
 
 
 # ---- corpus ------------------------------------------------------------------------------

@@ -18,12 +18,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import HandshakeError, WebSocketConnection, open_websocket_url
 
-from greeksd.model import StreamState
+from greeksd.backoff import Backoff
+from greeksd.brokers.ibkr.connection import COMPETING
+from greeksd.brokers.ibkr.stream import IbkrStream
+from greeksd.model import StreamState, StreamStatus
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from tests.helpers import wait_until
-from tests.test_ibkr_stream import connected, running, sent_state
+from tests.test_ibkr_stream import ListSink, connected, requests_to, running, sent_state
 
 AAPL = 265598
 FENCE = "ech+fence"
@@ -272,56 +276,147 @@ async def test_numeric_fields_can_come_as_json_numbers() -> None:
         assert (values["31"], values["7633"], values["84"]) == (190.125, "28.4%", "")
 
 
+async def test_with_pacing_a_burst_gets_429_and_a_penalty_box(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with gateway(pacing=True, penalty_s=30.0, penalty_retry_after=True) as gw:
+        http = gw.http
+        assert (await http.post("/tickle")).status_code == 200
+        await trio.sleep(1.0)
+        assert (await http.post("/tickle")).status_code == 200  # 1/s is allowed
+        second = await http.post("/tickle")  # the same second: over the limit
+        assert (second.status_code, second.headers["Retry-After"]) == (429, "30")
+        assert (await http.get("/iserver/accounts")).status_code == 429  # in the box
+        assert [path for _, path in gw.sim.pacing_violations] == ["/v1/api/tickle"]
+        assert gw.sim.penalized_requests == 1
+        await trio.sleep(30.0)
+        statuses = [(await http.get("/iserver/accounts")).status_code for _ in range(11)]
+        assert statuses == [200] * 10 + [429]  # 10 per second overall
+        await trio.sleep(30.0)
+        assert (await http.get("/portfolio/accounts")).status_code == 200
+        await trio.sleep(4.0)
+        assert (await http.get("/portfolio/accounts")).status_code == 429  # 1 per 5 s
+
+
 # ---------------------------------------------------------------- greeksd's client
 
 
+def distinct_option_messages(sim: IbkrGatewaySim) -> int:
+    """Option market-data messages the simulator sent, a repeated image counted once
+    (the simulator queues the two copies back to back)."""
+    count, previous = 0, None
+    for tick in sim.sent_ticks:
+        count += tick != previous and tick.key is not None
+        previous = tick
+    return count
+
+
 async def test_our_client_takes_numbers_repeated_images_and_extra_tic_replies() -> None:
+    """One row per distinct market-data message: a first image sent twice adds no row,
+    three `tic` replies per `tic` are no error, JSON numbers are values like strings."""
     options = {"numeric_values": True, "duplicate_first_image": True, "tic_replies": 3}
     async with (
-        open_ibkr_sim(tick_interval=0.01, **options) as sim,
+        open_ibkr_sim(tick_interval=None, **options) as sim,
         running(sim, heartbeat_s=0.2) as (sink, status),
     ):
-
-        def caught_up() -> bool:
-            return all(
-                (s := sink.latest(str(k))) is not None
-                and s.delta is not None
-                and s.delta == float(sent_state(sim, c)["7308"])
-                for k, c in sim.conids.items()
-            )
-
-        await wait_until(caught_up, what="every option's delta = the last sent")
+        await wait_until(lambda: len(sim.lines()) == 13 and connected(status), what="subscribed")
+        for _ in range(4 * len(sim.market.contracts)):
+            sim.tick()
+        expected = distinct_option_messages(sim)
+        assert sum(t.key is not None for t in sim.sent_ticks) > expected, "no image repeated"
+        await wait_until(lambda: sum(t == "tic" for _, t in sim.received) >= 3, what="3 tics")
+        await wait_until(lambda: status.ticks >= expected, what="every distinct message read")
+        sim.tick()  # a fence: the socket is in order, so every repeat before it was read
+        await wait_until(lambda: status.ticks >= expected + 1, what="the fence's row")
+        assert len(sink.rows) == status.ticks == expected + 1
+        seen = [(s.contract_key, s.event_time, s.delta, s.bid, s.last) for s in sink.rows]
+        assert len(set(seen)) == len(seen), "a duplicated row"
+        for key, conid in sim.conids.items():
+            snap, sent = sink.latest(str(key)), sent_state(sim, conid)
+            assert snap is not None and snap.delta == float(sent["7308"])
+            assert (snap.bid, snap.ask) == (float(sent["84"]), float(sent["86"]))
         assert status.rejected_frames == 0 and status.reconnects == 0
+        assert "gateway_errors" not in status.details
     assert sim.rejections == []
 
 
 @pytest.mark.parametrize(
+    ("availability", "flag"), [("RpB", "live"), ("DpB", "delayed"), ("ZpB", "frozen")]
+)
+async def test_our_client_flags_delayed_and_frozen_rows_and_counts_them(
+    availability: str, flag: str
+) -> None:
+    async with (
+        open_ibkr_sim(tick_interval=0.01, availability=availability) as sim,
+        running(sim) as (sink, status),
+    ):
+        keys = {str(k) for k in sim.conids}
+        await wait_until(lambda: keys <= {s.contract_key for s in sink.rows}, what="all keys")
+        assert {s.market_data for s in sink.rows} == {flag}
+        n = len(keys)
+        counts = {"live": (0, 0), "delayed": (n, 0), "frozen": (0, n)}[flag]
+        shown = status.as_json()
+        assert (shown["delayed_contracts"], shown["frozen_contracts"]) == counts
+
+
+@pytest.mark.parametrize(
     ("fault", "reason"),
-    [("competing", "competing"), ("logged_out", "401"), ("no_bridge", "not authenticated")],
+    [
+        ("competing", "competing session: another login holds the brokerage session"),
+        ("logged_out", "gateway not logged in: open {url} and log in"),
+        ("no_bridge", "not authenticated: no bridge"),
+    ],
 )
 async def test_our_client_degrades_with_the_reason(fault: str, reason: str) -> None:
     async with open_ibkr_sim(tick_interval=0.01) as sim, running(sim) as (_sink, status):
+        reason = reason.format(url=sim.url)
         await wait_until(lambda: status.ticks > 5, what="first ticks")
         sim.apply_fault(fault)
         if fault != "competing":
             sim.drop_connections()  # the gateway's own sockets die with the session
         await wait_until(
-            lambda: status.state is StreamState.DEGRADED and reason in (status.reason or ""),
+            lambda: status.state is StreamState.DEGRADED and status.reason == reason,
             what=f"degraded: {reason}",
         )
         sim.restore()
         await wait_until(lambda: connected(status), what="connected after restore")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: IbkrStream reads a partial sts frame without `authenticated` as "
-    "authenticated=false and reconnects, so a gateway that splits sts never connects",
-)
 async def test_our_client_connects_through_a_split_sts() -> None:
+    slow_retry = Backoff(initial=10.0, maximum=10.0)  # the link's own reason stays visible
     async with (
         open_ibkr_sim(tick_interval=0.01, split_sts=True) as sim,
-        running(sim) as (_sink, status),
+        running(sim, backoff=slow_retry) as (_sink, status),
     ):
         await wait_until(lambda: status.ticks > 5, timeout=3, what="ticks")
         assert status.reconnects == 0
+        # a split expiry: {competing}, {message}, then {authenticated: false} ends the link
+        # at once (not at the next /tickle, 60 s away), with the earlier frame's message
+        sim.expire_session()
+        await wait_until(lambda: status.reconnects == 1, timeout=3, what="the link lost")
+        assert status.last_error == "not authenticated: session expired"
+        assert sim.ws_connects == 1 and len(requests_to(sim, "/tickle")) == 1  # no tickle yet
+
+
+async def test_a_competing_login_is_not_fought(autojump_clock: trio.testing.MockClock) -> None:
+    """Another login took the brokerage session: degraded with that reason, no websocket
+    while it lasts, only the production backoff's /tickle to notice its end (about ten in
+    two minutes, nothing that would take the session back), then connected again."""
+    async with open_ibkr_sim(tick_interval=None) as sim:
+        status = StreamStatus("ibkr")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(IbkrStream(sim.url, rest_min_interval=0.0).run, ListSink(), status)
+            await wait_until(lambda: connected(status), what="connected")
+            sim.compete()
+            await wait_until(
+                lambda: status.state is StreamState.DEGRADED and status.reason == COMPETING,
+                what="degraded: competing",
+            )
+            since = len(sim.rest_log)
+            await trio.sleep(120)
+            asked = [path for _, path in sim.rest_log[since:]]
+            assert set(asked) == {"/v1/api/tickle"} and 4 <= len(asked) <= 14, asked
+            assert sim.ws_connects == 1 and status.reason == COMPETING
+            sim.restore()
+            await wait_until(lambda: connected(status), what="connected after the other login")
+            nursery.cancel_scope.cancel()

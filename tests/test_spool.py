@@ -3,17 +3,19 @@ writer spooling while the database refuses and draining in order when it is back
 
 from __future__ import annotations
 
+import zlib
 from datetime import date, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 import trio
 import trio.testing
 
 from greeksd.model import Snapshot
-from greeksd.store.spool import MAGIC, Spool, SpoolFull
+from greeksd.store.spool import MAGIC, Spool, SpoolFull, snapshot_to_dict
 from greeksd.store.writer import Writer
 from tests.factories import make_snapshot
 from tests.helpers import count_rows, fetch_rows
@@ -32,6 +34,7 @@ def test_batches_round_trip_exactly_in_order(tmp_path: Path) -> None:
             rho=None,
             multiplier=None,
             source_payload={"7308": "0.5", "n": [1, 2]},
+            market_data="delayed",
         )
     ]
     spool.append(first)
@@ -40,6 +43,21 @@ def test_batches_round_trip_exactly_in_order(tmp_path: Path) -> None:
     assert bool(spool)
     spool.clear()
     assert list(spool.batches()) == [] and not spool
+
+
+def test_records_spooled_before_the_market_data_flag_still_read(tmp_path: Path) -> None:
+    """A spool written by the previous version (no `market_data` key) drains after an
+    upgrade: the flag is unknown (None), everything else as it was."""
+    path = tmp_path / "s.spool"
+    old = snapshot_to_dict(make_snapshot(0))
+    del old["market_data"]
+    payload = orjson.dumps([old])
+    with path.open("wb") as f:
+        f.write(MAGIC + len(payload).to_bytes(4, "big") + zlib.crc32(payload).to_bytes(4, "big"))
+        f.write(payload)
+    ((snapshot,),) = Spool(path, max_bytes=10_000_000).batches()
+    assert snapshot == make_snapshot(0, received_at=snapshot.received_at)
+    assert snapshot.market_data is None
 
 
 def test_torn_last_record_is_cut_and_kept_aside(tmp_path: Path) -> None:

@@ -123,6 +123,16 @@ async def test_every_column_round_trips_exactly(db_url: str) -> None:
         assert row[23] >= row[21], "persisted_at is after received_at"
 
 
+async def test_the_market_data_flag_is_stored_as_given(db_url: str) -> None:
+    flags = ("live", "delayed", "frozen", None)
+    writer = Writer(db_url)
+    await writer.write_batch([make_snapshot(i, market_data=f) for i, f in enumerate(flags)])
+    rows = fetch_rows(
+        db_url, "SELECT (source_payload->>'seq')::int, market_data FROM greek_snapshots"
+    )
+    assert sorted(rows) == list(enumerate(flags))
+
+
 async def test_same_batch_twice_is_stored_once(db_url: str) -> None:
     batch = [make_snapshot(i) for i in range(10)]
     writer = Writer(db_url)

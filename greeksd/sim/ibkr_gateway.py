@@ -18,14 +18,21 @@ including what real gateways do on their own: `sts` split into partial frames
 bridge (400 "no bridge" on /iserver), several `tic` replies per `tic` (`tic_replies`),
 the first market-data image twice (`duplicate_first_image`), delayed or frozen data
 (`availability`, field 6509) and numbers as JSON numbers (`numeric_values`).
+
+With `pacing` on it also enforces IBKR's documented REST pacing (`PACING_LIMITS`): a
+request over a limit gets 429 and puts the caller in the penalty box for `penalty_s`
+(IBKR: about 10 minutes), during which every /v1/api request gets 429 too. Off by
+default, because most tests run the client with its own pacing turned off for speed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,6 +65,17 @@ MALFORMED_FRAMES: tuple[str | bytes, ...] = (
     '{"topic":"smd+abc","31":"1"}',
     b"\xff\xfe binary garbage",
 )
+# IBKR's documented Client Portal pacing, from the protocol notes: at most `count`
+# requests in any `window` seconds, overall (None) and per endpoint.
+PACING_LIMITS: tuple[tuple[str | None, int, float], ...] = (
+    (None, 10, 1.0),
+    ("/v1/api/tickle", 1, 1.0),
+    ("/v1/api/portfolio/accounts", 1, 5.0),
+    ("/v1/api/iserver/account/trades", 1, 5.0),
+)
+# Windows are judged 10% short: two requests sent exactly one spacing apart can arrive a
+# little closer, and network jitter is not an offence.
+PACING_SLACK = 0.9
 FAULTS = (
     "drop",
     "stall",
@@ -75,6 +93,7 @@ FAULTS = (
     "delayed",
     "frozen",
     "numeric_values",
+    "pacing",
     "restore",
 )
 
@@ -160,6 +179,9 @@ class IbkrGatewaySim:
         duplicate_first_image: bool = False,
         availability: str = w.REALTIME,
         numeric_values: bool = False,
+        pacing: bool = False,
+        penalty_s: float = 600.0,
+        penalty_retry_after: bool = False,
     ) -> None:
         as_of = as_of or date.today()
         self.market = SyntheticMarket(contracts or default_contracts(as_of), as_of=as_of, seed=seed)
@@ -176,6 +198,13 @@ class IbkrGatewaySim:
         self.duplicate_first_image = duplicate_first_image
         self.availability = availability
         self.numeric_values = numeric_values
+        self.pacing = pacing
+        self.penalty_s = penalty_s
+        self.penalty_retry_after = penalty_retry_after  # a Retry-After header on the 429s
+        self.pacing_violations: list[tuple[float, str]] = []  # (trio time, path)
+        self.penalized_requests = 0  # requests that arrived inside the penalty box
+        self._recent: dict[str | None, deque[float]] = {}
+        self._penalty_until: float | None = None
         self.url = ""
         self.ca_file: Path | None = None
         self.conids: dict[ContractKey, int] = {}
@@ -189,6 +218,7 @@ class IbkrGatewaySim:
         self.dropped_ticks = 0  # option market-data messages the full outbox refused
         self.logins: list[str] = []  # "cookie", "legacy" or "cookieless", per socket
         self.rest_calls: list[str] = []
+        self.rest_log: list[tuple[float, str]] = []  # (trio time, path) per REST request
         self.executions: list[dict[str, Any]] = []  # what /iserver/account/trades lists
         self.extra_positions: list[dict[str, Any]] = []  # e.g. a futures option (FOP)
         self._by_conid: dict[int, SimContract] = {}
@@ -382,6 +412,7 @@ class IbkrGatewaySim:
             self._broadcast_sts()
         self._stalled = self._refuse_ws = False
         self._rest_delay, self._throttle = 0.0, 0
+        self._penalty_until = None
 
     def apply_fault(self, name: str, value: float | None = None) -> None:
         """`value`: seconds for slow_rest, requests for throttle, replies for
@@ -405,11 +436,44 @@ class IbkrGatewaySim:
             "delayed": lambda: setattr(self, "availability", w.DELAYED if on else w.REALTIME),
             "frozen": lambda: setattr(self, "availability", w.FROZEN if on else w.REALTIME),
             "numeric_values": lambda: setattr(self, "numeric_values", on),
+            "pacing": lambda: setattr(self, "pacing", on),
         }
         if name not in actions:
             raise ValueError(f"unknown fault {name!r}; use one of {', '.join(FAULTS)}")
         log.info("ibkr_sim_fault", fault=name, value=value)
         actions[name]()
+
+    # ---- REST pacing ----------------------------------------------------------------
+    def _pace(self, path: str) -> Response | None:
+        """The 429 for a request over IBKR's limits or inside the penalty box, else None
+        (and the request counts against the limits)."""
+        now = trio.current_time()
+        if self._penalty_until is not None and now < self._penalty_until:
+            self.penalized_requests += 1
+            log.warning("ibkr_sim_penalized_request", path=path)
+            return self._too_many(now)
+        windows = [
+            (self._recent.setdefault(endpoint, deque()), count, window * PACING_SLACK)
+            for endpoint, count, window in PACING_LIMITS
+            if endpoint is None or endpoint == path
+        ]
+        for recent, _count, window in windows:
+            while recent and now - recent[0] >= window:
+                recent.popleft()
+        if any(len(recent) >= count for recent, count, _window in windows):
+            self.pacing_violations.append((now, path))
+            self._penalty_until = now + self.penalty_s
+            log.warning("ibkr_sim_penalty_box", path=path, seconds=self.penalty_s)
+            return self._too_many(now)
+        for recent, _count, _window in windows:
+            recent.append(now)
+        return None
+
+    def _too_many(self, now: float) -> Response:
+        headers = {}
+        if self.penalty_retry_after and self._penalty_until is not None:
+            headers["Retry-After"] = str(math.ceil(self._penalty_until - now))
+        return Response("Too Many Requests", status=429, headers=headers)
 
     # ---- websocket ------------------------------------------------------------------
     def _send(self, conn: _Conn, frame: str | bytes) -> bool:
@@ -633,11 +697,16 @@ class IbkrGatewaySim:
         @app.before_request
         async def pace() -> Any:
             sim.rest_calls.append(request.path)
+            sim.rest_log.append((trio.current_time(), request.path))
             if sim._rest_delay:
                 await trio.sleep(sim._rest_delay)
             if sim._throttle > 0 and request.path.startswith("/v1/api"):
                 sim._throttle -= 1
                 return Response("Too Many Requests", status=429)
+            if sim.pacing and request.path.startswith("/v1/api"):
+                refused = sim._pace(request.path)
+                if refused is not None:
+                    return refused
             guarded = (
                 "/v1/api/iserver/accounts",
                 "/v1/api/portfolio",
@@ -823,10 +892,13 @@ async def run_ibkr_sim(
     tick_interval: float = 0.2,
     smd_expiry_s: float = 600.0,
 ) -> None:
-    """`greeksd sim ibkr --port 5000`: serve until interrupted."""
+    """`greeksd sim ibkr --port 5000`: serve until interrupted, enforcing IBKR's pacing
+    (greeksd's client keeps to it; `POST /sim/fault {"fault": "pacing", "value": 0}`
+    turns it off)."""
     sim = IbkrGatewaySim(
         default_contracts(date.today(), contracts),
         tick_interval=tick_interval,
         smd_expiry_s=smd_expiry_s,
+        pacing=True,
     )
     await sim.serve(host, port)

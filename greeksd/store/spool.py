@@ -124,6 +124,7 @@ def snapshot_to_dict(s: Snapshot) -> dict[str, Any]:
         "event_time": s.event_time.isoformat(),
         "received_at": s.received_at.isoformat(),
         "source_payload": s.source_payload,
+        "market_data": s.market_data,
     }
 
 
@@ -156,6 +157,7 @@ def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:
         event_time=datetime.fromisoformat(d["event_time"]),
         received_at=datetime.fromisoformat(d["received_at"]),
         source_payload=d["source_payload"],
+        market_data=d.get("market_data"),  # absent in records spooled before 003
     )
 
 

@@ -92,6 +92,7 @@ ROW_COLUMNS: tuple[str, ...] = (
     "mark",
     "event_time",
     "received_at",
+    "market_data",
 )
 STAGED_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "source_payload", "fingerprint")
 STAGED_TYPES: tuple[str, ...] = (
@@ -117,6 +118,7 @@ STAGED_TYPES: tuple[str, ...] = (
     "float8",
     "timestamptz",
     "timestamptz",
+    "text",
     "jsonb",
     "int8",
 )
@@ -203,6 +205,7 @@ def snapshot_row(s: Snapshot) -> tuple[Any, ...]:
         *values,
         s.event_time,
         s.received_at,
+        s.market_data,
         _jsonb(s.source_payload),
         fingerprint([None if quantity is None else float(quantity), *values]),
     )

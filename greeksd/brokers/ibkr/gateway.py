@@ -1,7 +1,10 @@
 """REST client for the Client Portal Gateway (HTTPS, httpx under trio).
 
-The gateway allows about 10 requests/s and can put a bursting client in a 10-minute
-penalty box, so every request goes through one pacer and a 429 backs off.
+IBKR paces REST calls (10/s overall, less on some endpoints) and answers a burst with 429
+and a penalty box of about 10 minutes, so every request takes a slot from one
+`RestPacer` (greeksd/brokers/ibkr/connection.py, one table of limits), and a 429 stops
+every request until the penalty is over: `PenaltyBox` is raised at once, without asking
+the gateway, so nothing hammers it. What each answer means is decided there too.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -17,8 +21,8 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from greeksd.backoff import Backoff
-from greeksd.brokers.ibkr import protocol
+from greeksd.brokers.ibkr import connection, protocol
+from greeksd.brokers.ibkr.connection import Failure, RestPacer
 from greeksd.brokers.ibkr.protocol import OptionPosition
 from greeksd.logs import get_logger
 
@@ -32,19 +36,38 @@ class GatewayError(Exception):
 
 
 class NotAuthenticated(GatewayError):
-    """No brokerage session: the user must log in to the gateway (or it reset daily)."""
+    """No usable brokerage session: the user must log in to the gateway (or it reset
+    daily), or another login holds the session. `reason` is the status text."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class RateLimited(GatewayError):
-    """Still 429 after backing off: the gateway's pacing limit (penalty box)."""
+class NotLoggedIn(NotAuthenticated):
+    """/tickle (or /iserver/auth/status) answered 401: the gateway itself is logged out;
+    the reason names the URL to log in at."""
+
+
+class NoBridge(NotAuthenticated):
+    """/iserver/* answered 400 "no bridge": logged-in gateway, no brokerage session."""
+
+
+class PenaltyBox(GatewayError):
+    """A 429, or a request refused locally because the penalty of an earlier 429 is not
+    over: the message says until when."""
 
 
 class GatewayUnavailable(GatewayError):
     """Could not reach the gateway (refused, TLS failure, timeout)."""
+
+
+_FAILURES: dict[Failure, type[GatewayError]] = {
+    Failure.NOT_LOGGED_IN: NotLoggedIn,
+    Failure.NOT_AUTHENTICATED: NotAuthenticated,
+    Failure.NO_BRIDGE: NoBridge,
+    Failure.ERROR: GatewayError,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +82,7 @@ class SessionInfo:
     @property
     def problem(self) -> str | None:
         """The degraded reason, or None when market data can flow."""
-        if self.competing:
-            return "competing session"
-        if not self.authenticated:
-            return "not authenticated" + (f": {self.message}" if self.message else "")
-        return None
+        return connection.session_problem(self.authenticated, self.competing, self.message)
 
 
 def client_ssl_context(url: str, *, ca_file: Path | None, verify_tls: bool) -> ssl.SSLContext:
@@ -87,19 +106,20 @@ class GatewayClient:
         *,
         ca_file: Path | None = None,
         verify_tls: bool = False,
-        min_interval: float = 0.1,
+        min_interval: float = connection.GLOBAL_INTERVAL_S,
         timeout: float = 10.0,
-        retries_429: int = 4,
-        backoff_429_s: float = 1.0,
+        penalty_s: float = connection.PENALTY_S,
     ) -> None:
+        """`min_interval`: the spacing of IBKR's global limit (0.1 s = 10/s); the
+        per-endpoint spacings keep their ratio to it, so 0 turns pacing off (only for a
+        simulator that does not enforce it). `penalty_s`: the penalty box after a 429
+        that carries no Retry-After."""
         self.url = url.rstrip("/")
         self.ssl_context = client_ssl_context(url, ca_file=ca_file, verify_tls=verify_tls)
-        self._min_interval = min_interval
         self._timeout = timeout
-        self._retries_429 = retries_429
-        self._backoff_429_s = backoff_429_s
-        self._pace = trio.Lock()
-        self._next_slot = 0.0
+        self._pacer = RestPacer(
+            scale=min_interval / connection.GLOBAL_INTERVAL_S, default_penalty_s=penalty_s
+        )
         self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> Self:
@@ -126,59 +146,68 @@ class GatewayClient:
     def ws_url(self) -> str:
         return "wss://" + self.url.split("://", 1)[1] + "/v1/api/ws"
 
-    async def _paced(self) -> None:
-        async with self._pace:
-            now = trio.current_time()
-            if now < self._next_slot:
-                await trio.sleep(self._next_slot - now)
-            self._next_slot = max(now, self._next_slot) + self._min_interval
+    def penalty_remaining(self) -> float:
+        """Seconds until the gateway may be asked again (0 outside a penalty box)."""
+        return self._pacer.penalty_remaining(trio.current_time())
+
+    @property
+    def penalty_until(self) -> datetime | None:
+        """Wall-clock end of the current or last penalty box."""
+        return self._pacer.penalty_until_wall
+
+    def _refuse_in_penalty(self) -> None:
+        if self._pacer.penalty_remaining(trio.current_time()) > 0:
+            raise PenaltyBox(self._pacer.penalty_reason())
+
+    async def _paced(self, path: str) -> None:
+        self._refuse_in_penalty()
+        while (delay := self._pacer.acquire(path, trio.current_time())) > 0:
+            await trio.sleep(delay)
+            self._refuse_in_penalty()  # a 429 may have come while this call waited
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """JSON body of one call; 401 => NotAuthenticated, 429 => back off and retry."""
+        """JSON body of one call. 401 => NotAuthenticated (NotLoggedIn on /tickle), 400
+        "no bridge" => NoBridge, 429 => PenaltyBox and no request until it is over."""
         assert self._client is not None, "use `async with GatewayClient(...)`"
-        backoff = Backoff(initial=self._backoff_429_s, maximum=30.0)
-        for _attempt in range(self._retries_429 + 1):
-            await self._paced()
-            try:
-                response = await self._client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                raise GatewayUnavailable(f"{method} {path}: {_root_cause(exc)}") from exc
-            if response.status_code == 429:
-                delay = _retry_after(response) or backoff.next_delay()
-                log.warning("ibkr_rate_limited", path=path, retry_in_s=round(delay, 2))
-                await trio.sleep(delay)
-                continue
-            if response.status_code == 401:
-                raise NotAuthenticated(f"{method} {path}: 401 not authenticated")
-            if response.status_code >= 400:
-                raise GatewayError(
-                    f"{method} {path}: HTTP {response.status_code} {response.text[:200]}"
-                )
-            try:
-                return response.json()
-            except ValueError as exc:
-                raise GatewayError(f"{method} {path}: response is not JSON") from exc
-        raise RateLimited(f"{method} {path}: still 429 after {self._retries_429} retries")
+        await self._paced(path)
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise GatewayUnavailable(f"{method} {path}: {_root_cause(exc)}") from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = _NOT_JSON
+        failure = connection.rest_failure(
+            method, path, response.status_code, body, response.text, self.url
+        )
+        if failure is None:
+            if body is _NOT_JSON:
+                raise GatewayError(f"{method} {path}: response is not JSON")
+            return body
+        kind, reason = failure
+        if kind is Failure.PENALTY_BOX:
+            seconds = self._pacer.penalize(
+                trio.current_time(), datetime.now(UTC), _retry_after(response)
+            )
+            reason = self._pacer.penalty_reason()
+            log.warning("ibkr_penalty_box", call=f"{method} {path}", seconds=seconds, until=reason)
+            raise PenaltyBox(reason)
+        raise _FAILURES[kind](reason)
 
     async def auth_status(self) -> SessionInfo:
         body = _object(await self.request("POST", "/iserver/auth/status"), "auth status")
         return SessionInfo(
             "",
-            bool(body.get("authenticated")),
-            bool(body.get("competing")),
-            str(body.get("message") or body.get("fail") or ""),
+            body.get("authenticated") is True,
+            body.get("competing") is True,
+            str(body.get("message") or body.get("fail") or body.get("error") or ""),
         )
 
     async def tickle(self) -> SessionInfo:
         """Keeps the session alive; its `session` token logs the websocket in."""
         body = _object(await self.request("POST", "/tickle"), "tickle")
-        auth = (body.get("iserver") or {}).get("authStatus") or {}
-        return SessionInfo(
-            str(body.get("session") or ""),
-            bool(auth.get("authenticated")),
-            bool(auth.get("competing")),
-            str(auth.get("message") or ""),
-        )
+        return SessionInfo(*connection.tickle_session(body))
 
     async def iserver_accounts(self) -> list[str]:
         """Must run once per session before market data flows."""
@@ -256,6 +285,9 @@ class PositionScan:
     options: list[OptionPosition]
     problems: list[str]
     future_options: int = 0
+
+
+_NOT_JSON = object()
 
 
 def _object(body: Any, what: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.gateway import GatewayClient
 from greeksd.brokers.ibkr.stream import LINK_ERRORS, LinePlan, load_option_positions, open_socket
@@ -83,16 +84,24 @@ async def probe_ibkr(
             found.hints.append(f"gateway session failed: {exc}")
     rows = _coverage(plan, book, found)
     covered = contracts_covered(rows)
+    quality = [str(row["market_data"] or "unknown") for row in rows]
     found.summary |= {
         "contracts": len(rows),
         "contracts_with_greeks": covered,
         "market_data_messages": found.market_messages,
+        "market_data": {k: quality.count(k) for k in (p.LIVE, p.DELAYED, p.FROZEN, "unknown")},
     }
     if covered == 0:
         found.hints += _zero_coverage_hints(plan, found)
-    return finish_report(
-        out_dir, "ibkr", found.summary, found.hints, rows, ("contract_key", "conid", "availability")
-    )
+    not_live = [q for q in quality if q in (p.DELAYED, p.FROZEN)]
+    if not_live:
+        found.hints.append(
+            f"{len(not_live)} contract(s) get delayed or frozen market data (field 6509): "
+            "their rows are flagged market_data='delayed'/'frozen', not live; check the "
+            "account's market-data subscriptions (frozen also means the market is closed)"
+        )
+    columns = ("contract_key", "conid", "availability", "market_data")
+    return finish_report(out_dir, "ibkr", found.summary, found.hints, rows, columns)
 
 
 async def _session(
@@ -107,11 +116,16 @@ async def _session(
     auth = await gw.auth_status()
     tickle = await gw.tickle()
     summary |= {"authenticated": auth.authenticated, "competing": auth.competing}
-    if auth.problem or tickle.problem:
-        found.hints.append(
-            f"{auth.problem or tickle.problem}: log in to the gateway in a "
-            "browser (sessions also reset daily around 01:00)"
+    problem = auth.problem or tickle.problem
+    if problem:
+        advice = (
+            "log out of the other login (TWS, the mobile app, another gateway) or log in "
+            "here again to take the session over"
+            if problem == c.COMPETING
+            else f"log in to the gateway in a browser at {gw.url} (sessions also reset "
+            "daily around 01:00)"
         )
+        found.hints.append(f"{problem}: {advice}")
         return LinePlan([], [], [])
     summary["iserver_accounts"] = await gw.iserver_accounts()
     plan = LinePlan.build(await load_option_positions(gw), max_lines)
@@ -144,12 +158,17 @@ async def _listen(
 ) -> None:
     summary = found.summary
     options = {o.conid for o in plan.options}
+    session = c.SessionState()  # sts may come split in partial frames
     while True:
         event = p.parse_frame(await ws.get_message())
         summary.setdefault("first_message_ms", elapsed_ms())
         if isinstance(event, p.AuthStatus):
-            summary["sts_authenticated"] = event.authenticated
-            if event.authenticated and "subscribed_ms" not in summary:
+            verdict = session.update(event)
+            summary["sts_authenticated"] = session.authenticated
+            if isinstance(verdict, c.Lost):
+                found.hints.append(f"websocket status: {verdict.reason}")
+                return
+            if isinstance(verdict, c.Ready) and "subscribed_ms" not in summary:
                 for conid, fields in plan.wanted().items():
                     await ws.send_message(p.smd_command(conid, fields))
                 summary["subscribed_ms"] = elapsed_ms()
@@ -175,6 +194,7 @@ def _coverage(plan: LinePlan, book: p.MarketDataBook, found: _Findings) -> list[
             "contract_key": str(option.contract.key),
             "conid": option.conid,
             "availability": merged.get(p.AVAILABILITY, ""),
+            "market_data": book.market_data(option.conid),
         }
         row |= {name: p.parse_value(merged.get(fid)) is not None for name, fid in COVERAGE.items()}
         row["first_greeks_ms"] = found.first_greeks_ms.get(option.conid)

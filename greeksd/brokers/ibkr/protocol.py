@@ -55,8 +55,11 @@ class TicReply:
 
 @dataclass(frozen=True, slots=True)
 class AuthStatus:
-    authenticated: bool
-    competing: bool
+    """One `sts` frame. Real gateways split a status into several frames, each with only
+    some fields: a field the frame does not carry is None (unknown), never False."""
+
+    authenticated: bool | None
+    competing: bool | None
     message: str
     fail: str
 
@@ -145,6 +148,15 @@ def _int_or_none(value: Any) -> int | None:
     return None
 
 
+def _tri_state(args: Mapping[str, Any], key: str) -> bool | None:
+    """An `sts` flag: absent or null => None (unknown); anything but a JSON bool is
+    malformed rather than guessed."""
+    value = args.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"sts {key} must be a boolean, got {value!r:.40}")
+
+
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
@@ -194,8 +206,8 @@ def _classify(obj: dict[str, Any]) -> Event:
         return Notice(topic, obj)
     if topic == "sts" and isinstance(args, dict):
         return AuthStatus(
-            bool(args.get("authenticated")),
-            bool(args.get("competing")),
+            _tri_state(args, "authenticated"),
+            _tri_state(args, "competing"),
             str(args.get("message") or ""),
             str(args.get("fail") or ""),
         )
@@ -262,6 +274,18 @@ def parse_fraction(raw: Any) -> float | None:
 
 def epoch_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+LIVE, DELAYED, FROZEN = "live", "delayed", "frozen"
+_QUALITY = {"R": LIVE, "D": DELAYED, "Z": FROZEN, "Y": FROZEN}
+
+
+def market_data_quality(availability: str | None) -> str | None:
+    """Field 6509's first letter: R realtime => 'live', D delayed => 'delayed', Z frozen
+    and Y frozen-delayed => 'frozen'; N (not subscribed), empty or absent => None
+    (unknown). A delayed or frozen row's `_updated` is the push time, not a quote time,
+    so rows carry this flag and are never taken for live data."""
+    return _QUALITY.get(availability[:1]) if availability else None
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -497,6 +521,18 @@ class MarketDataBook:
     def fields(self, conid: int) -> dict[str, str]:
         return self._fields.get(conid, {})
 
+    def market_data(self, conid: int) -> str | None:
+        """'live', 'delayed', 'frozen' or None (unknown) for a conid's data so far."""
+        return market_data_quality(self._fields.get(conid, {}).get(AVAILABILITY))
+
+    def quality_counts(self) -> dict[str, int]:
+        """How many held options currently get delayed or frozen data."""
+        kinds = [self.market_data(conid) for conid in self._options]
+        return {
+            "delayed_contracts": kinds.count(DELAYED),
+            "frozen_contracts": kinds.count(FROZEN),
+        }
+
     def apply(self, event: MarketData, received_at: datetime) -> Snapshot | None:
         merged = self._fields.setdefault(event.conid, {})
         changed = False
@@ -529,6 +565,7 @@ class MarketDataBook:
             last=parse_value(merged.get(LAST)),
             mark=parse_value(merged.get(MARK)),
             source_payload=dict(merged),
+            market_data=market_data_quality(merged.get(AVAILABILITY)),
         )
 
 

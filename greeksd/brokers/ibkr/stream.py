@@ -26,8 +26,14 @@ from trio_websocket import (
 )
 
 from greeksd.backoff import Backoff, Reconnect, url_address
+from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
-from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, NotAuthenticated
+from greeksd.brokers.ibkr.gateway import (
+    GatewayClient,
+    GatewayError,
+    NotAuthenticated,
+    PenaltyBox,
+)
 from greeksd.brokers.ibkr.protocol import OptionPosition
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
@@ -44,6 +50,10 @@ LINK_ERRORS = (GatewayError, HandshakeError, ConnectionClosed, trio.BrokenResour
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 class LinkLost(Exception):
@@ -172,7 +182,13 @@ class IbkrStream:
                     status.reconnects += 1
                     status.set_state(StreamState.DEGRADED, reason, now=_now())
                     log.warning("ibkr_link_lost", reason=reason)
-                    await self.reconnect.pause(status, url_address(self.url))
+                    penalty = gw.penalty_remaining()
+                    if penalty > 0:  # not one request before IBKR's penalty box is over
+                        status.details["penalty_box_until"] = _iso(gw.penalty_until)
+                        log.warning("ibkr_penalty_box_wait", seconds=round(penalty, 1))
+                        await trio.sleep(penalty)
+                    else:
+                        await self.reconnect.pause(status, url_address(self.url))
 
     async def _connect_once(
         self, gw: GatewayClient, sink: SnapshotSink, status: StreamStatus
@@ -226,6 +242,7 @@ class _Link:
     positions: list[OptionPosition]
     session: str
     book: p.MarketDataBook = field(default_factory=p.MarketDataBook)
+    session_state: c.SessionState = field(default_factory=c.SessionState)
     lines: dict[int, tuple[str, ...]] = field(default_factory=dict)
     ready: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -263,22 +280,22 @@ class _Link:
                 if snapshot is not None:
                     self.sink.put(snapshot)
                     status.ticks += 1
+                if p.AVAILABILITY in event.fields:  # bookkeeping frames: rare
+                    self.report_quality()
             case p.Trades(executions=executions):
                 await self.record_trades(executions)
-            case p.AuthStatus(authenticated=True, competing=False):
-                if not self.ready.is_set():
+            case p.AuthStatus():  # possibly partial: merged, decided in `connection`
+                verdict = self.session_state.update(event)
+                if isinstance(verdict, c.Lost):
+                    raise NotAuthenticated(verdict.reason)
+                if isinstance(verdict, c.Ready) and not self.ready.is_set():
                     await self.subscribe(self.positions)
                     await self.ws.send_message(p.TRADES_SUBSCRIBE)
                     self.ready.set()
                     self.stream.backoff.reset()
+                    status.details.pop("penalty_box_until", None)
                     status.set_state(StreamState.CONNECTED, now=_now())
                     log.info("ibkr_connected", lines=len(self.lines))
-            case p.AuthStatus(competing=competing, message=message):
-                raise NotAuthenticated(
-                    "competing session"
-                    if competing
-                    else "not authenticated" + (f": {message}" if message else "")
-                )
             case p.Malformed(reason=reason, raw=raw):
                 status.rejected_frames += 1
                 log.warning("ibkr_bad_frame", reason=reason, frame=raw[:80])
@@ -323,6 +340,33 @@ class _Link:
             )
         self.status.details["left_out"] = left_out
         self.status.subscriptions = len(self.lines)
+        self.report_quality()
+
+    def report_quality(self) -> None:
+        """Status counts of held options whose data is delayed or frozen (field 6509),
+        logged when they change: such rows are flagged, never passed off as live."""
+        counts = self.book.quality_counts()
+        details = self.status.details
+        if any(details.get(k, 0) != v for k, v in counts.items()) and any(counts.values()):
+            log.warning("ibkr_market_data_not_live", **counts)
+        details.update(counts)
+
+    def rest_failed(self, event: str, exc: GatewayError, **fields: Any) -> None:
+        """A REST call of a running link failed: log it; a penalty box also degrades the
+        status (the websocket keeps streaming, `tic` keeps the session alive)."""
+        log.warning(event, error=str(exc), **fields)
+        if isinstance(exc, PenaltyBox):
+            self.status.details["penalty_box_until"] = _iso(self.gw.penalty_until)
+            self.status.set_state(StreamState.DEGRADED, str(exc), now=_now())
+
+    def rest_ok(self) -> None:
+        """A REST call succeeded again: a penalty box that degraded the link is over
+        (unless this call was answered before a concurrent one drew the 429)."""
+        if self.gw.penalty_remaining() > 0:
+            return
+        if self.status.details.pop("penalty_box_until", None) and self.ready.is_set():
+            self.status.set_state(StreamState.CONNECTED, now=_now())
+            log.info("ibkr_penalty_box_over")
 
     async def trades_backfill(self) -> None:
         """Once per connection: executions that happened while no socket listened. The
@@ -333,7 +377,7 @@ class _Link:
         except NotAuthenticated:
             raise
         except GatewayError as exc:  # the live topic still works; the next link retries
-            log.warning("ibkr_trades_backfill_failed", error=str(exc))
+            self.rest_failed("ibkr_trades_backfill_failed", exc)
             return
         await self.record_trades(executions)
 
@@ -369,7 +413,7 @@ class _Link:
         except NotAuthenticated:
             raise
         except GatewayError as exc:
-            log.warning("ibkr_secdef_failed", conids=len(conids), error=str(exc))
+            self.rest_failed("ibkr_secdef_failed", exc, conids=len(conids))
             return
         for conid, secdef in secdefs.items():
             try:
@@ -385,9 +429,15 @@ class _Link:
     async def tickle_loop(self) -> None:
         while True:
             await trio.sleep(self.stream.tickle_s)
-            info = await self.gw.tickle()
+            try:
+                info = await self.gw.tickle()
+            except PenaltyBox as exc:  # no REST for now; the websocket's `tic` goes on
+                self.rest_failed("ibkr_tickle_skipped", exc)
+                await trio.sleep(self.gw.penalty_remaining())
+                continue
             if info.problem:
                 raise NotAuthenticated(info.problem)
+            self.rest_ok()
 
     async def renew_loop(self) -> None:
         """Re-send every smd before IBKR's 10-minute stream expiry."""
@@ -407,6 +457,8 @@ class _Link:
             except NotAuthenticated:
                 raise
             except GatewayError as exc:  # keep streaming what we have; next refresh retries
-                log.warning("ibkr_positions_refresh_failed", error=str(exc))
+                self.rest_failed("ibkr_positions_refresh_failed", exc)
+                await trio.sleep(self.gw.penalty_remaining())
                 continue
+            self.rest_ok()
             await self.subscribe(self.positions)
