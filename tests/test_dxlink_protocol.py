@@ -151,7 +151,7 @@ def test_several_event_types_in_one_message() -> None:
         "Quote",
         ["Quote", "AAPL", 189.9, 190.1],
         "Greeks",
-        ["Greeks", ".AAPL250620C190", 0, 5, 5.0, 0.27, 0.5, 0.03, -0.08, 0.04, 0.2],
+        ["Greeks", ".AAPL250620C190", 0, 0, 2**60 + 1, 5, 5.0, 0.27, 0.5, 0.03, -0.08, 0.04, 0.2],
     ]
     mapper = dx.SnapshotMapper()
     mapper.set_contracts([contract("AAPL 2025-06-20 C 190", quantity=-2)])

@@ -432,11 +432,6 @@ async def test_our_client_breaks_no_rule_and_survives_reorder_and_early_auth_sta
     assert_rows_match_sent(sink.rows, sim.sent_events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream rebuilds its layouts from its requested fields plus "
-    "the latest FEED_CONFIG only, so a FEED_CONFIG for Quote drops an earlier one for Greeks",
-)
 async def test_our_client_merges_feed_configs_per_event_type() -> None:
     async with (
         open_tastytrade_sim(contracts=contracts(2), tick_interval=0.02) as sim,
@@ -451,11 +446,6 @@ async def test_our_client_merges_feed_configs_per_event_type() -> None:
     assert_rows_match_sent(sink.rows, sim.sent_events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream treats ERROR UNAUTHORIZED as a refused token and "
-    "reconnects, though the spec makes an ERROR informational (a refused token is AUTH_STATE)",
-)
 async def test_our_client_keeps_its_session_through_an_informational_error() -> None:
     async with (
         open_tastytrade_sim(contracts=contracts(2), tick_interval=0.02) as sim,
@@ -469,11 +459,6 @@ async def test_our_client_keeps_its_session_through_an_informational_error() -> 
         assert status.reconnects == 0 and status.details["token_fetches"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream has no deadline for CHANNEL_OPENED, so a refused or "
-    "never-opened channel leaves it CONNECTED with no data forever",
-)
 @pytest.mark.parametrize("refusal", ["error", "silent"])
 async def test_our_client_does_not_wait_forever_for_a_channel(
     refusal: str, mock_clock: trio.testing.MockClock
