@@ -29,6 +29,7 @@ import trio
 
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.connection import FeedChannel
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
@@ -123,28 +124,29 @@ class DxlinkReplayer:
 
     def __init__(self) -> None:
         self.mapper = dx.SnapshotMapper()  # lives across links, as in the stream
-        self.channel = 1
-        self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None)
+        self.feed = FeedChannel(1)  # the stream's own rules for the channel's layouts
 
     def link(self, record: Record) -> None:
-        self.channel = int(record.body.get("channel", 1))
-        self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None)
+        self.feed = FeedChannel(int(record.body.get("channel", 1)))
 
     def positions(self, record: Record) -> None:
         self.mapper.set_contracts(contract_from_json(c) for c in record.body["positions"])
 
     def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
         message = dx.parse(record.data)
+        feed = self.feed
         if message.__class__ is dx.FeedData:
-            if message.channel != self.channel:  # type: ignore[union-attr]
+            if message.channel != feed.number:  # type: ignore[union-attr]
                 stats.rejected_events += 1
                 return []
-            events, problems = dx.decode_feed_data(message.data, self.layouts)  # type: ignore[union-attr]
+            events, problems = dx.decode_feed_data(message.data, feed.layouts)  # type: ignore[union-attr]
             rows, mapping_problems = self.mapper.map(events, record.at)
             stats.rejected_events += len(problems) + len(mapping_problems)
             return rows
-        if isinstance(message, dx.FeedConfig) and message.channel == self.channel:
-            self.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, message)
+        if isinstance(message, dx.FeedConfig) and message.channel == feed.number:
+            feed.feed_config(message)
+        elif isinstance(message, dx.ChannelOpened) and message.channel == feed.number:
+            feed.opened()
         elif isinstance(message, dx.Malformed):
             stats.malformed += 1
         return []

@@ -151,7 +151,7 @@ def test_several_event_types_in_one_message() -> None:
         "Quote",
         ["Quote", "AAPL", 189.9, 190.1],
         "Greeks",
-        ["Greeks", ".AAPL250620C190", 0, 5, 5.0, 0.27, 0.5, 0.03, -0.08, 0.04, 0.2],
+        ["Greeks", ".AAPL250620C190", 0, 0, 2**60 + 1, 5, 5.0, 0.27, 0.5, 0.03, -0.08, 0.04, 0.2],
     ]
     mapper = dx.SnapshotMapper()
     mapper.set_contracts([contract("AAPL 2025-06-20 C 190", quantity=-2)])
@@ -390,3 +390,60 @@ def test_event_time_is_the_exact_millisecond_or_received_at(
              "eventTime": event_time}  # fmt: skip
     (row,), _ = mapper.map([event], RECEIVED)
     assert row.event_time == expected
+
+
+def test_setup_timeouts_go_out_as_integers_as_the_spec_types_them() -> None:
+    frame = dx.build(dx.Setup(60.0, 60.0, dx.CLIENT_VERSION))
+    assert '"keepaliveTimeout":60,"acceptKeepaliveTimeout":60}' in frame
+    assert '"keepaliveTimeout":0.5' in dx.build(dx.Setup(0.5, None, dx.CLIENT_VERSION))
+
+
+def test_feed_config_is_merged_per_event_type() -> None:
+    requested = {"Greeks": ("eventSymbol", "delta", "gamma"), "Quote": ("eventSymbol", "bidPrice")}
+    greeks_only = dx.FeedConfig(1, "COMPACT", 0.1, {"Greeks": ("gamma", "eventSymbol", "delta")})
+    quote_only = dx.FeedConfig(1, "COMPACT", 0.1, {"Quote": ("bidPrice", "eventSymbol")})
+    silent = dx.FeedConfig(1, "COMPACT", 0.1, None)
+    layouts = dx.merge_feed_config(requested, greeks_only)
+    layouts = dx.merge_feed_config(layouts, quote_only)
+    layouts = dx.merge_feed_config(layouts, silent)  # a FEED_CONFIG without eventFields
+    assert layouts == {
+        "Greeks": ("gamma", "eventSymbol", "delta"),  # kept through the Quote-only config
+        "Quote": ("bidPrice", "eventSymbol"),
+    }
+    events, problems = dx.decode_feed_data(
+        ["Greeks", [0.03, ".X250620C5", 0.5], "Quote", [189.9, "X"]], layouts
+    )
+    assert problems == []
+    assert (events[0]["delta"], events[0]["gamma"], events[1]["bidPrice"]) == (0.5, 0.03, 189.9)
+    assert requested["Greeks"] == ("eventSymbol", "delta", "gamma")  # inputs untouched
+
+
+def test_greeks_are_requested_with_event_flags_and_index() -> None:
+    assert {"eventFlags", "index"} <= set(dx.GREEKS_FIELDS)
+    assert dx.ACCEPT_EVENT_FIELDS["Greeks"] == dx.GREEKS_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("flags", "stored"),
+    [
+        (0, True),
+        (dx.TX_PENDING, True),
+        (dx.SNAPSHOT_BEGIN, True),
+        (dx.SNAPSHOT_END | dx.SNAPSHOT_SNIP, True),
+        (None, True),  # "NaN" on the wire
+        (True, True),  # not an int: not a flag word
+        (dx.REMOVE_EVENT, False),
+        (dx.REMOVE_EVENT | dx.SNAPSHOT_END, False),  # an empty snapshot's end marker
+        (dx.REMOVE_EVENT | dx.TX_PENDING, False),
+    ],
+)
+def test_remove_event_is_counted_not_stored(flags: object, stored: bool) -> None:
+    mapper = dx.SnapshotMapper()
+    mapper.set_contracts([contract("A 2025-06-20 C 1", underlying="A")])
+    event = {"eventType": "Greeks", "eventSymbol": ".A250620C1", "eventFlags": flags,
+             "index": 7, "time": 1718035200123, "delta": 0.5}  # fmt: skip
+    rows, problems = mapper.map([event], RECEIVED)
+    assert problems == []
+    assert len(rows) == (1 if stored else 0)
+    assert mapper.removed_events == (0 if stored else 1)
+    assert dx.is_removal(event) is not stored

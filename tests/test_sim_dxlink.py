@@ -9,6 +9,7 @@ that asks for the marker to go.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,13 +21,19 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.model import StreamState
-from greeksd.sim.dxlink_server import DxLinkServer
+from greeksd.sim.dxlink_server import DxLinkServer, greeks_event
 from greeksd.sim.market import SyntheticMarket, default_contracts
 from greeksd.sim.symbols import streamer_symbol
 from greeksd.sim.tastytrade_api import open_tastytrade_sim
 from tests.helpers import wait_until
-from tests.test_tastytrade_stream import assert_rows_match_sent, contracts, running_stream
+from tests.test_tastytrade_stream import (
+    assert_rows_match_sent,
+    contracts,
+    event_ms,
+    running_stream,
+)
 
 TOKEN = "good-token"
 SETUP = {
@@ -429,58 +436,169 @@ async def test_our_client_breaks_no_rule_and_survives_reorder_and_early_auth_sta
             await wait_until(lambda: len(sink.rows) >= mark + 10, what="rows after reconnect")
             assert status.rejected_frames == 0
     assert sim.dxlink.rejections == []
+    setups = [m for c in sim.dxlink.all_connections() for _, m in c.received_of("SETUP")]
+    assert len(setups) == 2 and all(  # 60, as the spec types it, not 60.0
+        type(m["keepaliveTimeout"]) is int and type(m["acceptKeepaliveTimeout"]) is int
+        for m in setups
+    ), setups
     assert_rows_match_sent(sink.rows, sim.sent_events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream rebuilds its layouts from its requested fields plus "
-    "the latest FEED_CONFIG only, so a FEED_CONFIG for Quote drops an earlier one for Greeks",
+SWAPPED = tuple(  # a reorder that decodes silently wrong: delta<->gamma, rho<->vega
+    {"delta": "gamma", "gamma": "delta", "rho": "vega", "vega": "rho"}.get(f, f)
+    for f in dx.GREEKS_FIELDS
 )
-async def test_our_client_merges_feed_configs_per_event_type() -> None:
+
+
+@pytest.mark.parametrize("order", [None, SWAPPED], ids=["reversed", "swapped"])
+async def test_our_client_merges_feed_configs_per_event_type(
+    order: tuple[str, ...] | None,
+) -> None:
+    """FEED_CONFIG again for Greeks (a new order), then for Quote alone: Greeks must keep
+    the new order, so every row stored after either one holds the values sent."""
     async with (
         open_tastytrade_sim(contracts=contracts(2), tick_interval=0.02) as sim,
         running_stream(sim) as (_, sink, status),
     ):
         await wait_until(lambda: len(sink.rows) >= 5, what="first rows")
-        await sim.dxlink.reorder_fields("Greeks")
-        await sim.dxlink.reorder_fields("Quote")
+        assert await sim.dxlink.reorder_fields("Greeks", order) == 1
         mark = len(sink.rows)
-        await wait_until(lambda: len(sink.rows) >= mark + 10, timeout=3, what="rows")
+        await wait_until(lambda: len(sink.rows) >= mark + 5, what="rows after the Greeks config")
+        assert await sim.dxlink.reorder_fields("Quote") == 1
+        mark = len(sink.rows)
+        await wait_until(lambda: len(sink.rows) >= mark + 10, what="rows after the Quote config")
         assert status.rejected_frames == 0
+    assert_rows_match_sent(sink.rows[mark:], sim.sent_events)  # those after both configs
     assert_rows_match_sent(sink.rows, sim.sent_events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream treats ERROR UNAUTHORIZED as a refused token and "
-    "reconnects, though the spec makes an ERROR informational (a refused token is AUTH_STATE)",
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        ("UNAUTHORIZED", "not entitled to Summary"),
+        ("TIMEOUT", "no keepalive for 60s"),
+        ("UNKNOWN", "something happened"),
+    ],
 )
-async def test_our_client_keeps_its_session_through_an_informational_error() -> None:
+async def test_our_client_keeps_its_session_through_an_informational_error(
+    code: str, text: str
+) -> None:
     async with (
         open_tastytrade_sim(contracts=contracts(2), tick_interval=0.02) as sim,
         running_stream(sim) as (_, sink, status),
     ):
         await wait_until(lambda: len(sink.rows) >= 5, what="first rows")
-        await sim.dxlink.send_error("UNAUTHORIZED", "not entitled to Summary")
+        await sim.dxlink.send_error(code, text)
         await wait_until(lambda: status.details.get("server_errors") == 1, what="error seen")
         mark = len(sink.rows)
         await wait_until(lambda: len(sink.rows) >= mark + 10, what="rows after the error")
+        assert status.details["informational_errors"] == 1
+        assert status.state is StreamState.CONNECTED and status.reason is None
         assert status.reconnects == 0 and status.details["token_fetches"] == 1
+        assert len(sim.dxlink.all_connections()) == 1  # the same link throughout
+    assert sim.quote_token_requests == 1
+    assert_rows_match_sent(sink.rows, sim.sent_events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: TastytradeStream has no deadline for CHANNEL_OPENED, so a refused or "
-    "never-opened channel leaves it CONNECTED with no data forever",
-)
-@pytest.mark.parametrize("refusal", ["error", "silent"])
-async def test_our_client_does_not_wait_forever_for_a_channel(
-    refusal: str, mock_clock: trio.testing.MockClock
+@pytest.mark.parametrize("open_access", [False, True], ids=["unauthorized", "authorized"])
+async def test_our_client_keeps_alive_whatever_the_server_announces_first(
+    open_access: bool, mock_clock: trio.testing.MockClock
 ) -> None:
+    """AUTH_STATE (UNAUTHORIZED, or AUTHORIZED from a server that needs no token) before
+    the server's SETUP: KEEPALIVE still goes out every half of the server's timeout, and
+    the silence watchdog still ends a link whose server stops talking."""
     mock_clock.autojump_threshold = 0.02
-    async with open_tastytrade_sim(contracts=contracts(1), tick_interval=1.0) as sim:
+    async with open_tastytrade_sim(
+        contracts=contracts(1), keepalive_timeout=10, tick_interval=1000
+    ) as sim:
+        sim.dxlink.auth_state_first = True
+        sim.dxlink.open_access = open_access
+        async with running_stream(sim, keepalive_timeout=20, positions_refresh_s=1000) as (
+            _,
+            _sink,
+            status,
+        ):
+            await wait_until(lambda: status.state is StreamState.CONNECTED, what="connected")
+            (conn,) = sim.dxlink.connections.values()
+            await trio.sleep(61)
+            times = [at for at, _ in conn.received_of("KEEPALIVE")]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert len(times) >= 11, times
+            assert all(abs(gap - 5.0) < 0.1 for gap in gaps), gaps
+            assert status.reconnects == 0
+            assert len(conn.received_of("AUTH")) == (0 if open_access else 1)
+            sim.stall()
+            last_heard = conn.liveness.last_sent  # the server's last message to us
+            await wait_until(lambda: status.reconnects >= 1, what="dead link noticed", poll=1.0)
+            assert conn.closed_at is not None
+            assert abs(conn.closed_at - (last_heard + 20)) < 0.5, conn.closed_at - last_heard
+    assert sim.dxlink.rejections == []
+
+
+@pytest.mark.parametrize(
+    ("refusal", "reason"),
+    [
+        ("error", "channel 1 refused (BAD_ACTION): channel 1 refused"),
+        ("silent", "channel 1 not opened within 10 s"),
+    ],
+)
+async def test_our_client_does_not_wait_forever_for_a_channel(
+    refusal: str, reason: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """A CHANNEL_REQUEST refused or never answered: `degraded` with the reason within the
+    10 s deadline, requested again with backoff on the same link, rows once it opens."""
+    mock_clock.autojump_threshold = 0.02
+    async with open_tastytrade_sim(contracts=contracts(1), tick_interval=0.5) as sim:
         sim.dxlink.channel_refusal = refusal
-        async with running_stream(sim, handshake_timeout=5) as (_, _sink, status):
-            await trio.sleep(120)
-            assert status.reconnects >= 1 or status.state is not StreamState.CONNECTED
+        async with running_stream(sim) as (_, sink, status):
+            start = trio.current_time()
+            await wait_until(
+                lambda: status.state is StreamState.DEGRADED, what="degraded", poll=0.25
+            )
+            elapsed = trio.current_time() - start
+            assert status.reason == reason
+            assert elapsed <= 10.5 and (refusal == "error" or elapsed >= 9.9), elapsed
+            await wait_until(
+                lambda: status.details.get("channel_retries", 0) >= 2, what="retries", poll=1.0
+            )
+            await trio.sleep(61)  # a positions refresh must not paper over the problem
+            assert status.state is StreamState.DEGRADED and status.reason == reason
+            retries = status.details["channel_retries"]
+            assert 3 <= retries <= (12 if refusal == "error" else 6), retries
+            assert sink.rows == []
+            sim.dxlink.channel_refusal = None
+            await wait_until(lambda: len(sink.rows) >= 3, what="rows once it opens", poll=1.0)
+            assert status.state is StreamState.CONNECTED and status.reason is None
+            assert status.reconnects == 0 and len(sim.dxlink.all_connections()) == 1
+            counter = "channel_refusals" if refusal == "error" else "channel_open_timeouts"
+            assert status.details[counter] == status.details["channel_retries"]
+    assert sim.dxlink.rejections == []  # nothing was sent to the channel before it opened
+    assert_rows_match_sent(sink.rows, sim.sent_events)
+
+
+async def test_our_client_counts_removal_events_and_stores_no_tick_for_them() -> None:
+    async with (
+        open_tastytrade_sim(contracts=contracts(1), tick_interval=0.05) as sim,
+        running_stream(sim) as (_, sink, status),
+    ):
+        await wait_until(lambda: len(sink.rows) >= 3, what="first rows")
+        (conn,) = sim.dxlink.connections.values()
+        ((_, feed_setup),) = conn.received_of("FEED_SETUP")
+        assert {"eventFlags", "index"} <= set(feed_setup["acceptEventFields"]["Greeks"])
+        symbol = streamer_symbol(sim.dxlink.market.contracts[0].key)
+        removal_ms, snapshot_ms = 1_000_000_000_001, 1_000_000_000_002
+        nan = dict.fromkeys(("price", "volatility", "delta", "gamma", "theta", "rho", "vega"))
+        removal = greeks_event(symbol, removal_ms, **{k: "NaN" for k in nan})
+        values = greeks_event(symbol, snapshot_ms, **{k: 0.25 for k in nan})
+        await sim.dxlink.inject_greeks({**removal, "eventFlags": dx.REMOVE_EVENT})
+        await sim.dxlink.inject_greeks(
+            {**values, "eventFlags": dx.SNAPSHOT_BEGIN | dx.SNAPSHOT_END}
+        )
+        await wait_until(
+            lambda: any(event_ms(r) == snapshot_ms for r in sink.rows), what="snapshot row"
+        )
+        assert status.details["removed_events"] == 1
+        assert [event_ms(r) for r in sink.rows].count(removal_ms) == 0
+        (row,) = [r for r in sink.rows if event_ms(r) == snapshot_ms]
+        assert row.delta == 0.25 and row.source_payload["eventFlags"] == 12
+        assert status.rejected_frames == 0

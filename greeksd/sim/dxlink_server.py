@@ -20,7 +20,9 @@ subscriptions.
 
 Switches for what real servers do on their own (see "What the spec allows" in the notes):
 `stalled`, `refuse_tokens`, `omit_event_fields`, `channel_refusal` ("error" or
-"silent"), `auth_state_first`, `integer_timeouts`, and the actions `reorder_fields`
+"silent"), `auth_state_first`, `open_access` (no token needed: AUTH_STATE AUTHORIZED
+without AUTH, as dxFeed's demo feed does), `integer_timeouts`, and the actions
+`reorder_fields`
 (FEED_CONFIG again, one event type, new order), `send_error`, `drop`, `close_channels`.
 `sent_events` records every Greeks event that left the socket, so tests can compare
 stored rows with it.
@@ -162,6 +164,7 @@ class DxLinkServer:
         self.omit_event_fields = False
         self.channel_refusal: str | None = None
         self.auth_state_first = False
+        self.open_access = False
         self.integer_timeouts = False
 
     # ------------------------------------------------------------------ serving
@@ -188,7 +191,8 @@ class DxLinkServer:
                 nursery.start_soon(self._keepalive, conn)
                 if self.auth_state_first:
                     conn.announced = True
-                    await self._send(conn, wire.auth_state(False))
+                    conn.authorized = self.open_access
+                    await self._send(conn, wire.auth_state(conn.authorized))
                 await self._serve_client(conn)
                 nursery.cancel_scope.cancel()
         finally:
@@ -279,7 +283,8 @@ class DxLinkServer:
             ours = round(ours)
         await self._send(conn, wire.setup(ours, ours))
         if first and not conn.announced:
-            await self._send(conn, wire.auth_state(False))
+            conn.authorized = self.open_access
+            await self._send(conn, wire.auth_state(conn.authorized))
 
     async def _on_channel_request(
         self, conn: SimConnection, channel: int, body: Mapping[str, Any]

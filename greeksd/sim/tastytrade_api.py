@@ -373,6 +373,7 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
             "omit-event-fields": sim.omit_event_fields,
             "auth-state-first": lambda on: setattr(dxlink, "auth_state_first", on),
             "integer-timeouts": lambda on: setattr(dxlink, "integer_timeouts", on),
+            "open-access": lambda on: setattr(dxlink, "open_access", on),
             "refuse-channels": lambda on: setattr(
                 dxlink, "channel_refusal", "error" if on else None
             ),

@@ -159,7 +159,7 @@ async def _listen(
                     await _send(ws, chunk)
                 summary["subscribed_ms"] = elapsed_ms()
             case dx.FeedConfig():
-                layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, message)
+                layouts = dx.merge_feed_config(layouts, message)
                 summary["feed_config_has_fields"] = message.event_fields is not None
             case dx.FeedData(data=data):
                 found.feed_frames += 1
@@ -183,7 +183,7 @@ def _note_greeks(
 ) -> None:
     for event in events:
         key = symbols.get(event["eventSymbol"]) if event["eventType"] == "Greeks" else None
-        if key is None:
+        if key is None or dx.is_removal(event):
             continue
         found.greeks_events += 1
         present = found.present.setdefault(key, set())

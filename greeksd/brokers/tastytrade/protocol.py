@@ -26,11 +26,16 @@ SERVER_VERSION = "1.0-greeksd-sim"
 NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
 SUBSCRIPTION_CHUNK_BYTES = 8192
 
-#: What greeksd asks for: exactly the fields it stores (plus identity and time).
+#: What greeksd asks for: the fields it stores, plus identity, time, and the two that
+#: say what an event *is* (as the SDK and dxFeed's own clients request them): `eventFlags`
+#: (a REMOVE_EVENT is a removal, not a tick) and `index` (which event a removal or a
+#: snapshot refers to; kept in `source_payload`).
 GREEKS_FIELDS = (
     "eventType",
     "eventSymbol",
     "eventTime",
+    "eventFlags",
+    "index",
     "time",
     "price",
     "volatility",
@@ -47,6 +52,18 @@ ACCEPT_EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "Quote": QUOTE_FIELDS,
     "Trade": TRADE_FIELDS,
 }
+
+#: dxFeed `eventFlags` bits (IndexedEvent). Only REMOVE_EVENT changes what greeksd does:
+#: such an event says "the event at this index is gone" and carries no Greeks (its values
+#: are NaN), so it is counted, never stored as a tick. TX_PENDING and the SNAPSHOT_* bits
+#: mark transactions and snapshot boundaries of events that do carry real values: those
+#: are stored like any other event (a snapshot's end marker that is also a removal, as an
+#: empty snapshot's is, is a removal).
+TX_PENDING = 0x01
+REMOVE_EVENT = 0x02
+SNAPSHOT_BEGIN = 0x04
+SNAPSHOT_END = 0x08
+SNAPSHOT_SNIP = 0x10
 
 Subscription = tuple[str, str]
 """(event type, symbol), e.g. ("Greeks", ".AAPL250620C190")."""
@@ -69,10 +86,16 @@ class Setup:
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "SETUP", "channel": self.channel, "version": self.version}
         if self.keepalive_timeout is not None:
-            out["keepaliveTimeout"] = self.keepalive_timeout
+            out["keepaliveTimeout"] = _seconds(self.keepalive_timeout)
         if self.accept_keepalive_timeout is not None:
-            out["acceptKeepaliveTimeout"] = self.accept_keepalive_timeout
+            out["acceptKeepaliveTimeout"] = _seconds(self.accept_keepalive_timeout)
         return out
+
+
+def _seconds(value: float) -> float:
+    """The protocol's timeouts are whole seconds, written `60` (as dxFeed's clients do),
+    not `60.0`; a fraction (only tests use one) is sent as it is."""
+    return int(value) if float(value).is_integer() else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,15 +452,30 @@ def _excerpt(frame: str | bytes, limit: int = 200) -> str:
 # --------------------------------------------------------------------------- FEED_DATA
 
 
+def merge_feed_config(
+    layouts: Mapping[str, Sequence[str]], config: FeedConfig | None
+) -> dict[str, tuple[str, ...]]:
+    """The field order COMPACT data follows after `config`: each event type it names
+    takes the order it states; every other type keeps the order known before.
+
+    The server may send FEED_CONFIG again "if the configuration has changed", naming one
+    event type only (dxFeed's own client merges it the same way), and the real server
+    may omit `eventFields` altogether: then nothing changes. So start from the order we
+    asked for and merge every FEED_CONFIG of the channel in turn; rebuilding from the
+    request and the latest FEED_CONFIG alone would decode the other types by a stale
+    order (swapped delta/gamma, or every event rejected)."""
+    merged = {k: tuple(v) for k, v in layouts.items()}
+    if config is not None and config.event_fields:
+        merged.update(config.event_fields)
+    return merged
+
+
 def field_layouts(
     requested: Mapping[str, Sequence[str]], config: FeedConfig | None
 ) -> dict[str, tuple[str, ...]]:
-    """The field order COMPACT data follows: the server's FEED_CONFIG when it states one,
-    else the order we asked for (the real server may omit `eventFields`)."""
-    layouts = {k: tuple(v) for k, v in requested.items()}
-    if config is not None and config.event_fields:
-        layouts.update(config.event_fields)
-    return layouts
+    """The layouts after the first FEED_CONFIG of a channel: its order where it states
+    one, else the order we asked for."""
+    return merge_feed_config(requested, config)
 
 
 def _clean_full(item: dict[str, Any]) -> FeedEvent:
@@ -510,6 +548,13 @@ def _append_event(events: list[FeedEvent], problems: list[str], event: FeedEvent
     if "index" in event and event["index"].__class__ is not int:
         _check_index(event, problems)
     events.append(event)
+
+
+def is_removal(event: FeedEvent) -> bool:
+    """The event is flagged REMOVE_EVENT: a removal, not a value (`SnapshotMapper` inlines
+    this test on its hot path)."""
+    flags = event.get("eventFlags")
+    return flags.__class__ is int and bool(flags & REMOVE_EVENT)  # type: ignore[operator]
 
 
 def _check_index(event: FeedEvent, problems: list[str]) -> None:
@@ -718,16 +763,18 @@ class SnapshotMapper:
 
     Quote/Trade events of underlyings only update per-underlying state (Quote mid first,
     else last trade), which later Greeks rows carry as `underlying_price`. One streamer
-    symbol held in two accounts yields one row per account.
+    symbol held in two accounts yields one row per account. A Greeks event flagged
+    REMOVE_EVENT yields no row (see `REMOVE_EVENT`).
     """
 
-    __slots__ = ("_broker", "_by_symbol", "_last", "_mid")
+    __slots__ = ("_broker", "_by_symbol", "_last", "_mid", "removed_events")
 
     def __init__(self, broker: Broker = Broker.TASTYTRADE) -> None:
         self._broker = broker
         self._by_symbol: dict[str, list[Contract]] = {}
         self._mid: dict[str, float] = {}
         self._last: dict[str, float] = {}
+        self.removed_events = 0  # Greeks flagged REMOVE_EVENT: counted, never stored
 
     def set_contracts(self, contracts: Iterable[Contract]) -> dict[str, list[Contract]]:
         """Replace the held contracts; returns them by streamer symbol."""
@@ -779,9 +826,13 @@ class SnapshotMapper:
         rows: list[Snapshot],
         problems: list[str],
     ) -> None:
+        get = event.get
+        flags = get("eventFlags")
+        if flags.__class__ is int and flags & REMOVE_EVENT:  # type: ignore[operator]
+            self.removed_events += 1  # a removal of the event at `index`, not a tick
+            return
         # Floats out of `decode_feed_data` are always finite (orjson refuses non-finite
         # numbers, the fallback parser maps them to None), so a float needs no check.
-        get = event.get
         price, vol, delta = get("price"), get("volatility"), get("delta")
         gamma, theta, rho, vega = get("gamma"), get("theta"), get("rho"), get("vega")
         if price.__class__ is not float:

@@ -1,12 +1,15 @@
 """The Tastytrade I/O shell: REST (positions, quote token) + one DXLink websocket.
 
-One link at a time; per link a child nursery runs the reader, the keepalive timer and
-the position refresher. A task that detects the end of the link (dead link, refused
-token, closed socket) records why and cancels the link's nursery; `run` then waits
-(`Reconnect`: backoff if the server answered, a cheap TCP probe every ~2 s while the
-REST API or DXLink, whichever failed, is unreachable) and reconnects, fetching a fresh
-quote token only when the old one was refused. The protocol work (parsing, decoding,
-mapping to rows) lives in `protocol.py`.
+One link at a time; per link a child nursery runs the reader, the timer task
+(keepalives, silence watchdog, handshake and channel deadlines, from the link's first
+moment) and the position refresher. A task that detects the end of the link (dead link,
+refused token, closed socket) records why and cancels the link's nursery; `run` then
+waits (`Reconnect`: backoff if the server answered, a cheap TCP probe every ~2 s while
+the REST API or DXLink, whichever failed, is unreachable) and reconnects, fetching a
+fresh quote token only when the old one was refused. The protocol's wire work (parsing,
+decoding, mapping to rows) lives in `protocol.py`, its rules (what an AUTH_STATE or an
+ERROR means, channel deadlines and retries, field layouts) in `connection.py`; this
+module only reads, sends, sleeps and reports.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from trio_websocket import open_websocket_url as _open_websocket_url
 
 from greeksd.backoff import Address, Backoff, Reconnect, url_address
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.connection import (
+    CHANNEL_OPEN_TIMEOUT_S,
+    AuthOutcome,
+    ErrorKind,
+    FeedChannel,
+    LinkState,
+)
 from greeksd.brokers.tastytrade.session import (
     Positions,
     QuoteToken,
@@ -43,7 +53,6 @@ log = get_logger("greeksd.tastytrade.stream")
 
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 """Bursts of FEED_DATA exceed the 64 KiB limit the SDK keeps (and dies on, with 1009)."""
-_MAX_CHANNEL_REOPENS = 3
 
 
 class RestApi(Protocol):
@@ -73,31 +82,30 @@ def _now() -> datetime:
 
 @dataclass
 class _Link:
-    """State of one websocket connection."""
+    """One websocket connection: its socket and its protocol state (`LinkState`)."""
 
     ws: WebSocketConnection
-    timer: dx.KeepaliveTimer
-    channel: int
-    layouts: dict[str, tuple[str, ...]]
+    state: LinkState
+    token: QuoteToken
     nursery: trio.Nursery | None = None
     send_lock: trio.Lock = field(default_factory=trio.Lock)
-    channel_open: bool = False
-    channel_reopens: int = 0
     subscribed: set[dx.Subscription] = field(default_factory=set)
     received_at: datetime = field(default_factory=_now)
     data_seen: bool = False
     failure: BaseException | None = None
     recorder: Recorder | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    """Set when the state may have moved a deadline, to wake the timer task."""
 
     async def send(self, message: dx.Outgoing) -> None:
         async with self.send_lock:
             await self.ws.send_message(dx.build(message))
-            self.timer.sent(trio.current_time())
+            self.state.timer.sent(trio.current_time())
 
     async def receive(self, status: StreamStatus) -> dx.Message:
         frame = await self.ws.get_message()
         self.received_at = status.last_message_at = datetime.now(UTC)
-        self.timer.received(trio.current_time())
+        self.state.timer.received(trio.current_time())
         if self.recorder is not None:
             self.recorder.frame("tastytrade", frame, self.received_at)
         return dx.parse(frame)
@@ -121,10 +129,12 @@ class TastytradeStream:
         rest_url: str | None = None,
         probe_interval_s: float = 2.0,
         subscription_chunk_bytes: int = dx.SUBSCRIPTION_CHUNK_BYTES,
+        channel_open_timeout: float = CHANNEL_OPEN_TIMEOUT_S,
         recorder: Recorder | None = None,
     ) -> None:
         """`rest_url`: the REST API's base URL, probed while it is unreachable (None:
-        REST failures only back off)."""
+        REST failures only back off). `channel_open_timeout`: how long a CHANNEL_REQUEST
+        may go unanswered before it counts as refused and is retried."""
         if channel <= 0 or channel % 2 == 0:
             raise ValueError("DXLink feed channels must be odd and positive")
         self._open_api = api.open if isinstance(api, TastytradeApi) else api
@@ -137,6 +147,7 @@ class TastytradeStream:
         self._reconnect = Reconnect(self._backoff, probe_interval=probe_interval_s)
         self._rest_address = url_address(rest_url) if rest_url else None
         self._chunk_bytes = subscription_chunk_bytes
+        self._channel_open_timeout = channel_open_timeout
         self._mapper = dx.SnapshotMapper()
         self._wanted: set[dx.Subscription] = set()
         self.recorder = recorder  # `greeksd record`: frames, positions, new links
@@ -178,7 +189,7 @@ class TastytradeStream:
                 await self._poll_trades(api, sink, status)
                 if token is None:
                     token = await api.quote_token()
-                    status.details["token_fetches"] = status.details.get("token_fetches", 0) + 1
+                    _count(status, "token_fetches")
                 endpoint = url_address(token.dxlink_url)
                 await self._run_link(api, token, sink, status)
             except TokenRefused as exc:
@@ -208,19 +219,25 @@ class TastytradeStream:
             connect_timeout=self._handshake_timeout,
             disconnect_timeout=1.0,
         ) as ws:
-            now = trio.current_time()
-            link = _Link(
-                ws,
-                dx.KeepaliveTimer(self._keepalive_timeout / 2, self._keepalive_timeout, now, now),
-                self._channel,
-                dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None),
-                recorder=self.recorder,
+            state = LinkState.start(
+                trio.current_time(),
+                keepalive_timeout=self._keepalive_timeout,
+                handshake_timeout=self._handshake_timeout,
+                feed=FeedChannel(
+                    self._channel,
+                    aggregation_period=self._aggregation_period,
+                    open_timeout=self._channel_open_timeout,
+                ),
             )
+            link = _Link(ws, state, token, recorder=self.recorder)
             if self.recorder is not None:
                 self.recorder.link(self.name, _now(), channel=self._channel)
             async with trio.open_nursery() as nursery:
                 link.nursery = nursery
-                nursery.start_soon(self._guarded, link, self._serve(api, link, token, sink, status))
+                # keepalives and the silence watchdog run from the link's first moment,
+                # whatever the server announces first
+                nursery.start_soon(self._guarded, link, self._timers(link, status))
+                nursery.start_soon(self._guarded, link, self._serve(api, link, sink, status))
             if link.failure is not None:
                 raise link.failure
 
@@ -235,65 +252,40 @@ class TastytradeStream:
             assert link.nursery is not None
             link.nursery.cancel_scope.cancel()
 
-    async def _keepalive(self, link: _Link) -> None:
-        """Started once the server's SETUP fixed the interval; until then the handshake
-        timeout bounds the wait."""
-        timer = link.timer
+    async def _timers(self, link: _Link, status: StreamStatus) -> None:
+        """Every deadline of the link: KEEPALIVE every half of the server's timeout,
+        the inbound-silence watchdog, the handshake deadline, and the feed channel's
+        open deadline and retries. Sleeps until the nearest one or until the read loop
+        changed the state."""
+        state = link.state
+        timer, feed = state.timer, state.feed
         while True:
-            await trio.sleep_until(timer.next_deadline())
+            with trio.move_on_at(state.next_deadline()):
+                await link.changed.wait()
+            link.changed = trio.Event()
             now = trio.current_time()
+            if state.handshake.overdue(now):
+                raise LinkDead(f"DXLink handshake incomplete after {self._handshake_timeout:g}s")
             if timer.expired(now):
                 raise LinkDead(f"no message from DXLink for {timer.receive_timeout:g}s")
             if timer.send_due(now):
                 await link.send(dx.Keepalive())
+            problem = feed.expire(now)
+            if problem is not None:
+                _count(status, "channel_open_timeouts")
+                self._channel_problem(feed, status, problem)
+            request = feed.retry(now)
+            if request is not None:
+                _count(status, "channel_retries")
+                log.info("dxlink_channel_retry", channel=feed.number, attempt=feed.retries)
+                await link.send(request)
 
     async def _serve(
-        self,
-        api: RestApi,
-        link: _Link,
-        token: QuoteToken,
-        sink: SnapshotSink,
-        status: StreamStatus,
+        self, api: RestApi, link: _Link, sink: SnapshotSink, status: StreamStatus
     ) -> None:
         await link.send(
             dx.Setup(self._keepalive_timeout, self._keepalive_timeout, dx.CLIENT_VERSION)
         )
-        await self._handshake(link, token, status)
-        status.set_state(StreamState.CONNECTED, now=_now())
-        log.info("dxlink_authorized", url=token.dxlink_url)
-        await link.send(dx.ChannelRequest(link.channel))
-        assert link.nursery is not None
-        link.nursery.start_soon(self._guarded, link, self._refresher(api, link, sink, status))
-        await self._read_loop(link, sink, status)
-
-    async def _handshake(self, link: _Link, token: QuoteToken, status: StreamStatus) -> None:
-        """AUTH only after the server's SETUP *and* AUTH_STATE UNAUTHORIZED (AUTH sent
-        earlier is what produces the real server's "Session not found" failures)."""
-        setup = unauthorized = auth_sent = False
-        with trio.move_on_after(self._handshake_timeout):
-            while True:
-                message = await link.receive(status)
-                match message:
-                    case dx.Setup(keepalive_timeout=peer_timeout) if not setup:
-                        setup = True
-                        if peer_timeout:
-                            link.timer.send_interval = max(peer_timeout / 2, 0.05)
-                        assert link.nursery is not None
-                        link.nursery.start_soon(self._guarded, link, self._keepalive(link))
-                    case dx.AuthState(state="AUTHORIZED"):
-                        return
-                    case dx.AuthState(state="UNAUTHORIZED"):
-                        if auth_sent:
-                            raise TokenRefused("DXLink refused the quote token (UNAUTHORIZED)")
-                        unauthorized = True
-                    case _:
-                        self._on_other(link, message, status)
-                if setup and unauthorized and not auth_sent:
-                    await link.send(dx.Auth(token.token))
-                    auth_sent = True
-        raise LinkDead(f"DXLink handshake incomplete after {self._handshake_timeout:g}s")
-
-    async def _read_loop(self, link: _Link, sink: SnapshotSink, status: StreamStatus) -> None:
         put = sink.put
         while True:
             message = await link.receive(status)
@@ -302,33 +294,79 @@ class TastytradeStream:
                 for row in rows:
                     put(row)
                 continue
-            match message:
-                case dx.ChannelOpened(channel=channel) if channel == link.channel:
-                    link.channel_open = True
-                    await link.send(
-                        dx.FeedSetup(
-                            channel, dx.ACCEPT_EVENT_FIELDS, "COMPACT", self._aggregation_period
-                        )
-                    )
-                    await self._sync_subscriptions(link, status, reset=True)
-                case dx.FeedConfig(channel=channel) if channel == link.channel:
-                    link.layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, message)
-                    if message.event_fields is None:
-                        log.info("feed_config_without_fields", channel=channel)
-                case dx.ChannelClosed(channel=channel) if channel == link.channel:
-                    await self._reopen_channel(link, status)
-                case dx.AuthState(state="UNAUTHORIZED"):
+            await self._on_control(api, link, message, sink, status)
+            link.changed.set()
+
+    async def _on_control(
+        self,
+        api: RestApi,
+        link: _Link,
+        message: dx.Message,
+        sink: SnapshotSink,
+        status: StreamStatus,
+    ) -> None:
+        """Everything but data: the rules are `LinkState`'s, the sending is here."""
+        state = link.state
+        feed = state.feed
+        match message:
+            case dx.Setup():
+                state.on_setup(message)
+            case dx.AuthState(state=auth_state):
+                outcome = state.handshake.on_auth_state(auth_state)
+                if outcome is AuthOutcome.REFUSED:
+                    raise TokenRefused("DXLink refused the quote token (UNAUTHORIZED)")
+                if outcome is AuthOutcome.REVOKED:
                     raise TokenRefused("DXLink revoked the session (AUTH_STATE UNAUTHORIZED)")
-                case _:
-                    self._on_other(link, message, status)
+                if outcome is AuthOutcome.AUTHORIZED:
+                    await self._authorized(api, link, sink, status)
+            case dx.ChannelOpened(channel=channel) if channel == feed.number:
+                setup, ended = feed.opened()
+                await link.send(setup)
+                await self._sync_subscriptions(link, status, reset=True)
+                if ended is not None:
+                    log.info("dxlink_channel_opened", channel=channel, after=ended)
+                    if status.state is StreamState.DEGRADED and status.reason == ended:
+                        status.set_state(StreamState.CONNECTED, now=_now())
+            case dx.FeedConfig(channel=channel) if channel == feed.number:
+                feed.feed_config(message)
+                if message.event_fields is None:
+                    log.info("feed_config_without_fields", channel=channel)
+            case dx.ChannelClosed(channel=channel) if channel == feed.number:
+                await self._reopen_channel(link, status)
+            case dx.Error():
+                self._on_error(link, message, status)
+            case dx.Keepalive():
+                pass
+            case dx.Malformed(reason=reason, excerpt=excerpt):
+                self._reject(status, "malformed_frame", reason, excerpt=excerpt)
+            case dx.ChannelClosed(channel=channel) | dx.ChannelOpened(channel=channel):
+                self._reject(status, "unknown_channel", f"{type(message).__name__} {channel}")
+            case _:
+                self._reject(status, "unexpected_message", type(message).__name__)
+        if state.handshake.send_auth_now():
+            await link.send(dx.Auth(link.token.token))
+
+    async def _authorized(
+        self, api: RestApi, link: _Link, sink: SnapshotSink, status: StreamStatus
+    ) -> None:
+        status.set_state(StreamState.CONNECTED, now=_now())
+        log.info("dxlink_authorized", url=link.token.dxlink_url)
+        await link.send(link.state.feed.request(trio.current_time()))
+        assert link.nursery is not None
+        link.nursery.start_soon(self._guarded, link, self._refresher(api, link, sink, status))
 
     def _on_data(self, link: _Link, message: dx.FeedData, status: StreamStatus) -> list[Any]:
-        if message.channel != link.channel:
+        feed = link.state.feed
+        if message.channel != feed.number:
             self._reject(status, "unknown_channel", f"FEED_DATA on channel {message.channel}")
             return []
-        events, problems = dx.decode_feed_data(message.data, link.layouts)
-        rows, mapping_problems = self._mapper.map(events, link.received_at)
+        events, problems = dx.decode_feed_data(message.data, feed.layouts)
+        mapper = self._mapper
+        removed = mapper.removed_events
+        rows, mapping_problems = mapper.map(events, link.received_at)
         status.ticks += len(rows)
+        if mapper.removed_events != removed:
+            status.details["removed_events"] = mapper.removed_events
         if problems or mapping_problems:
             for reason in (*problems, *mapping_problems):
                 self._reject(status, "bad_event", reason)
@@ -337,38 +375,49 @@ class TastytradeStream:
             self._backoff.reset()
         return rows
 
-    def _on_other(self, link: _Link, message: dx.Message, status: StreamStatus) -> None:
-        """Everything that is neither data nor the handshake: never fatal by itself,
-        except a refused token."""
-        match message:
-            case dx.Keepalive() | dx.AuthState() | dx.Setup():
-                pass
-            case dx.Error(error=error, message=text):
-                status.details["server_errors"] = status.details.get("server_errors", 0) + 1
-                log.warning("dxlink_error", error=error, message=text)
-                if error == "UNAUTHORIZED":
-                    raise TokenRefused(f"DXLink ERROR UNAUTHORIZED: {text}")
-            case dx.Malformed(reason=reason, excerpt=excerpt):
-                self._reject(status, "malformed_frame", reason, excerpt=excerpt)
-            case dx.ChannelClosed(channel=channel) | dx.ChannelOpened(channel=channel):
-                self._reject(status, "unknown_channel", f"{type(message).__name__} {channel}")
-            case _:
-                self._reject(status, "unexpected_message", type(message).__name__)
+    def _on_error(self, link: _Link, error: dx.Error, status: StreamStatus) -> None:
+        """An ERROR is logged and counted; `classify_error` says whether it means more."""
+        _count(status, "server_errors")
+        kind = link.state.classify(error)
+        if kind is ErrorKind.TOKEN_REFUSED:
+            raise TokenRefused(f"DXLink refused the quote token (ERROR: {error.message})")
+        if kind is ErrorKind.CHANNEL_REFUSED:
+            _count(status, "channel_refusals")
+            problem = link.state.feed.refused(error, trio.current_time())
+            self._channel_problem(link.state.feed, status, problem)
+            return
+        _count(status, "informational_errors")
+        if kind is ErrorKind.TIMEOUT:
+            # the server stopped hearing our keepalives and is closing the link; the
+            # reconnect follows from the close
+            log.warning("dxlink_error_timeout", message=error.message)
+        else:
+            log.warning("dxlink_error", error=error.error, message=error.message, acted=False)
+
+    def _channel_problem(self, feed: FeedChannel, status: StreamStatus, problem: str) -> None:
+        assert feed.deadline is not None
+        log.warning(
+            "dxlink_channel_unavailable",
+            channel=feed.number,
+            reason=problem,
+            retry_in_s=round(feed.deadline - trio.current_time(), 2),
+        )
+        self._degrade(status, problem)
 
     def _reject(self, status: StreamStatus, kind: str, reason: str, **extra: Any) -> None:
         status.rejected_frames += 1
-        status.details[kind] = status.details.get(kind, 0) + 1
+        _count(status, kind)
         log.warning("dxlink_rejected", kind=kind, reason=reason, **extra)
 
     async def _reopen_channel(self, link: _Link, status: StreamStatus) -> None:
-        link.channel_open = False
+        feed = link.state.feed
         link.subscribed.clear()
-        link.channel_reopens += 1
-        status.details["channel_reopens"] = status.details.get("channel_reopens", 0) + 1
-        if link.channel_reopens > _MAX_CHANNEL_REOPENS:
-            raise LinkFailure(f"DXLink closed channel {link.channel} repeatedly")
-        log.warning("dxlink_channel_closed", channel=link.channel, reopening=True)
-        await link.send(dx.ChannelRequest(link.channel))
+        _count(status, "channel_reopens")
+        request = feed.closed(trio.current_time())
+        if request is None:
+            raise LinkFailure(f"DXLink closed channel {feed.number} repeatedly")
+        log.warning("dxlink_channel_closed", channel=feed.number, reopening=True)
+        await link.send(request)
 
     # ------------------------------------------------------------------ positions
 
@@ -418,9 +467,10 @@ class TastytradeStream:
             except TastytradeApiError as exc:
                 log.warning("positions_refresh_failed", reason=str(exc))
                 continue
-            if status.state is StreamState.DEGRADED:
+            feed = link.state.feed
+            if status.state is StreamState.DEGRADED and feed.problem is None:
                 status.set_state(StreamState.CONNECTED, now=_now())
-            if link.channel_open:
+            if feed.is_open:
                 await self._sync_subscriptions(link, status, reset=False)
 
     async def _sync_subscriptions(self, link: _Link, status: StreamStatus, *, reset: bool) -> None:
@@ -428,12 +478,20 @@ class TastytradeStream:
         add = sorted(wanted if reset else wanted - link.subscribed)
         remove = [] if reset else sorted(link.subscribed - wanted)
         for message in dx.chunk_subscription(
-            link.channel, add=add, remove=remove, reset=reset, max_bytes=self._chunk_bytes
+            link.state.feed.number,
+            add=add,
+            remove=remove,
+            reset=reset,
+            max_bytes=self._chunk_bytes,
         ):
             await link.send(message)
         link.subscribed = wanted
         if add or remove:
             log.info("dxlink_subscriptions", added=len(add), removed=len(remove), reset=reset)
+
+
+def _count(status: StreamStatus, name: str) -> None:
+    status.details[name] = status.details.get(name, 0) + 1
 
 
 def _describe(exc: BaseException) -> str:
