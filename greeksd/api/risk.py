@@ -7,7 +7,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import trio
 from quart import Blueprint, Response
 
 from greeksd.api.errors import bad_request
@@ -42,12 +41,8 @@ async def timeline() -> Response:
         )
     window = replace(f, start=start, end=end)
     reads = current_state().reads
-
-    def read() -> list[dict[str, Any]]:
-        with reads.connection() as conn:
-            return risk_timeline(conn, window, BUCKETS[bucket])
-
-    series = await trio.to_thread.run_sync(read)
+    async with reads.connection() as conn:
+        series = await reads.run(risk_timeline, conn, window, BUCKETS[bucket])
     return json_response({"bucket": bucket, "start": start, "end": end, "series": series})
 
 

@@ -14,45 +14,56 @@ from quart import current_app
 
 from greeksd.config import Settings
 from greeksd.sink import ChannelSink
+from greeksd.store.reads import ReadPool, load_out_of_range_times_as_text
 from greeksd.store.trade_writer import TradeWriter
 from greeksd.store.writer import Writer
 from greeksd.supervisor import Supervisor
 
 # The API's own connections: reads (one per request, a streamed page at most) and the rare
 # strategy-log insert. A small pool keeps them off the writer's connection without
-# holding many server backends.
+# holding many server backends; admission in front of it (greeksd.store.reads.ReadPool)
+# answers 503 at once when every connection is taken instead of queueing requests.
 READ_POOL_MAX = 4
-# How long a request waits for a pooled connection (or for the server) before it gets a
-# 503 instead of hanging.
+# How long a request waits for a free read slot before its 503 (Retry-After): long enough
+# to absorb a short burst of fast reads, short enough that nobody queues for seconds.
+READ_ADMIT_WAIT_S = 0.25
+# How long a slot holder waits for a pooled connection (or for the server) before it gets
+# a 503 instead of hanging: only a database that is down or unreachable takes this long.
 READ_POOL_TIMEOUT_S = 5.0
+# Server-side ceiling on every statement of a read connection, so one expensive query
+# cannot hold a connection (and its slot) for long.
+READ_STATEMENT_TIMEOUT_S = 10
 
 
-def _utc_session(conn: psycopg.Connection) -> None:
-    """Times come back in UTC whatever the server's default zone."""
+def _configure_read_session(conn: psycopg.Connection) -> None:
+    """Times come back in UTC whatever the server's default zone; every statement is
+    bounded by READ_STATEMENT_TIMEOUT_S; out-of-range times load as text."""
     conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute(f"SET statement_timeout = '{READ_STATEMENT_TIMEOUT_S}s'")
     conn.commit()
+    load_out_of_range_times_as_text(conn)
 
 
 @contextlib.asynccontextmanager
 async def open_read_pool(
-    url: str, *, wait_s: float = READ_POOL_TIMEOUT_S
-) -> AsyncIterator[ConnectionPool]:
+    url: str, *, wait_s: float = READ_POOL_TIMEOUT_S, size: int = READ_POOL_MAX
+) -> AsyncIterator[ReadPool]:
     """The API's read connections, opened lazily (a database that is down at start-up
     makes requests fail with 503, not the service) and closed with the service."""
     pool: ConnectionPool = ConnectionPool(
         url,
         min_size=1,
-        max_size=READ_POOL_MAX,
+        max_size=size,
         open=False,
         timeout=wait_s,
         kwargs={"connect_timeout": 5},
         check=ConnectionPool.check_connection,
-        configure=_utc_session,
+        configure=_configure_read_session,
         name="greeksd-reads",
     )
     await trio.to_thread.run_sync(lambda: pool.open(wait=False))
     try:
-        yield pool
+        yield ReadPool(pool, size, READ_ADMIT_WAIT_S)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
@@ -65,7 +76,7 @@ class ServiceState:
     supervisor: Supervisor
     writer: Writer
     sink: ChannelSink
-    reads: ConnectionPool
+    reads: ReadPool
     trade_writer: TradeWriter | None = None
 
     def status_json(self) -> dict[str, Any]:
@@ -82,10 +93,6 @@ class ServiceState:
             trades["dropped"] = self.sink.trades_dropped
             status["trades"] = trades
         return status
-
-    def read_connection(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
-        """A pooled read connection; call it in a worker thread (it may block)."""
-        return self.reads.connection()
 
 
 def current_state() -> ServiceState:
