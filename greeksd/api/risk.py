@@ -29,7 +29,10 @@ async def timeline() -> Response:
     f = args.filter()
     bucket = args.choice("bucket", tuple(BUCKETS), "1m")
     end = f.end or datetime.now(UTC)
-    start = f.start or end - DEFAULT_SPAN
+    try:
+        start = f.start or end - DEFAULT_SPAN
+    except OverflowError:
+        raise bad_request("bad_time_range", "start (end - 1 h) would fall before year 1") from None
     if start >= end:
         raise bad_request("bad_time_range", "start must be before end")
     grid = Grid.covering(start, end, BUCKETS[bucket])
