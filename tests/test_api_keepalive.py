@@ -10,6 +10,7 @@ import orjson
 import pytest
 import trio
 
+from greeksd.api.state import HTTP_GATE_SIZE, HTTP_GATE_WAIT_S
 from tests.api_harness import open_api, serve_api
 
 TOKEN = "keepalive-token"
@@ -83,6 +84,32 @@ async def test_an_early_answer_leaves_the_connection_usable(
                 assert first[1].get("connection") == "close"
             else:
                 assert second[0] == 200 and orjson.loads(second[2])["status"] == "ok"
+        await http.stream.aclose()
+
+
+async def test_a_busy_answer_also_leaves_the_connection_usable(db_url: str, tmp_path: Path) -> None:
+    """The gate's 503 is written outside the app: it must read the late body too."""
+    async with serve_api(db_url, tmp_path, token=TOKEN) as service:
+        holders = [object() for _ in range(HTTP_GATE_SIZE)]
+        for holder in holders:
+            service.state.http_gate.acquire_on_behalf_of_nowait(holder)
+        host, port = service.api_url.removeprefix("http://").rsplit(":", 1)
+        http = RawHttp(await trio.open_tcp_stream(host, int(port)))
+        await http.stream.send_all(
+            b"POST /v1/trades HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(BODY)}\r\n\r\n".encode()
+        )
+        # The scenario itself: the body arrives after the gate has given up waiting.
+        await trio.sleep(HTTP_GATE_WAIT_S + 0.1)
+        await http.stream.send_all(BODY + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        with trio.fail_after(10):
+            first = await http.response()
+            assert first is not None and first[0] == 503, first
+            assert first[1]["retry-after"] == "1" and orjson.loads(first[2])["error"] == "busy"
+            second = await http.response()
+            assert second is not None and second[0] == 200, second
+        for holder in holders:
+            service.state.http_gate.release_on_behalf_of(holder)
         await http.stream.aclose()
 
 

@@ -1,5 +1,6 @@
-"""API reads under a burst of concurrent GETs over a real socket, while rows are written:
-reads are refused fast and visibly (503 + Retry-After), never stall the writer."""
+"""Admission under load: a burst of concurrent GETs over a real socket while rows are
+written is answered fast and visibly (200, or 503 + Retry-After), never stalls the
+writer; a saturated gate or read pool refuses at once, and /healthz is never gated."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import httpx
 import trio
 
+from greeksd.api.state import HTTP_GATE_SIZE
 from greeksd.service import RunningService
-from tests.api_harness import serve_api
+from tests.api_harness import open_api, serve_api
 from tests.factories import make_snapshot
 from tests.helpers import fetch_rows
 
@@ -72,7 +74,7 @@ async def test_a_burst_of_reads_is_refused_fast_and_never_stalls_the_writer(
     assert set(statuses) <= {200, 503}, statuses
     refused = [(h, b) for status, h, b in answers if status == 503]
     for headers, body in refused:
-        assert body["error"] == "reads_busy", body
+        assert body["error"] in ("busy", "reads_busy"), body
         assert int(headers["retry-after"]) >= 1
     assert len(refused) < BURST, "some reads must be served"
 
@@ -85,3 +87,45 @@ async def test_a_burst_of_reads_is_refused_fast_and_never_stalls_the_writer(
     assert fed[0] > 0 and len(latencies) >= fed[0] - 1, "rows offered during the burst"
     worst = max(latency for (latency,) in latencies)
     assert worst < WRITER_STALL_LIMIT, f"writer stalled {worst} during the read burst"
+
+
+async def test_a_full_gate_answers_busy_at_once_but_never_healthz(
+    db_url: str, tmp_path: Path
+) -> None:
+    async with open_api(db_url, tmp_path) as h:
+        holders = [object() for _ in range(HTTP_GATE_SIZE)]
+        for holder in holders:
+            h.state.http_gate.acquire_on_behalf_of_nowait(holder)
+        with trio.fail_after(1.0):  # "at once": the gate waits 0.25 s, never seconds
+            response = await h.client.get("/v1/greeks/latest")
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        body = await response.get_json()
+        assert body["error"] == "busy" and body["detail"]
+        status, health = await h.get_json("/healthz")
+        assert status == 200 and health["status"] == "ok"
+        assert h.state.reads.refusals.total["busy"] == 1
+        for holder in holders:
+            h.state.http_gate.release_on_behalf_of(holder)
+        metrics = await h.client.get("/metrics")
+        assert 'greeksd_api_refused_total{reason="busy"} 1' in await metrics.get_data(True)
+        status, _ = await h.get_json("/v1/greeks/latest")
+        assert status == 200
+
+
+async def test_full_read_slots_answer_reads_busy_at_once(db_url: str, tmp_path: Path) -> None:
+    async with open_api(db_url, tmp_path) as h:
+        reads = h.state.reads
+        holders = [object() for _ in range(reads.size)]
+        for holder in holders:
+            await reads.admit(holder)
+        for path in PATHS:
+            with trio.fail_after(1.0):
+                response = await h.client.get(path)
+            body = await response.get_json()
+            assert response.status_code == 503, (path, body)
+            assert body["error"] == "reads_busy" and response.headers["Retry-After"] == "1"
+        for holder in holders:
+            reads.release(holder)
+        assert reads.refusals.total["reads_busy"] == len(PATHS)
+        status, _ = await h.get_json("/v1/greeks/latest")
+        assert status == 200

@@ -63,10 +63,11 @@ ERROR = {
         }
     },
 }
-# Busy read connections, a database that is down, a query over the statement timeout.
+# Too many requests at once, busy read connections, a database that is down, a query over
+# the statement timeout.
 UNAVAILABLE = {
     **ERROR,
-    "description": "Try again later (reads_busy, database_unavailable, query_timeout)",
+    "description": "Try again later (busy, reads_busy, database_unavailable, query_timeout)",
     "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
 }
 ROWS_RESPONSES: dict[str, Any] = {
@@ -80,6 +81,16 @@ ROWS_RESPONSES: dict[str, Any] = {
 }
 JSON_OK: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {}}}}
 GUARDED_ERRORS: dict[str, Any] = {"400": ERROR, "401": ERROR, "415": ERROR}
+
+
+def _gated(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every route but /healthz may answer 503 busy (greeksd.api.app)."""
+    gated = copy.deepcopy(paths)
+    for path, operations in gated.items():
+        if path != "/healthz":
+            for operation in operations.values():
+                operation.setdefault("responses", {}).setdefault("503", UNAVAILABLE)
+    return gated
 
 
 def _open_access(paths: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +113,7 @@ def build_spec(paths: dict[str, Any], *, token_required: bool) -> dict[str, Any]
             if token_required
             else "No GREEKSD_API_TOKEN is configured: every route is open (loopback only).",
         },
-        "paths": dict(sorted((paths if token_required else _open_access(paths)).items())),
+        "paths": dict(sorted(_gated(paths if token_required else _open_access(paths)).items())),
     }
     if token_required:
         spec["components"] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -33,6 +33,10 @@ READ_POOL_TIMEOUT_S = 5.0
 # Server-side ceiling on every statement of a read connection, so one expensive query
 # cannot hold a connection (and its slot) for long.
 READ_STATEMENT_TIMEOUT_S = 10
+# HTTP requests handled at once, and how long the next one waits for a turn before its 503
+# `busy` (greeksd.api.app explains why the writer needs this bound).
+HTTP_GATE_SIZE = 8
+HTTP_GATE_WAIT_S = 0.25
 
 
 def _configure_read_session(conn: psycopg.Connection) -> None:
@@ -78,6 +82,9 @@ class ServiceState:
     sink: ChannelSink
     reads: ReadPool
     trade_writer: TradeWriter | None = None
+    http_gate: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(HTTP_GATE_SIZE)
+    )
 
     def status_json(self) -> dict[str, Any]:
         writer = self.writer.stats.as_json(queue_depth=self.sink.queue_depth)

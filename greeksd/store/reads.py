@@ -23,6 +23,9 @@ page: one odd row never breaks a listing.
 from __future__ import annotations
 
 import contextlib
+import math
+import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -49,6 +52,26 @@ class ReadsBusy(Exception):
 
 
 @dataclass
+class Refusals:
+    """Requests turned away with a 503 because something was saturated, by reason.
+    Logged at most once a second per reason (with the count since the last line): a
+    burst of refusals must not turn into a burst of log lines."""
+
+    total: Counter[str] = field(default_factory=Counter)
+    _unlogged: Counter[str] = field(default_factory=Counter)
+    _logged_at: dict[str, float] = field(default_factory=dict)
+
+    def note(self, reason: str, **fields: Any) -> None:
+        self.total[reason] += 1
+        self._unlogged[reason] += 1
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -math.inf) >= 1.0:
+            log.warning("api_busy_refused", reason=reason, refused=self._unlogged[reason], **fields)
+            self._unlogged[reason] = 0
+            self._logged_at[reason] = now
+
+
+@dataclass
 class ReadPool:
     """The pool plus the limiters that keep API reads bounded and off trio's default
     thread limiter. `slots` and `threads` both have one token per pooled connection: at
@@ -60,7 +83,7 @@ class ReadPool:
     admit_wait_s: float
     slots: trio.CapacityLimiter = field(init=False)
     threads: trio.CapacityLimiter = field(init=False)
-    refused: int = 0  # requests answered ReadsBusy, for status and metrics
+    refusals: Refusals = field(default_factory=Refusals)  # also the HTTP gate's
 
     def __post_init__(self) -> None:
         self.slots = trio.CapacityLimiter(self.size)
@@ -71,8 +94,7 @@ class ReadPool:
         with trio.move_on_after(self.admit_wait_s):
             await self.slots.acquire_on_behalf_of(borrower)
             return
-        self.refused += 1
-        log.warning("api_reads_busy", slots=self.size, waited_s=self.admit_wait_s)
+        self.refusals.note("reads_busy", slots=self.size, waited_s=self.admit_wait_s)
         raise ReadsBusy(f"all {self.size} read connections are busy")
 
     def release(self, borrower: object) -> None:
