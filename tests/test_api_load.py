@@ -12,6 +12,7 @@ import httpx
 import trio
 
 from greeksd.api.state import HTTP_GATE_SIZE
+from greeksd.bench import api_reads
 from greeksd.service import RunningService
 from tests.api_harness import open_api, serve_api
 from tests.factories import make_snapshot
@@ -129,3 +130,14 @@ async def test_full_read_slots_answer_reads_busy_at_once(db_url: str, tmp_path: 
         assert reads.refusals.total["reads_busy"] == len(PATHS)
         status, _ = await h.get_json("/v1/greeks/latest")
         assert status == 200
+
+
+async def test_the_bench_case_measures_each_kind_of_reader(db_url: str) -> None:
+    """`greeksd bench` section 5 at a tiny size: well-formed, every read answered 200 or
+    503 with Retry-After (its speed is the benchmark's business)."""
+    rows = await api_reads.measure(db_url, rate=200, duration_s=1.0, concurrency=20)
+    assert [r["readers"] for r in rows] == ["none", "polite", "hammering"]
+    for row in rows:
+        assert row["rows"] > 0 and row["p99_ms"] is not None
+        assert row["reads_other"] == 0, row["reads"]
+    assert rows[1]["reads_ok"] + rows[1]["reads_503_retry_after"] > 0
