@@ -90,7 +90,7 @@ async def test_a_burst_of_reads_is_refused_fast_and_never_stalls_the_writer(
     assert worst < WRITER_STALL_LIMIT, f"writer stalled {worst} during the read burst"
 
 
-async def test_a_full_gate_answers_busy_at_once_but_never_healthz(
+async def test_a_full_gate_answers_busy_at_once_but_not_on_health_or_controls(
     db_url: str, tmp_path: Path
 ) -> None:
     async with open_api(db_url, tmp_path) as h:
@@ -104,6 +104,8 @@ async def test_a_full_gate_answers_busy_at_once_but_never_healthz(
         assert body["error"] == "busy" and body["detail"]
         status, health = await h.get_json("/healthz")
         assert status == 200 and health["status"] == "ok"
+        stopped = await h.client.post("/v1/streaming/stop")
+        assert stopped.status_code == 200, "an operator can still act"
         assert h.state.reads.refusals.total["busy"] == 1
         for holder in holders:
             h.state.http_gate.release_on_behalf_of(holder)

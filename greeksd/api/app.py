@@ -17,8 +17,8 @@ task lengthens the loop's turn, and the writer waits a turn at each step, so 200
 connections took writer p99 from ~35 ms to ~0.5-1 s even on /healthz. At most
 HTTP_GATE_SIZE requests are handled at once; the next waits at most HTTP_GATE_WAIT_S for
 a turn and is otherwise answered 503 `busy` with Retry-After, straight from here (no
-routing, no handler). /healthz is never gated: a liveness probe must not fail because
-reads are busy.
+routing, no handler). /healthz and the stream start/stop controls are never gated
+(UNGATED_PATHS).
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from greeksd.api import dashboard, greeks, metrics, risk, streaming, trades
 from greeksd.api.errors import RETRY_AFTER_BUSY_S, install_error_handlers
 from greeksd.api.openapi import openapi_blueprint
 from greeksd.api.params import MAX_BODY_BYTES
-from greeksd.api.state import HTTP_GATE_SIZE, HTTP_GATE_WAIT_S, ServiceState
+from greeksd.api.state import HTTP_GATE_SIZE, HTTP_GATE_WAIT_S, UNGATED_PATHS, ServiceState
 
 ROUTE_MODULES = (streaming, greeks, risk, trades, metrics, dashboard)
-UNGATED_PATHS = frozenset({"/healthz"})
 
 
 class _ShieldedSends(TrioASGIHTTPConnection):

@@ -16,6 +16,7 @@ from typing import Any
 from quart import Blueprint
 
 from greeksd.api.params import BROKERS, DEFAULT_LIMIT, FORMATS, MAX_LIMIT
+from greeksd.api.state import UNGATED_PATHS
 
 # PostgreSQL text cannot hold NUL; the handlers refuse it (400).
 NO_NUL = "^[^\\u0000]*$"
@@ -84,10 +85,10 @@ GUARDED_ERRORS: dict[str, Any] = {"400": ERROR, "401": ERROR, "415": ERROR}
 
 
 def _gated(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every route but /healthz may answer 503 busy (greeksd.api.app)."""
+    """Every gated route may answer 503 busy (greeksd.api.app)."""
     gated = copy.deepcopy(paths)
     for path, operations in gated.items():
-        if path != "/healthz":
+        if path not in UNGATED_PATHS:
             for operation in operations.values():
                 operation.setdefault("responses", {}).setdefault("503", UNAVAILABLE)
     return gated

@@ -37,6 +37,9 @@ READ_STATEMENT_TIMEOUT_S = 10
 # `busy` (greeksd.api.app explains why the writer needs this bound).
 HTTP_GATE_SIZE = 8
 HTTP_GATE_WAIT_S = 0.25
+# Never gated: a liveness probe must not fail, and an operator must be able to stop or
+# start a stream, because reads are busy. All three are cheap and do not touch the database.
+UNGATED_PATHS = frozenset({"/healthz", "/v1/streaming/start", "/v1/streaming/stop"})
 
 
 def _configure_read_session(conn: psycopg.Connection) -> None:
