@@ -18,7 +18,7 @@ from quart.typing import TestClientProtocol
 from quart_trio import QuartTrio
 
 from greeksd.api.app import create_app
-from greeksd.api.state import ServiceState, open_read_pool
+from greeksd.api.state import READ_STATEMENT_TIMEOUT_S, ServiceState, open_read_pool
 from greeksd.config import load_settings
 from greeksd.model import Snapshot, Source
 from greeksd.pipeline import open_pipeline
@@ -53,13 +53,16 @@ async def open_api(
     token: str | None = None,
     flush_ms: int = 20,
     reads_url: str | None = None,
+    read_statement_timeout_s: float = READ_STATEMENT_TIMEOUT_S,
 ) -> AsyncIterator[Harness]:
     env = {"GREEKSD_DATABASE_URL": db_url, "GREEKSD_DATA_DIR": str(tmp_path)}
     if token:
         env["GREEKSD_API_TOKEN"] = token
     settings = load_settings(env, dotenv_path=tmp_path / "none.env")
     async with (
-        open_read_pool(reads_url or db_url, wait_s=1.0) as reads,
+        open_read_pool(
+            reads_url or db_url, wait_s=1.0, statement_timeout_s=read_statement_timeout_s
+        ) as reads,
         open_pipeline(db_url, flush_rows=1000, flush_ms=flush_ms) as pipeline,
     ):
         supervisor = Supervisor(pipeline.sink)

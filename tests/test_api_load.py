@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import trio
 
-from greeksd.api.state import HTTP_GATE_SIZE
+from greeksd.api.state import HTTP_GATE_SIZE, READ_STATEMENT_TIMEOUT_S
 from greeksd.bench import api_reads
 from greeksd.service import RunningService
 from tests.api_harness import open_api, serve_api
@@ -143,3 +143,22 @@ async def test_the_bench_case_measures_each_kind_of_reader(db_url: str) -> None:
         assert row["rows"] > 0 and row["p99_ms"] is not None
         assert row["reads_other"] == 0, row["reads"]
     assert rows[1]["reads_ok"] + rows[1]["reads_503_retry_after"] > 0
+
+
+async def test_read_connections_carry_a_statement_timeout(db_url: str, tmp_path: Path) -> None:
+    async with open_api(db_url, tmp_path) as h:
+        reads = h.state.reads
+        async with reads.connection() as conn:
+            row = await reads.run(lambda: conn.execute("SHOW statement_timeout").fetchone())
+        assert row == (f"{READ_STATEMENT_TIMEOUT_S}s",)
+
+
+async def test_a_query_over_the_statement_timeout_is_a_503_with_retry_after(
+    db_url: str, tmp_path: Path
+) -> None:
+    async with open_api(db_url, tmp_path, read_statement_timeout_s=0.001) as h:
+        await h.put([make_snapshot(i) for i in range(5000)])  # latest sorts them all: > 1 ms
+        response = await h.client.get("/v1/greeks/latest")
+        body = await response.get_json()
+        assert (response.status_code, body["error"]) == (503, "query_timeout"), body
+        assert response.headers["Retry-After"] == "1" and "narrow" in body["detail"]

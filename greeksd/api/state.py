@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,18 +42,25 @@ HTTP_GATE_WAIT_S = 0.25
 UNGATED_PATHS = frozenset({"/healthz", "/v1/streaming/start", "/v1/streaming/stop"})
 
 
-def _configure_read_session(conn: psycopg.Connection) -> None:
-    """Times come back in UTC whatever the server's default zone; every statement is
-    bounded by READ_STATEMENT_TIMEOUT_S; out-of-range times load as text."""
-    conn.execute("SET TIME ZONE 'UTC'")
-    conn.execute(f"SET statement_timeout = '{READ_STATEMENT_TIMEOUT_S}s'")
-    conn.commit()
-    load_out_of_range_times_as_text(conn)
+def _read_session(statement_timeout_ms: int) -> Callable[[psycopg.Connection], None]:
+    def configure(conn: psycopg.Connection) -> None:
+        """Times come back in UTC whatever the server's default zone; every statement is
+        bounded server-side; out-of-range times load as text."""
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
+        conn.commit()
+        load_out_of_range_times_as_text(conn)
+
+    return configure
 
 
 @contextlib.asynccontextmanager
 async def open_read_pool(
-    url: str, *, wait_s: float = READ_POOL_TIMEOUT_S, size: int = READ_POOL_MAX
+    url: str,
+    *,
+    wait_s: float = READ_POOL_TIMEOUT_S,
+    size: int = READ_POOL_MAX,
+    statement_timeout_s: float = READ_STATEMENT_TIMEOUT_S,
 ) -> AsyncIterator[ReadPool]:
     """The API's read connections, opened lazily (a database that is down at start-up
     makes requests fail with 503, not the service) and closed with the service."""
@@ -65,15 +72,16 @@ async def open_read_pool(
         timeout=wait_s,
         kwargs={"connect_timeout": 5},
         check=ConnectionPool.check_connection,
-        configure=_configure_read_session,
+        configure=_read_session(max(1, round(statement_timeout_s * 1000))),
         name="greeksd-reads",
     )
-    await trio.to_thread.run_sync(lambda: pool.open(wait=False))
+    reads = ReadPool(pool, size, READ_ADMIT_WAIT_S)
+    await reads.run(lambda: pool.open(wait=False))
     try:
-        yield ReadPool(pool, size, READ_ADMIT_WAIT_S)
+        yield reads
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
+            await reads.run(lambda: pool.close(timeout=5.0))
 
 
 @dataclass
