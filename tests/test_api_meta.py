@@ -27,8 +27,24 @@ METRICS = (
 )
 
 
+GUARDED = {
+    ("/v1/streaming/start", "post"),
+    ("/v1/streaming/stop", "post"),
+    ("/v1/trades", "post"),
+}
+
+
+def _guarded(spec: dict) -> set[tuple[str, str]]:
+    return {
+        (path, method)
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+        if op.get("security")
+    }
+
+
 async def test_openapi_lists_every_registered_route(db_url: str, tmp_path: Path) -> None:
-    async with open_api(db_url, tmp_path) as h:
+    async with open_api(db_url, tmp_path, token="meta-token") as h:
         status, spec = await h.get_json("/openapi.json")
         assert status == 200 and spec["openapi"].startswith("3.")
         routes = [r for r in h.app.url_map.iter_rules() if r.endpoint != "static"]
@@ -36,17 +52,26 @@ async def test_openapi_lists_every_registered_route(db_url: str, tmp_path: Path)
         for rule in routes:
             for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
                 assert method.lower() in spec["paths"].get(rule.rule, {}), (rule.rule, method)
-        guarded = {
-            (path, method)
-            for path, ops in spec["paths"].items()
-            for method, op in ops.items()
-            if op.get("security")
-        }
-        assert guarded == {
-            ("/v1/streaming/start", "post"),
-            ("/v1/streaming/stop", "post"),
-            ("/v1/trades", "post"),
-        }
+        assert _guarded(spec) == GUARDED
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        for path, method in GUARDED:
+            assert "401" in spec["paths"][path][method]["responses"]
+
+
+async def test_openapi_without_a_token_requires_no_authorization(
+    db_url: str, tmp_path: Path
+) -> None:
+    """No token configured: the routes are open, and the document says so (no security
+    requirement, no scheme, no 401) — and a POST without Authorization indeed works."""
+    async with open_api(db_url, tmp_path) as h:
+        status, spec = await h.get_json("/openapi.json")
+        assert status == 200
+        assert _guarded(spec) == set()
+        assert "securitySchemes" not in spec.get("components", {})
+        for path, method in GUARDED:
+            assert "401" not in spec["paths"][path][method]["responses"]
+        response = await h.client.post("/v1/streaming/stop")
+        assert response.status_code == 200
 
 
 async def test_metrics_is_prometheus_text_with_every_metric(db_url: str, tmp_path: Path) -> None:

@@ -186,6 +186,13 @@ def render(state: ServiceState) -> str:
     ]
     lines += _family(f"{name}_bucket", "histogram", "", buckets)[2:]
     lines += [f"{name}_sum {_number(latency.sum_s)}", f"{name}_count {latency.count}"]
+    refusals = state.reads.refusals.total
+    lines += _family(
+        "greeksd_api_refused_total",
+        "counter",
+        "HTTP requests answered 503 because the API was saturated, by reason.",
+        (({"reason": reason}, float(refusals[reason])) for reason in ("busy", "reads_busy")),
+    )
     return "\n".join(lines) + "\n"
 
 

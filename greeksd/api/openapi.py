@@ -1,14 +1,27 @@
 """The OpenAPI document: shared pieces here, each route's entry next to the route (the
 `PATHS` dict of its module); `create_app` merges them and a test checks that every
-registered route is described."""
+registered route is described.
+
+The document follows the configuration: with GREEKSD_API_TOKEN set, the mutating routes
+require the `bearer` scheme (and may answer 401); without one they are open, so neither
+the scheme nor a 401 is described. Schemathesis tests the served document against the
+running service (tests/test_api_schemathesis.py), so every constraint here is one the
+handlers enforce."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from quart import Blueprint
 
 from greeksd.api.params import BROKERS, DEFAULT_LIMIT, FORMATS, MAX_LIMIT
+from greeksd.api.state import UNGATED_PATHS
+
+# PostgreSQL text cannot hold NUL; the handlers refuse it (400).
+NO_NUL = "^[^\\u0000]*$"
+# An empty query parameter is refused (400 empty_parameter), never read as "absent".
+TEXT = {"type": "string", "minLength": 1, "pattern": NO_NUL}
 
 
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -17,11 +30,11 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
         "in": "query",
         "required": False,
         "description": description,
-        "schema": schema or {"type": "string"},
+        "schema": schema or TEXT,
     }
 
 
-TIME = {"type": "string", "format": "date-time"}
+TIME = {"type": "string", "format": "date-time", "minLength": 1}
 FILTERS: list[dict[str, Any]] = [
     _query("broker", "Only this broker.", {"type": "string", "enum": list(BROKERS)}),
     _query("account", "Only this account id."),
@@ -51,6 +64,13 @@ ERROR = {
         }
     },
 }
+# Too many requests at once, busy read connections, a database that is down, a query over
+# the statement timeout.
+UNAVAILABLE = {
+    **ERROR,
+    "description": "Try again later (busy, reads_busy, database_unavailable, query_timeout)",
+    "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+}
 ROWS_RESPONSES: dict[str, Any] = {
     "200": {
         "description": "Rows as JSON {next, rows}, NDJSON or CSV; X-Next-Cursor header when "
@@ -58,30 +78,59 @@ ROWS_RESPONSES: dict[str, Any] = {
         "content": {t: {} for t in ("application/json", "application/x-ndjson", "text/csv")},
     },
     "400": ERROR,
-    "503": ERROR,
+    "503": UNAVAILABLE,
 }
 JSON_OK: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {}}}}
 GUARDED_ERRORS: dict[str, Any] = {"400": ERROR, "401": ERROR, "415": ERROR}
 
 
-def build_spec(paths: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _gated(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every gated route may answer 503 busy (greeksd.api.app)."""
+    gated = copy.deepcopy(paths)
+    for path, operations in gated.items():
+        if path not in UNGATED_PATHS:
+            for operation in operations.values():
+                operation.setdefault("responses", {}).setdefault("503", UNAVAILABLE)
+    return gated
+
+
+def _open_access(paths: dict[str, Any]) -> dict[str, Any]:
+    """`paths` as served when no token is configured: no security, no 401."""
+    opened = copy.deepcopy(paths)
+    for operations in opened.values():
+        for operation in operations.values():
+            operation.pop("security", None)
+            operation.get("responses", {}).pop("401", None)
+    return opened
+
+
+def build_spec(paths: dict[str, Any], *, token_required: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "greeksd", "version": "1"},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "info": {
+            "title": "greeksd",
+            "version": "1",
+            "description": "Mutating routes need 'Authorization: Bearer <GREEKSD_API_TOKEN>'."
+            if token_required
+            else "No GREEKSD_API_TOKEN is configured: every route is open (loopback only).",
         },
-        "paths": dict(sorted(paths.items())),
+        "paths": dict(sorted(_gated(paths if token_required else _open_access(paths)).items())),
     }
+    if token_required:
+        spec["components"] = {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        }
+    return spec
 
 
-def openapi_blueprint(paths: dict[str, Any]) -> Blueprint:
+def openapi_blueprint(paths: dict[str, Any], *, token_required: bool) -> Blueprint:
     bp = Blueprint("openapi", __name__)
     spec = build_spec(
         {
             **paths,
             "/openapi.json": {"get": {"summary": "This document.", "responses": JSON_OK}},
-        }
+        },
+        token_required=token_required,
     )
 
     @bp.get("/openapi.json")

@@ -4,21 +4,32 @@ Nothing builds the whole result in memory: each chunk of rows fetched from the
 server-side cursor is encoded and sent before the next one is fetched. The `next`
 cursor is known before the first byte (see greeksd.store.reads), so it travels in the
 `X-Next-Cursor` header for every format and also in the JSON envelope.
+
+Rendering never fails on a stored value: a numeric too large for a JSON integer becomes a
+float, one a float cannot hold (or NaN/Infinity) its text, any other unknown type its
+text; times Python cannot hold already arrive as text (greeksd.store.reads). If a
+response still fails after its headers are out (the database goes away mid-page), the
+error is logged and re-raised: Hypercorn then closes the connection without the chunked
+terminator, so the client sees a broken response, never a clean-looking short 200.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import AsyncIterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from quart import Response
+from quart import Response, request
 
+from greeksd.logs import get_logger
 from greeksd.store.reads import RowStream
+
+log = get_logger("greeksd.api")
 
 CONTENT_TYPES = {
     "json": "application/json",
@@ -27,10 +38,25 @@ CONTENT_TYPES = {
 }
 
 
+# What orjson encodes as an integer.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _decimal(value: Decimal) -> int | float | str:
+    if not value.is_finite():
+        return str(value)  # 'NaN', 'Infinity', '-Infinity': JSON has no such numbers
+    if value == value.to_integral_value() and _INT_MIN <= value <= _INT_MAX:
+        return int(value)
+    number = float(value)
+    if math.isinf(number) or (number == 0 and value != 0):
+        return str(value)
+    return number
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    raise TypeError(f"cannot encode {type(value).__name__}")
+        return _decimal(value)
+    return str(value)
 
 
 def dumps(value: Any) -> bytes:
@@ -46,8 +72,9 @@ def _csv_cell(value: Any) -> Any:
 
 
 async def _encode(
-    stream: RowStream, columns: Sequence[str], fmt: str, envelope: dict[str, Any]
+    stream: RowStream, columns: Sequence[str], fmt: str, envelope: dict[str, Any], path: str
 ) -> AsyncIterator[bytes]:
+    sent = 0
     try:
         if fmt == "json":
             yield dumps(envelope)[:-1] + b',"rows":[' if envelope else b'{"rows":['
@@ -64,8 +91,17 @@ async def _encode(
             else:
                 yield (b"" if first else b",") + b",".join(encoded)
             first = False
+            sent += len(rows)
         if fmt == "json":
             yield b"]}"
+    except Exception as exc:
+        log.error(
+            "api_response_aborted",
+            path=path,
+            rows_sent=sent,
+            error=f"{type(exc).__name__}: {str(exc).strip()}",
+        )
+        raise
     finally:
         await stream.aclose()
 
@@ -85,7 +121,8 @@ def stream_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     response = Response(
-        _encode(stream, columns, fmt, envelope or {}),
+        # The body is sent after the request context is gone: take the path now.
+        _encode(stream, columns, fmt, envelope or {}, request.path),
         content_type=CONTENT_TYPES[fmt],
         headers=headers or {},
     )

@@ -4,6 +4,12 @@
 Times are ISO 8601. A time without an offset is taken as UTC (documented), so
 `?start=2026-11-25T15:30` works from a shell; `Z` or an offset is honoured. A `+` in a
 query string decodes to a space, which gets its own hint.
+
+Everything PostgreSQL would refuse, or the API could not render back, is refused here
+with a 400 before it reaches the database: NUL bytes in any string, times whose UTC
+instant falls outside years 1..9999, numbers outside what the API renders exactly.
+An empty query parameter (`?broker=`) is refused too (the OpenAPI document says
+`minLength: 1`): treating it as absent would silently widen the query.
 """
 
 from __future__ import annotations
@@ -27,19 +33,36 @@ FILTER_PARAMS: tuple[str, ...] = ("broker", "account", "contract_key", "underlyi
 MAX_BODY_BYTES = 64 * 1024
 
 
+def check_text(name: str, value: str) -> str:
+    """PostgreSQL text cannot hold a NUL byte; refuse it rather than fail in the driver."""
+    if "\x00" in value:
+        raise bad_request(f"bad_{name}", f"{name} must not contain a NUL byte (\\u0000)")
+    return value
+
+
 def parse_time(name: str, text: str, *, assume_utc: bool = True) -> datetime:
     """ISO 8601; without an offset it is UTC, or refused when `assume_utc` is False
     (a stored fact such as a trade's execution time must not guess its zone)."""
     try:
-        value = datetime.fromisoformat(text)
+        value = datetime.fromisoformat(check_text(name, text))
     except ValueError:
         hint = " (write '+' in a URL as %2B, or use Z)" if " " in text else ""
         raise bad_request("bad_time", f"{name}={text!r} is not an ISO 8601 time{hint}") from None
-    if value.tzinfo is not None:
-        return value
-    if not assume_utc:
-        raise bad_request("bad_time", f"{name} needs a timezone offset, e.g. 2026-11-25T15:30:00Z")
-    return value.replace(tzinfo=UTC)
+    if value.tzinfo is None:
+        if not assume_utc:
+            raise bad_request(
+                "bad_time", f"{name} needs a timezone offset, e.g. 2026-11-25T15:30:00Z"
+            )
+        value = value.replace(tzinfo=UTC)
+    try:
+        # A time whose UTC instant leaves years 1..9999 (0001-01-01T00:00+14:00) would be
+        # stored but could never be read back into Python.
+        value.astimezone(UTC)
+    except OverflowError:
+        raise bad_request(
+            "bad_time", f"{name}={text!r} is outside 0001-01-01..9999-12-31 in UTC"
+        ) from None
+    return value
 
 
 def parse_contract_key(name: str, text: str) -> str:
@@ -78,7 +101,7 @@ class Args:
         value = self._args.get(name)
         if value == "":
             raise bad_request("empty_parameter", f"query parameter {name!r} is empty")
-        return value
+        return None if value is None else check_text(name, value)
 
     def time(self, name: str) -> datetime | None:
         text = self.text(name)
@@ -94,7 +117,7 @@ class Args:
         text = self.text("limit")
         if text is None:
             return DEFAULT_LIMIT
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
             raise bad_request(
                 "bad_limit", f"limit={text!r} must be an integer from 1 to {MAX_LIMIT}"
             )
@@ -118,7 +141,7 @@ class Args:
 
 async def json_body(*, required: bool) -> dict[str, Any] | None:
     """The body as a JSON object; None when it is empty and not required."""
-    data = await request.get_data(cache=False, as_text=False)
+    data = await request.get_data(cache=True, as_text=False)
     if not data and not required:
         return None
     if request.mimetype != "application/json":

@@ -7,7 +7,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import trio
 from quart import Blueprint, Response
 
 from greeksd.api.errors import bad_request
@@ -30,7 +29,10 @@ async def timeline() -> Response:
     f = args.filter()
     bucket = args.choice("bucket", tuple(BUCKETS), "1m")
     end = f.end or datetime.now(UTC)
-    start = f.start or end - DEFAULT_SPAN
+    try:
+        start = f.start or end - DEFAULT_SPAN
+    except OverflowError:
+        raise bad_request("bad_time_range", "start (end - 1 h) would fall before year 1") from None
     if start >= end:
         raise bad_request("bad_time_range", "start must be before end")
     grid = Grid.covering(start, end, BUCKETS[bucket])
@@ -42,12 +44,8 @@ async def timeline() -> Response:
         )
     window = replace(f, start=start, end=end)
     reads = current_state().reads
-
-    def read() -> list[dict[str, Any]]:
-        with reads.connection() as conn:
-            return risk_timeline(conn, window, BUCKETS[bucket])
-
-    series = await trio.to_thread.run_sync(read)
+    async with reads.connection() as conn:
+        series = await reads.run(risk_timeline, conn, window, BUCKETS[bucket])
     return json_response({"bucket": bucket, "start": start, "end": end, "series": series})
 
 

@@ -43,9 +43,13 @@ async def _apply(action: Callable[[str], bool], done: str) -> dict[str, Any]:
     state = current_state()
     body = await json_body(required=False) or {}
     reject_unknown_fields(body, ("broker",))
+    # Only an absent broker (or an empty body) means every stream: a null is refused, so a
+    # client whose variable is unset cannot stop everything by accident.
     broker = body.get("broker")
-    if broker is not None and not isinstance(broker, str):
-        raise bad_request("bad_broker", "broker must be a string naming one stream")
+    if "broker" in body and not isinstance(broker, str):
+        raise bad_request(
+            "bad_broker", "broker must be a string naming one stream; omit it for every stream"
+        )
     names = (
         state.supervisor.names if broker is None else [parse_broker(broker, state.supervisor.names)]
     )
@@ -75,7 +79,14 @@ _BODY = {
         "application/json": {
             "schema": {
                 "type": "object",
-                "properties": {"broker": {"type": "string", "description": "omit for all"}},
+                "properties": {
+                    "broker": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "One stream's name; omit it (or send no body) for "
+                        "every stream. null is refused.",
+                    }
+                },
                 "additionalProperties": False,
             }
         }

@@ -15,17 +15,25 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
-import trio
 from quart import Blueprint, Response
 
 from greeksd.api.auth import requires_token
 from greeksd.api.errors import ApiError, bad_request
 from greeksd.api.greeks import paged
-from greeksd.api.openapi import ERROR, FORMAT, GUARDED_ERRORS, LIMIT_AND_CURSOR, ROWS_RESPONSES
+from greeksd.api.openapi import (
+    ERROR,
+    FILTERS,
+    FORMAT,
+    GUARDED_ERRORS,
+    LIMIT_AND_CURSOR,
+    NO_NUL,
+    ROWS_RESPONSES,
+)
 from greeksd.api.output import json_response
 from greeksd.api.params import (
     FILTER_PARAMS,
     Args,
+    check_text,
     json_body,
     parse_broker,
     parse_contract_key,
@@ -65,6 +73,10 @@ SAME_ENTRY: tuple[str, ...] = (
     "note",
 )
 MAX_TEXT = 200
+# quantity and price: what the API renders back exactly (an integer below 2**53 is an exact
+# JSON number) and PostgreSQL's numeric stores; anything larger or finer is a typo.
+MAX_ABS_NUMBER = Decimal(10) ** 15
+MAX_DECIMAL_PLACES = 20
 
 
 @bp.get("/v1/trades")
@@ -82,7 +94,7 @@ def _text(body: dict[str, Any], name: str, *, required: bool, limit: int = MAX_T
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > limit:
         raise bad_request(f"bad_{name}", f"{name} must be a non-empty string of at most {limit}")
-    return value
+    return check_text(name, value)
 
 
 def _decimal(body: dict[str, Any], name: str) -> Decimal | None:
@@ -95,8 +107,17 @@ def _decimal(body: dict[str, Any], name: str) -> Decimal | None:
         number = Decimal(str(value))
     except InvalidOperation:
         raise bad_request(f"bad_{name}", f"{name}={value!r} is not a number") from None
-    if not number.is_finite():
-        raise bad_request(f"bad_{name}", f"{name} must be finite")
+    exponent = number.as_tuple().exponent
+    if (
+        not number.is_finite()
+        or abs(number) >= MAX_ABS_NUMBER
+        or (isinstance(exponent, int) and exponent < -MAX_DECIMAL_PLACES)
+    ):
+        raise bad_request(
+            f"bad_{name}",
+            f"{name}={value!r} is out of range: it must be finite, below 1e15 in magnitude, "
+            f"with at most {MAX_DECIMAL_PLACES} decimal places",
+        )
     return number
 
 
@@ -162,12 +183,8 @@ async def add_trade() -> Response:
     assert body is not None
     trade = parse_trade(body)
     reads = current_state().reads
-
-    def store() -> tuple[dict[str, Any], bool]:
-        with reads.connection() as conn:
-            return record_trade(conn, trade)
-
-    row, created = await trio.to_thread.run_sync(store)
+    async with reads.connection() as conn:
+        row, created = await reads.run(record_trade, conn, trade)
     if not created and not _same_entry(row, trade):
         raise ApiError(
             409,
@@ -178,21 +195,34 @@ async def add_trade() -> Response:
     return json_response(row, 201 if created else 200)
 
 
+def _string(max_length: int = MAX_TEXT) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": NO_NUL}
+
+
 _TRADE_SCHEMA = {
     "type": "object",
     "required": ["broker", "account_id", "symbol", "side", "quantity", "executed_at"],
     "additionalProperties": False,
     "properties": {
         "broker": {"type": "string", "enum": list(TRADE_BROKERS)},
-        "account_id": {"type": "string"},
-        "symbol": {"type": "string"},
+        "account_id": _string(),
+        "symbol": _string(),
         "side": {"type": "string", "enum": ["buy", "sell"]},
-        "quantity": {"type": "number", "not": {"const": 0}},
-        "price": {"type": "number", "minimum": 0},
-        "executed_at": {"type": "string", "format": "date-time"},
-        "contract_key": {"type": "string"},
-        "broker_trade_id": {"type": "string"},
-        "note": {"type": "string"},
+        "quantity": {
+            "type": "number",
+            "not": {"const": 0},
+            "exclusiveMinimum": -int(MAX_ABS_NUMBER),
+            "exclusiveMaximum": int(MAX_ABS_NUMBER),
+        },
+        "price": {"type": "number", "minimum": 0, "exclusiveMaximum": int(MAX_ABS_NUMBER)},
+        "executed_at": {
+            "type": "string",
+            "format": "date-time",
+            "description": "With an offset; its UTC instant within years 1..9999.",
+        },
+        "contract_key": _string(),
+        "broker_trade_id": _string(),
+        "note": _string(2000),
     },
 }
 PATHS: dict[str, Any] = {
@@ -200,10 +230,10 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "Trades in (executed_at, id) order, paged like snapshots.",
             "parameters": [
-                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-                for n in ("broker", "account", "contract_key", "start", "end")
-            ]
-            + [*LIMIT_AND_CURSOR, FORMAT],
+                *[p for p in FILTERS if p["name"] != "underlying"],
+                *LIMIT_AND_CURSOR,
+                FORMAT,
+            ],
             "responses": ROWS_RESPONSES,
         },
         "post": {

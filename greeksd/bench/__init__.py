@@ -27,10 +27,11 @@ class Sizes:
     e2e_flush_compare: tuple[float, ...]
     e2e_duration_s: float
     writer_rows: int
+    api_reads_s: float  # each phase of the API-reads-vs-writer case
 
 
-FULL = Sizes(100_000, 20_000, 100_000, (50, 500, 5_000, 20_000), (500, 5_000), 10.0, 20_000)
-QUICK = Sizes(10_000, 2_000, 10_000, (50, 500), (500,), 2.0, 2_000)
+FULL = Sizes(100_000, 20_000, 100_000, (50, 500, 5_000, 20_000), (500, 5_000), 10.0, 20_000, 10.0)
+QUICK = Sizes(10_000, 2_000, 10_000, (50, 500), (500,), 2.0, 2_000, 3.0)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -61,7 +62,7 @@ def run_benchmarks(database_url: str | None, out: Path, *, quick: bool = False) 
 
 
 def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
-    from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, writer_paths
+    from greeksd.bench import api_reads, baselines, dxlink_decode, e2e, pipeline, writer_paths
 
     migrate(url)
     results: dict[str, Any] = {"sizes": sizes.__dict__}
@@ -91,6 +92,12 @@ def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
     print("\n== writer: psycopg driven from trio (rows/s)")
     results["writer_paths"] = writer_paths.run(url, sizes.writer_rows)
     print_table(results["writer_paths"])
+
+    print(f"\n== 5. API reads vs the writer: {api_reads.RATE} rows/s in; no readers, then")
+    print(f"   {api_reads.CONCURRENCY} polite, then {api_reads.CONCURRENCY} hammering connections")
+    print("   writer latency = persisted_at - received_at; target p99 within 2x of quiet")
+    results["api_reads"] = api_reads.run(url, sizes.api_reads_s)
+    print_table(results["api_reads"])
     return results
 
 

@@ -17,7 +17,6 @@ from typing import Any
 import psycopg
 import psycopg.waiting
 import trio
-import trio_asyncio
 
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
 from greeksd.store.writer import (
@@ -64,6 +63,11 @@ async def _thread_path(url: str, batches: list[list[Snapshot]]) -> None:
 
 
 async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
+    # Imported here: importing trio_asyncio patches asyncio process-wide, which breaks
+    # any later asyncio user in the process (playwright in the test suite) when all the
+    # importer wanted was `synthetic_rows`.
+    import trio_asyncio
+
     async def write_all() -> None:
         conn = await psycopg.AsyncConnection.connect(url)
         await conn.execute(CREATE_STAGING)

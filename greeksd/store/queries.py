@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,10 +71,26 @@ class Filter:
     end: datetime | None = None
 
 
+# A stored time Python cannot hold reaches us as PostgreSQL's text in UTC (see
+# greeksd.store.reads), e.g. '10000-01-01 00:00:00+00' or '0001-12-31 10:00:00+00 BC'; a
+# cursor may carry it, and the server compares it as a timestamptz.
+_PG_TIME_TEXT = re.compile(r"-?infinity|\d{4,}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{1,6})?\+00( BC)?")
+
+
 def encode_cursor(table: Table, key: Sequence[Any]) -> str:
     time_value, *rest = key
-    raw = orjson.dumps([table.cursor_kind, time_value.isoformat(), *rest])
+    time_text = time_value if isinstance(time_value, str) else time_value.isoformat()
+    raw = orjson.dumps([table.cursor_kind, time_text, *rest])
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _cursor_time(text: str) -> datetime | str:
+    if _PG_TIME_TEXT.fullmatch(text):
+        return text
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("naive time")
+    return moment
 
 
 def decode_cursor(table: Table, token: str) -> tuple[Any, ...]:
@@ -82,15 +99,15 @@ def decode_cursor(table: Table, token: str) -> tuple[Any, ...]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         kind, time_text, *rest = orjson.loads(raw)
-        moment = datetime.fromisoformat(time_text)
+        moment = _cursor_time(time_text)
     except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError) as exc:
         raise BadCursor("cursor is not one this server issued") from exc
     if kind != table.cursor_kind:
         raise BadCursor("cursor belongs to another route")
-    if moment.tzinfo is None or len(rest) != len(table.key_types):
+    if len(rest) != len(table.key_types):
         raise BadCursor("cursor is not one this server issued")
     for value, wanted in zip(rest, table.key_types, strict=True):
-        if type(value) is not wanted:
+        if type(value) is not wanted or (isinstance(value, str) and "\x00" in value):
             raise BadCursor("cursor is not one this server issued")
     return (moment, *rest)
 
