@@ -160,7 +160,6 @@ class Snapshot:
     event_time: datetime
     received_at: datetime
     source_payload: dict[str, Any] | None = None
-    persisted_at: datetime | None = field(default=None)
     #: 'live', 'delayed' or 'frozen' when the broker says (IBKR field 6509), None when it
     #: does not: delayed or frozen values must never pass for live ones.
     market_data: str | None = None
