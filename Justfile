@@ -55,4 +55,4 @@ bench *ARGS: setup
 lint: setup
     {{bin}}/ruff check greeksd tests
     {{bin}}/ruff format --check greeksd tests
-    {{bin}}/mypy greeksd
+    {{bin}}/mypy greeksd tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -160,7 +161,6 @@ class Snapshot:
     event_time: datetime
     received_at: datetime
     source_payload: dict[str, Any] | None = None
-    persisted_at: datetime | None = field(default=None)
     #: 'live', 'delayed' or 'frozen' when the broker says (IBKR field 6509), None when it
     #: does not: delayed or frozen values must never pass for live ones.
     market_data: str | None = None
@@ -305,3 +305,18 @@ class Source(Protocol):
     name: str
 
     async def run(self, sink: SnapshotSink, status: StreamStatus) -> None: ...
+
+
+class Recorder(Protocol):
+    """What a broker stream tells a recording (greeksd.recording writes one). Synchronous
+    and called right where the stream acts (no await in between), so the order of records
+    is the order in which the stream's state changed. It lives here, below the streams and
+    the recording alike, so neither has to import the other."""
+
+    def link(self, broker: str, at: datetime, **details: Any) -> None: ...
+
+    def positions(
+        self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
+    ) -> None: ...
+
+    def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None: ...

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import orjson
 import trio
@@ -41,6 +41,7 @@ from greeksd.logs import get_logger
 from greeksd.model import (
     Contract,
     ContractKey,
+    Recorder,
     Snapshot,
     SnapshotSink,
     Source,
@@ -55,20 +56,6 @@ VERSION = 1
 REDACTED = "***"
 
 log = get_logger("greeksd.recording")
-
-
-class Recorder(Protocol):
-    """What a broker stream tells a recording. Synchronous and called right where the
-    stream acts (no await in between), so the order of records is the order in which
-    the stream's state changed."""
-
-    def link(self, broker: str, at: datetime, **details: Any) -> None: ...
-
-    def positions(
-        self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
-    ) -> None: ...
-
-    def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None: ...
 
 
 def open_text(path: Path, mode: str) -> IO[str]:

@@ -177,7 +177,7 @@ async def test_rows_the_api_could_not_render_still_list_in_every_format(
         assert response.status_code == 200 and len(lines) == len(ODD_TRADES)
         assert all(orjson.loads(line) for line in lines)
         response = await h.client.get("/v1/trades", query_string={"format": "csv"})
-        table = list(csv.reader(io.StringIO((await response.get_data()).decode())))
+        table = list(csv.reader(io.StringIO(await response.get_data(as_text=True))))
         assert response.status_code == 200 and len(table) == 1 + len(ODD_TRADES)
 
         walked = await _walk(h, "/v1/trades")

@@ -217,7 +217,7 @@ def test_malformed_input_is_reported_not_raised() -> None:
 
 
 def test_messages_round_trip_through_build_and_parse() -> None:
-    messages = [
+    messages: list[dx.Outgoing] = [
         dx.Setup(60, 60, dx.CLIENT_VERSION),
         dx.AuthState("AUTHORIZED", "u1"),
         dx.Auth("secret-token"),

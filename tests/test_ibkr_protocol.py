@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.model import Broker, ContractKey, OptionRight
+from greeksd.sim import ibkr_wire as w
+from tests.ibkr_commands import Command, parse_command
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ibkr"
 FRAMES = [json.loads(line) for line in (FIXTURES / "frames.jsonl").read_text().splitlines()]
@@ -62,27 +64,27 @@ def test_commands_are_text_in_topic_args_format() -> None:
 def test_session_cookie_round_trips() -> None:
     cookie = p.session_cookie("4f3b2a1c")
     assert cookie == 'api={"session": "4f3b2a1c"}'
-    assert p.session_from_cookie("x=1; " + cookie + "; y=2") == "4f3b2a1c"
-    assert p.session_from_cookie("api=garbage") is None
-    assert p.session_from_cookie(None) is None
+    assert w.session_from_cookie("x=1; " + cookie + "; y=2") == "4f3b2a1c"
+    assert w.session_from_cookie("api=garbage") is None
+    assert w.session_from_cookie(None) is None
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('smd+265598+{"fields":["31"]}', p.Command("smd", "265598", {"fields": ["31"]})),
-        ('smd+265598@CBOE+{"fields":[]}', p.Command("smd", "265598@CBOE", {"fields": []})),
-        ("umd+265598+{}", p.Command("umd", "265598")),
-        ("tic", p.Command("tic")),
-        ("ech+hb", p.Command("ech", "hb")),
-        ("str+{}", p.Command("str")),
+        ('smd+265598+{"fields":["31"]}', Command("smd", "265598", {"fields": ["31"]})),
+        ('smd+265598@CBOE+{"fields":[]}', Command("smd", "265598@CBOE", {"fields": []})),
+        ("umd+265598+{}", Command("umd", "265598")),
+        ("tic", Command("tic")),
+        ("ech+hb", Command("ech", "hb")),
+        ("str+{}", Command("str")),
         ('{"session":"abc"}', None),
         ("smd+1+{broken", None),
         ("SMD+1+{}", None),
     ],
 )
-def test_parse_command(text: str, expected: p.Command | None) -> None:
-    assert p.parse_command(text) == expected
+def test_parse_command(text: str, expected: Command | None) -> None:
+    assert parse_command(text) == expected
     if expected and expected.topic == "smd":
         assert expected.conid == 265598
 
@@ -188,10 +190,11 @@ def test_untrack_forgets_the_option() -> None:
 
 
 def test_server_frames_parse_back() -> None:
-    frame = p.market_data_frame(42, {"7308": "0.5"}, 1700000000000)
+    frame = w.market_data(42, {"7308": "0.5"}, 1700000000000)
     assert p.parse_frame(frame) == p.MarketData(42, {"7308": "0.5"}, 1700000000000)
-    assert p.parse_frame(p.sts_frame(False, competing=True)) == p.AuthStatus(False, True, "", "")
-    assert p.parse_frame(p.WAITING_FOR_SESSION) == p.WaitingForSession()
+    sts = w.sts({"authenticated": False, "competing": True, "message": "", "fail": ""})
+    assert p.parse_frame(sts) == p.AuthStatus(False, True, "", "")
+    assert p.parse_frame(w.WAITING_FOR_SESSION) == p.WaitingForSession()
 
 
 def test_a_partial_sts_leaves_absent_flags_unknown_and_odd_types_malformed() -> None:

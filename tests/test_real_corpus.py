@@ -27,6 +27,7 @@ from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.ibkr.gateway import GatewayClient
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.session import TastytradeApi
+from tests.ibkr_commands import parse_command
 
 CORPUS = Path(__file__).parent / "fixtures" / "real"
 PROVENANCE_KINDS = {"live capture", "test fixture from live", "documentation example"}
@@ -197,7 +198,7 @@ def test_ibkr_server_frame(item: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("item", cases("ibkr", {"ws_out"}))
 def test_ibkr_client_frame(item: dict[str, Any]) -> None:
-    command = ib.parse_command(frame_text(item))
+    command = parse_command(frame_text(item))
     assert command is not None
     expect = item["expect"]
     assert (command.topic, command.target, command.conid) == (

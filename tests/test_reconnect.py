@@ -12,7 +12,7 @@ import trio.testing
 from greeksd.backoff import url_address
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
-from greeksd.model import Snapshot, StreamState, StreamStatus
+from greeksd.model import Snapshot, StreamState, StreamStatus, Trade
 from greeksd.sim.market import default_contracts
 from greeksd.sim.tastytrade_api import SIM_REFRESH, SIM_SECRET, open_tastytrade_sim
 from tests.helpers import wait_until
@@ -21,6 +21,9 @@ from tests.test_service import _free_port
 
 class NullSink:
     def put(self, snapshot: Snapshot) -> None:
+        pass
+
+    def put_trade(self, trade: Trade) -> None:
         pass
 
 

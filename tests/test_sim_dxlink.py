@@ -328,7 +328,7 @@ async def test_an_oversized_subscription_closes_the_socket_with_1009() -> None:
             await client.send({**SUBSCRIBE, "add": add})  # about 30 KiB
             with pytest.raises(ConnectionClosed) as closed:
                 await client.recv()
-            assert closed.value.reason.code == 1009
+            assert closed.value.reason is not None and closed.value.reason.code == 1009
         assert [r.error for r in server.rejections] == ["MESSAGE_TOO_BIG"]
         async with raw_client(server) as client:  # the same symbols in chunks are fine
             await client.advance("open")
@@ -587,9 +587,11 @@ async def test_our_client_counts_removal_events_and_stores_no_tick_for_them() ->
         assert {"eventFlags", "index"} <= set(feed_setup["acceptEventFields"]["Greeks"])
         symbol = streamer_symbol(sim.dxlink.market.contracts[0].key)
         removal_ms, snapshot_ms = 1_000_000_000_001, 1_000_000_000_002
-        nan = dict.fromkeys(("price", "volatility", "delta", "gamma", "theta", "rho", "vega"))
-        removal = greeks_event(symbol, removal_ms, **{k: "NaN" for k in nan})
-        values = greeks_event(symbol, snapshot_ms, **{k: 0.25 for k in nan})
+        names = ("price", "volatility", "delta", "gamma", "theta", "rho", "vega")
+        nan: dict[str, Any] = dict.fromkeys(names, "NaN")
+        quarter: dict[str, Any] = dict.fromkeys(names, 0.25)
+        removal = greeks_event(symbol, removal_ms, **nan)
+        values = greeks_event(symbol, snapshot_ms, **quarter)
         await sim.dxlink.inject_greeks({**removal, "eventFlags": dx.REMOVE_EVENT})
         await sim.dxlink.inject_greeks(
             {**values, "eventFlags": dx.SNAPSHOT_BEGIN | dx.SNAPSHOT_END}
@@ -600,5 +602,6 @@ async def test_our_client_counts_removal_events_and_stores_no_tick_for_them() ->
         assert status.details["removed_events"] == 1
         assert [event_ms(r) for r in sink.rows].count(removal_ms) == 0
         (row,) = [r for r in sink.rows if event_ms(r) == snapshot_ms]
+        assert row.source_payload is not None
         assert row.delta == 0.25 and row.source_payload["eventFlags"] == 12
         assert status.rejected_frames == 0

@@ -314,7 +314,11 @@ def distinct_option_messages(sim: IbkrGatewaySim) -> int:
 async def test_our_client_takes_numbers_repeated_images_and_extra_tic_replies() -> None:
     """One row per distinct market-data message: a first image sent twice adds no row,
     three `tic` replies per `tic` are no error, JSON numbers are values like strings."""
-    options = {"numeric_values": True, "duplicate_first_image": True, "tic_replies": 3}
+    options: dict[str, Any] = {
+        "numeric_values": True,
+        "duplicate_first_image": True,
+        "tic_replies": 3,
+    }
     async with (
         open_ibkr_sim(tick_interval=None, **options) as sim,
         running(sim, heartbeat_s=0.2) as (sink, status),

@@ -124,12 +124,12 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
 
 def metrics_of(pipeline: Pipeline) -> dict[str, float]:
     state = ServiceState(
-        None,  # type: ignore[arg-type] - render reads only the writer, sink and streams
+        None,  # type: ignore[arg-type]  # render reads only the writer, sink and streams
         "",
         Supervisor(pipeline.sink),
         pipeline.writer,
         pipeline.sink,
-        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]  # nor the read pool
         pipeline.trade_writer,
     )
     return parse_prometheus(render(state))

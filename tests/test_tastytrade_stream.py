@@ -22,7 +22,7 @@ from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.probe import probe_tastytrade
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
-from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus
+from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus, Trade
 from greeksd.sim.dxlink_server import SentGreeks
 from greeksd.sim.market import SimContract, default_contracts
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
@@ -34,9 +34,13 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class ListSink:
     def __init__(self) -> None:
         self.rows: list[Snapshot] = []
+        self.trades: list[Trade] = []
 
     def put(self, snapshot: Snapshot) -> None:
         self.rows.append(snapshot)
+
+    def put_trade(self, trade: Trade) -> None:
+        self.trades.append(trade)
 
 
 def contracts(count: int = 3) -> list[SimContract]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from quart import request
 
@@ -46,9 +46,4 @@ def requires_token(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
         check_token(current_state().settings.api_token, request.headers.get("Authorization"))
         return await handler(*args, **kwargs)
 
-    guarded.requires_token = True  # type: ignore[attr-defined]
     return guarded
-
-
-def is_guarded(view: Any) -> bool:
-    return bool(getattr(view, "requires_token", False))

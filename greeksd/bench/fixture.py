@@ -2,7 +2,8 @@
 
 The committed fixture holds ~3k snapshots: too few to time a pipeline that moves tens of
 thousands per second. This writes the same kind of records (link, positions, frames) with
-the protocol modules' own frame builders, so replay decodes them exactly like live data.
+the simulators' own frame builders (greeksd.sim), so replay decodes them exactly like
+frames from the simulated servers.
 Every event gets its own millisecond, so no row is a duplicate of another.
 """
 
@@ -19,6 +20,8 @@ from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.model import Contract
 from greeksd.recording import contract_json, fixture_header
+from greeksd.sim import dxlink_wire, ibkr_wire
+from greeksd.sim.dxlink_server import greeks_event
 from greeksd.sim.market import SimContract, default_contracts
 
 BOOK_SIZE = 50
@@ -57,7 +60,7 @@ def ibkr_records(
         "t": _iso(start_ms),
         "b": "ibkr",
         "k": "frame",
-        "d": ib.market_data_frame(900001, {ib.LAST: "190.25"}, start_ms),
+        "d": ibkr_wire.market_data(900001, {ib.LAST: "190.25"}, start_ms),
     }
     for i in range(count):
         ms = start_ms + i
@@ -71,13 +74,13 @@ def ibkr_records(
             ib.VEGA: f"{0.2 + i % 100 / 10000:.4f}",
             ib.IV: f"{25 + i % 100 / 10:.1f}%",
         }
-        frame = ib.market_data_frame(conids[i % len(conids)], values, ms)
+        frame = ibkr_wire.market_data(conids[i % len(conids)], values, ms)
         yield {"t": _iso(ms), "b": "ibkr", "k": "frame", "d": frame}
 
 
-def greeks_row(fields: tuple[str, ...], symbol: str, ms: int, i: int) -> list[Any]:
-    """One Greeks event's values in `fields` order (any layout: ours or the SDK's)."""
-    event = dx.greeks_event(
+def _greeks(symbol: str, ms: int, i: int) -> dict[str, Any]:
+    """One Greeks event with every field (so any layout, ours or the SDK's, finds its own)."""
+    return greeks_event(
         symbol,
         ms,
         index=ms << 22,
@@ -89,7 +92,6 @@ def greeks_row(fields: tuple[str, ...], symbol: str, ms: int, i: int) -> list[An
         rho=0.08,
         vega=0.19 + i % 7 / 100,
     )
-    return [event[f] for f in fields]
 
 
 def dxlink_frames(
@@ -97,12 +99,12 @@ def dxlink_frames(
 ) -> Iterator[tuple[int, str]]:
     """(time ms, FEED_DATA frame) with `DX_EVENTS_PER_FRAME` Greeks events each."""
     for first in range(0, count, DX_EVENTS_PER_FRAME):
-        rows = [
-            greeks_row(fields, symbols[i % len(symbols)], start_ms + i, i)
+        events = [
+            _greeks(symbols[i % len(symbols)], start_ms + i, i)
             for i in range(first, min(count, first + DX_EVENTS_PER_FRAME))
         ]
-        ms = start_ms + first
-        yield ms, dx.build(dx.FeedData(1, dx.compact_data([("Greeks", rows)])))
+        data = dxlink_wire.compact([("Greeks", fields, events)])
+        yield start_ms + first, dxlink_wire.encode(dxlink_wire.feed_data(1, data))
 
 
 def dxlink_records(
@@ -111,13 +113,11 @@ def dxlink_records(
     positions = [contract_json(_contract(c)) for c in contracts]
     yield {"t": _iso(start_ms), "b": "tastytrade", "k": "link", "channel": 1}
     yield {"t": _iso(start_ms), "b": "tastytrade", "k": "positions", "positions": positions}
-    quote = dx.compact_data([("Quote", [["Quote", contracts[0].underlying, 190.2, 190.3]])])
-    yield {
-        "t": _iso(start_ms),
-        "b": "tastytrade",
-        "k": "frame",
-        "d": dx.build(dx.FeedData(1, quote)),
-    }
+    underlying = contracts[0].underlying
+    quote = {"eventType": "Quote", "eventSymbol": underlying, "bidPrice": 190.2, "askPrice": 190.3}
+    data = dxlink_wire.compact([("Quote", dx.QUOTE_FIELDS, [quote])])
+    frame = dxlink_wire.encode(dxlink_wire.feed_data(1, data))
+    yield {"t": _iso(start_ms), "b": "tastytrade", "k": "frame", "d": frame}
     symbols = [dx.streamer_symbol(c.key) for c in contracts]
     for ms, frame in dxlink_frames(symbols, count, start_ms):
         yield {"t": _iso(ms), "b": "tastytrade", "k": "frame", "d": frame}

@@ -45,9 +45,6 @@ class Table:
     key_types: tuple[type, ...]
     cursor_kind: str
 
-    def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
-        return tuple(row[self.columns.index(c)] for c in self.key)
-
 
 SNAPSHOTS = Table(
     "greek_snapshots",

@@ -3,7 +3,8 @@
 Text frames in, events out; commands out as plain `TOPIC+{ARGS}` text (not JSON objects:
 a JSON-object subscription is the classic "connected but no Greeks" bug). Market data is
 sent as partial updates, so `MarketDataBook` keeps per-conid state, merges, and maps an
-option's merged fields to a `Snapshot`. Shared by the stream, the probe and the simulator.
+option's merged fields to a `Snapshot`. Shared by the stream and the probe; the simulator
+speaks the server side with its own code (greeksd.sim.ibkr_wire).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -289,14 +290,15 @@ def market_data_quality(availability: str | None) -> str | None:
 
 
 # ---- commands ----------------------------------------------------------------------------
-def _args(args: Mapping[str, Any]) -> str:
-    return orjson.dumps(dict(args)).decode()
+def frame(obj: Mapping[str, Any]) -> str:
+    """A JSON object as one text frame (command arguments, the session handshake)."""
+    return orjson.dumps(dict(obj)).decode()
 
 
 def smd_command(conid: int, fields: Iterable[str] = OPTION_FIELDS, exchange: str = "") -> str:
     """`smd+265598+{"fields":["31",...]}`; `exchange` routes to one venue (`265598@CBOE`)."""
     target = f"{conid}@{exchange}" if exchange else str(conid)
-    return f"smd+{target}+{_args({'fields': [str(f) for f in fields]})}"
+    return f"smd+{target}+{frame({'fields': [str(f) for f in fields]})}"
 
 
 def umd_command(conid: int) -> str:
@@ -306,48 +308,6 @@ def umd_command(conid: int) -> str:
 def session_cookie(session: str) -> str:
     """The upgrade request's cookie value: `api={"session": "<tickle session>"}`."""
     return 'api={"session": ' + orjson.dumps(session).decode() + "}"
-
-
-def session_from_cookie(header: str | None) -> str | None:
-    """Inverse of `session_cookie`, tolerant of other cookies in the same header."""
-    for part in (header or "").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == "api":
-            try:
-                obj = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                return None
-            token = obj.get("session") if isinstance(obj, dict) else None
-            return token if isinstance(token, str) else None
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A client text command as the gateway sees it: `smd+265598@CBOE+{...}`."""
-
-    topic: str
-    target: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def conid(self) -> int | None:
-        return _int_or_none(self.target.split("@")[0])
-
-
-def parse_command(text: str) -> Command | None:
-    """Parse a client frame; None when it is not `TOPIC[+TARGET][+{JSON}]` text."""
-    head, _, rest = text.strip().partition("+")
-    if not re.fullmatch(r"[a-z]{3}", head):
-        return None
-    target, _, args = ("", "", rest) if rest.startswith("{") else rest.partition("+")
-    if not args:
-        return Command(head, target)
-    try:
-        obj = orjson.loads(args)
-    except orjson.JSONDecodeError:
-        return None
-    return Command(head, target, obj) if isinstance(obj, dict) else None
 
 
 # ---- positions (REST) --------------------------------------------------------------------
@@ -514,10 +474,6 @@ class MarketDataBook:
         self._options.pop(conid, None)
         self._fields.pop(conid, None)
 
-    def forget_values(self) -> None:
-        """After a reconnect the gateway resends a full image; stale values must not mix."""
-        self._fields.clear()
-
     def fields(self, conid: int) -> dict[str, str]:
         return self._fields.get(conid, {})
 
@@ -567,51 +523,3 @@ class MarketDataBook:
             source_payload=dict(merged),
             market_data=market_data_quality(merged.get(AVAILABILITY)),
         )
-
-
-# ---- server frames (the simulator speaks with these) -------------------------------------
-WAITING_FOR_SESSION = '{"message":"waiting for session"}'
-
-
-def frame(obj: Mapping[str, Any]) -> str:
-    return orjson.dumps(dict(obj)).decode()
-
-
-def market_data_frame(conid: int, values: Mapping[str, str], updated_ms: int) -> str:
-    return frame(
-        {
-            "server_id": "q0",
-            "conidEx": str(conid),
-            "conid": conid,
-            "_updated": updated_ms,
-            **values,
-            "topic": f"smd+{conid}",
-        }
-    )
-
-
-def sts_frame(
-    authenticated: bool, *, competing: bool = False, message: str = "", username: str = ""
-) -> str:
-    return frame(
-        {
-            "topic": "sts",
-            "args": {
-                "authenticated": authenticated,
-                "competing": competing,
-                "message": message,
-                "fail": "",
-                "serverName": "greeksd-sim",
-                "serverVersion": "sim",
-                "username": username,
-            },
-        }
-    )
-
-
-def trades_frame(executions: Iterable[Mapping[str, Any]]) -> str:
-    return frame({"topic": "str", "args": [dict(e) for e in executions]})
-
-
-def expiry_text(day: date) -> str:
-    return day.strftime("%Y%m%d")

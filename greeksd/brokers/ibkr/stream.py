@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from trio_websocket import (
@@ -37,11 +37,8 @@ from greeksd.brokers.ibkr.gateway import (
 from greeksd.brokers.ibkr.protocol import OptionPosition
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
-from greeksd.model import ContractKey, SnapshotSink, StreamState, StreamStatus
+from greeksd.model import ContractKey, Recorder, SnapshotSink, StreamState, StreamStatus
 from greeksd.redact import register_secret
-
-if TYPE_CHECKING:
-    from greeksd.recording import Recorder
 
 log = get_logger("greeksd.ibkr.stream")
 

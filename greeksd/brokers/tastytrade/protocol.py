@@ -1,7 +1,8 @@
 """Sans-I/O DXLink: JSON frames in, typed messages out; messages in, JSON frames out.
 
 No sockets and no clocks (times are passed in), so the same code serves the client
-stream, the simulator and tests with recorded frames. `parse` never raises: anything it
+stream, the probe and tests with recorded frames (the simulator speaks the server side
+with its own code, greeksd.sim.dxlink_wire). `parse` never raises: anything it
 cannot make sense of becomes a `Malformed` message carrying the reason. FEED_DATA is the
 hot path, so market events stay plain dicts (one `dict(zip(...))` per event, no
 per-event model objects) until `SnapshotMapper` turns Greeks into `Snapshot` rows.
@@ -22,7 +23,6 @@ import orjson
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, format_strike
 
 CLIENT_VERSION = "0.1-DXF-JS/0.3.0"
-SERVER_VERSION = "1.0-greeksd-sim"
 NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
 SUBSCRIPTION_CHUNK_BYTES = 8192
 
@@ -563,51 +563,6 @@ def _check_index(event: FeedEvent, problems: list[str]) -> None:
     if index is not None:
         problems.append(f"{event['eventSymbol']}: index {index!r:.40} is not a 64-bit int")
     event["index"] = None
-
-
-def greeks_event(
-    symbol: str,
-    time_ms: int,
-    *,
-    price: Any,
-    volatility: Any,
-    delta: Any,
-    gamma: Any,
-    theta: Any,
-    rho: Any,
-    vega: Any,
-    index: int = 0,
-) -> FeedEvent:
-    """A Greeks event holding every field a client may ask for (ours or the SDK's layout),
-    as the server sends it: values are numbers, or the strings "NaN"/"Infinity"."""
-    return {
-        "eventType": "Greeks",
-        "eventSymbol": symbol,
-        "eventTime": 0,
-        "eventFlags": 0,
-        "index": index,
-        "time": time_ms,
-        "sequence": 0,
-        "price": price,
-        "volatility": volatility,
-        "delta": delta,
-        "gamma": gamma,
-        "theta": theta,
-        "rho": rho,
-        "vega": vega,
-    }
-
-
-def compact_data(groups: Iterable[tuple[str, Sequence[Sequence[Any]]]]) -> list[Any]:
-    """Build COMPACT `data`: each (type, [event values, ...]) becomes one flat group."""
-    data: list[Any] = []
-    for event_type, rows in groups:
-        flat: list[Any] = []
-        for row in rows:
-            flat.extend(row)
-        data.append(event_type)
-        data.append(flat)
-    return data
 
 
 def chunk_subscription(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 from tastytrade import API_URL
@@ -44,10 +44,7 @@ from greeksd.brokers.tastytrade.session import (
 )
 from greeksd.config import Settings
 from greeksd.logs import get_logger, log_context
-from greeksd.model import SnapshotSink, StreamState, StreamStatus
-
-if TYPE_CHECKING:
-    from greeksd.recording import Recorder
+from greeksd.model import Recorder, SnapshotSink, StreamState, StreamStatus
 
 log = get_logger("greeksd.tastytrade.stream")
 
