@@ -24,6 +24,7 @@ import httpx
 import psycopg
 import pytest
 import trio
+from psycopg_pool import ConnectionPool
 
 from greeksd.api.metrics import render
 from greeksd.api.state import ServiceState
@@ -32,6 +33,7 @@ from greeksd.config import load_settings
 from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.service import open_service
+from greeksd.store.reads import ReadPool
 from greeksd.store.spool import MAGIC, Spool, SpoolUnavailable
 from greeksd.store.writer import BOTH_UNAVAILABLE, DATABASE_DOWN_NO_SPOOL, Writer
 from greeksd.supervisor import Supervisor
@@ -129,7 +131,8 @@ def metrics_of(pipeline: Pipeline) -> dict[str, float]:
         Supervisor(pipeline.sink),
         pipeline.writer,
         pipeline.sink,
-        None,  # type: ignore[arg-type]  # nor the read pool
+        ReadPool(ConnectionPool("", open=False), 1, 0.1),  # never opened: render reads
+        # only its refusal counters
         pipeline.trade_writer,
     )
     return parse_prometheus(render(state))
