@@ -43,6 +43,7 @@ import psycopg
 import trio
 from psycopg.types.json import Jsonb
 
+from greeksd import config
 from greeksd.backoff import Backoff
 from greeksd.latency import LatencyHistogram
 from greeksd.logs import get_logger
@@ -279,13 +280,13 @@ class Writer:
         self,
         url: str,
         *,
-        flush_rows: int = 50,
-        flush_ms: int = 1000,
-        slo_ms: int = 500,
+        flush_rows: int = config.FLUSH_ROWS,
+        flush_ms: int = config.FLUSH_MS,
+        slo_ms: int = config.LATENCY_SLO_MS,
         backoff: Backoff | None = None,
         connect: Callable[[str], psycopg.Connection] | None = None,
         spool: Spool | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = config.DB_TIMEOUT_S,
         schema_ready: trio.Event | None = None,
     ) -> None:
         self._url = with_timeouts(url, timeout_s)
