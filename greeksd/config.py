@@ -1,7 +1,8 @@
 """All settings, from the environment (prefix GREEKSD_) and an optional `.env`.
 
-One table (`SETTINGS`) drives parsing, validation, defaults and the README's list, so a
-setting cannot exist in one place and be missing from another.
+One list (the `Settings` dataclass, each field carrying its table row) drives parsing,
+validation, defaults, typed attribute access and the README's list (`SETTINGS`, read off
+the fields), so a setting cannot exist in one place and be missing from another.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,10 @@ def _default_data_dir() -> str:
 
 @dataclass(frozen=True)
 class Setting:
+    """One row of the settings table: the variable (without PREFIX), its default as the
+    text an environment would hold, how that text is parsed and checked, the README's
+    help line, and whether the value must never be shown."""
+
     name: str
     default: str | Callable[[], str]
     parse: Callable[[str], Any]
@@ -126,122 +131,117 @@ class Setting:
     secret: bool = False
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "DATABASE_URL",
+# Defaults that code outside the service also uses (the pipeline, the writer, replay,
+# benchmarks): named once here, so a constructor's default is the service's default.
+FLUSH_ROWS = 1000
+FLUSH_MS = 25
+QUEUE_SIZE = 100_000
+DB_TIMEOUT_S = 5.0
+LATENCY_SLO_MS = 500
+
+
+def _setting(
+    default: str | Callable[[], str],
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    secret: bool = False,
+) -> Any:
+    """A `Settings` field with its table row in the field's metadata (the name comes
+    from the field). Typed `Any` so mypy checks the field's annotation, not this."""
+    return field(metadata={"setting": Setting("", default, parse, help, secret)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, in the README's order: the one list. Each field carries its table
+    row (`_setting`), and `SETTINGS` is read off these fields, so a setting cannot exist
+    in the table and not here (or the other way round), and attributes stay typed."""
+
+    database_url: str | None = _setting(
         "",
         parse_database_url,
         "PostgreSQL URL (`postgresql://…`, `postgres://…` or libpq key=value pairs); "
         "unset starts an embedded PostgreSQL under DATA_DIR",
         secret=True,
-    ),
-    Setting(
-        "DATA_DIR",
+    )
+    data_dir: Path = _setting(
         _default_data_dir,
         lambda t: Path(t).expanduser(),
         "where the embedded database (`pg/`) and the disk spool (`spool/`) live",
-    ),
-    Setting("API_HOST", "127.0.0.1", str, "HTTP bind address"),
-    Setting("API_PORT", "8765", _port, "HTTP port (0 = pick a free one)"),
-    Setting(
-        "API_TOKEN",
+    )
+    api_host: str = _setting("127.0.0.1", str, "HTTP bind address")
+    api_port: int = _setting("8765", _port, "HTTP port (0 = pick a free one)")
+    api_token: str | None = _setting(
         "",
         _optional_str,
         "bearer token for mutating routes; required when API_HOST is not loopback",
         secret=True,
-    ),
-    Setting("FLUSH_ROWS", "1000", _positive_int, "writer flushes a batch at this many rows"),
-    Setting("FLUSH_MS", "25", _positive_int, "... or this many ms after the batch's first row"),
-    Setting(
-        "QUEUE_SIZE",
-        "100000",
+    )
+    flush_rows: int = _setting(
+        str(FLUSH_ROWS), _positive_int, "writer flushes a batch at this many rows"
+    )
+    flush_ms: int = _setting(
+        str(FLUSH_MS), _positive_int, "... or this many ms after the batch's first row"
+    )
+    queue_size: int = _setting(
+        str(QUEUE_SIZE),
         _positive_int,
         "snapshots the channel to the writer holds before conflating per contract",
-    ),
-    Setting(
-        "SPOOL_MAX_MB",
+    )
+    spool_max_mb: int = _setting(
         "1024",
         _positive_int,
         "cap of the disk spool that holds batches while the database is unreachable",
-    ),
-    Setting(
-        "DB_TIMEOUT_S",
-        "5",
+    )
+    db_timeout_s: float = _setting(
+        f"{DB_TIMEOUT_S:g}",
         _positive_float,
         "how long a database call may take before the database counts as down (statement "
         "timeout; the client gives up 1 s later; also connect and TCP timeouts)",
-    ),
-    Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
-    Setting(
-        "LATENCY_SLO_MS",
-        "500",
+    )
+    log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
+    latency_slo_ms: int = _setting(
+        str(LATENCY_SLO_MS),
         _positive_int,
         "warn when p95 write latency over the last minute exceeds this",
-    ),
-    Setting(
-        "PARTITION_DAYS_AHEAD", "3", _non_negative_int, "daily partitions created ahead of today"
-    ),
-    Setting(
-        "RETENTION_DAYS",
+    )
+    partition_days_ahead: int = _setting(
+        "3", _non_negative_int, "daily partitions created ahead of today"
+    )
+    retention_days: int = _setting(
         "0",
         _non_negative_int,
         "drop daily partitions older than this many days; 0 keeps everything",
-    ),
-    Setting("BROKERS", "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"),
-    Setting("IBKR_URL", "https://localhost:5000", str, "Client Portal Gateway base URL"),
-    Setting("IBKR_CA_FILE", "", _optional_path, "CA bundle to verify the gateway with"),
-    Setting("IBKR_VERIFY_TLS", "0", _bool, "verify the gateway certificate even on localhost"),
-    Setting("IBKR_HEARTBEAT_S", "60", _positive_float, "seconds between websocket `tic`s"),
-    Setting(
-        "IBKR_POSITIONS_REFRESH_S", "60", _positive_float, "seconds between IBKR position refreshes"
-    ),
-    Setting(
-        "IBKR_MAX_LINES",
-        "100",
-        _positive_int,
-        "concurrent market-data lines the IBKR account allows",
-    ),
-    Setting("TT_SECRET", "", _optional_str, "Tastytrade OAuth provider secret", secret=True),
-    Setting("TT_REFRESH", "", _optional_str, "Tastytrade OAuth refresh token", secret=True),
-    Setting("TT_ACCOUNT", "", _optional_str, "Tastytrade account number (unset: every account)"),
-    Setting("TT_API_URL", "", _optional_str, "Tastytrade REST base URL override (the simulator)"),
-    Setting(
-        "TT_POSITIONS_REFRESH_S",
-        "60",
-        _positive_float,
-        "seconds between Tastytrade position refreshes",
-    ),
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str | None
-    data_dir: Path
-    api_host: str
-    api_port: int
-    api_token: str | None
-    flush_rows: int
-    flush_ms: int
-    queue_size: int
-    spool_max_mb: int
-    db_timeout_s: float
-    log_level: str
-    latency_slo_ms: int
-    partition_days_ahead: int
-    retention_days: int
-    brokers: tuple[str, ...]
-    ibkr_url: str
-    ibkr_ca_file: Path | None
-    ibkr_verify_tls: bool
-    ibkr_heartbeat_s: float
-    ibkr_positions_refresh_s: float
-    ibkr_max_lines: int
-    tt_secret: str | None
-    tt_refresh: str | None
-    tt_account: str | None
-    tt_api_url: str | None
-    tt_positions_refresh_s: float
+    )
+    brokers: tuple[str, ...] = _setting(
+        "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"
+    )
+    ibkr_url: str = _setting("https://localhost:5000", str, "Client Portal Gateway base URL")
+    ibkr_ca_file: Path | None = _setting("", _optional_path, "CA bundle to verify the gateway with")
+    ibkr_verify_tls: bool = _setting("0", _bool, "verify the gateway certificate even on localhost")
+    ibkr_heartbeat_s: float = _setting("60", _positive_float, "seconds between websocket `tic`s")
+    ibkr_positions_refresh_s: float = _setting(
+        "60", _positive_float, "seconds between IBKR position refreshes"
+    )
+    ibkr_max_lines: int = _setting(
+        "100", _positive_int, "concurrent market-data lines the IBKR account allows"
+    )
+    tt_secret: str | None = _setting(
+        "", _optional_str, "Tastytrade OAuth provider secret", secret=True
+    )
+    tt_refresh: str | None = _setting(
+        "", _optional_str, "Tastytrade OAuth refresh token", secret=True
+    )
+    tt_account: str | None = _setting(
+        "", _optional_str, "Tastytrade account number (unset: every account)"
+    )
+    tt_api_url: str | None = _setting(
+        "", _optional_str, "Tastytrade REST base URL override (the simulator)"
+    )
+    tt_positions_refresh_s: float = _setting(
+        "60", _positive_float, "seconds between Tastytrade position refreshes"
+    )
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, a status payload or an error."""
@@ -249,6 +249,21 @@ class Settings:
         if self.database_url:
             values.extend(database_passwords(self.database_url))
         return [value for value in values if value]
+
+
+def settings_table(cls: type[Any]) -> tuple[Setting, ...]:
+    """The table rows carried by `cls`'s fields, named after them. A field without a
+    row is an error at import, so no setting can be half-declared."""
+    rows = []
+    for f in fields(cls):
+        row = f.metadata.get("setting")
+        if not isinstance(row, Setting):
+            raise TypeError(f"{cls.__name__}.{f.name} has no settings-table row (_setting)")
+        rows.append(replace(row, name=f.name.upper()))
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = settings_table(Settings)
 
 
 def load_settings(
@@ -271,5 +286,4 @@ def load_settings(
         except ValueError as exc:
             shown = "<redacted>" if setting.secret else repr(raw)
             raise ConfigError(f"invalid {variable}={shown}: {exc}") from None
-    assert {f.name for f in fields(Settings)} == set(values), "SETTINGS and Settings diverge"
     return Settings(**values)

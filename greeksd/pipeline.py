@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psycopg
 import trio
 
+from greeksd import config
 from greeksd.backoff import Backoff
 from greeksd.model import Snapshot, Trade
 from greeksd.sink import ChannelSink
@@ -34,13 +35,13 @@ class Pipeline:
 async def open_pipeline(
     url: str,
     *,
-    flush_rows: int = 50,
-    flush_ms: int = 1000,
-    queue_size: int = 100_000,
-    slo_ms: int = 500,
+    flush_rows: int = config.FLUSH_ROWS,
+    flush_ms: int = config.FLUSH_MS,
+    queue_size: int = config.QUEUE_SIZE,
+    slo_ms: int = config.LATENCY_SLO_MS,
     spool: Spool | None = None,
     trade_queue_size: int = 10_000,
-    db_timeout_s: float = 5.0,
+    db_timeout_s: float = config.DB_TIMEOUT_S,
     schema_ready: trio.Event | None = None,
     backoff: Backoff | None = None,
     connect: Callable[[str], psycopg.Connection] | None = None,

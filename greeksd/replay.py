@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import psycopg
 import trio
 
+from greeksd import config
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import FeedChannel
@@ -203,8 +204,8 @@ async def replay_fixture(
     path: Path,
     *,
     speed: float = 0.0,
-    flush_rows: int = 1000,
-    flush_ms: int = 200,
+    flush_rows: int = config.FLUSH_ROWS,
+    flush_ms: int = config.FLUSH_MS,
 ) -> ReplayStats:
     """Replay `path` into the database at `url` (migrated). `speed` 0 = as fast as
     possible, 1 = the recorded pacing, 2 = twice as fast. Returns once every row is

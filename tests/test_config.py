@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from greeksd.config import SETTINGS, ConfigError, load_settings
+from greeksd.config import SETTINGS, ConfigError, Settings, _setting, load_settings, settings_table
 from tests.test_service import _env, _greeksd
 
 
@@ -19,6 +20,20 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for setting in SETTINGS:
         assert f"GREEKSD_{setting.name}" in readme, f"README does not list GREEKSD_{setting.name}"
+
+
+def test_a_setting_cannot_exist_in_the_table_and_not_in_settings() -> None:
+    """The table is read off the dataclass's fields: same names, same order, and a field
+    declared without its table row stops the import instead of going unlisted."""
+    assert [s.name for s in SETTINGS] == [f.name.upper() for f in fields(Settings)]
+
+    @dataclass(frozen=True)
+    class HalfDeclared:
+        flush_rows: int = _setting("1", int, "listed")
+        forgotten: int = 0
+
+    with pytest.raises(TypeError, match=r"HalfDeclared\.forgotten has no settings-table row"):
+        settings_table(HalfDeclared)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ async def _soak(db_url: str, seconds: float) -> dict[str, object]:
     async with (
         open_ibkr_sim(book, tick_interval=interval, max_lines=1000) as ibkr_sim,
         open_tastytrade_sim(contracts=book, tick_interval=interval, events_per_frame=1) as tt,
-        open_pipeline(db_url) as pipeline,  # the seed's defaults: 50 rows / 1000 ms
+        open_pipeline(db_url) as pipeline,  # the service defaults (FLUSH_ROWS / FLUSH_MS)
         trio.open_nursery() as nursery,
     ):
         supervisor = Supervisor(pipeline.sink, backoff_factory=lambda: Backoff(0.05, 0.5))

@@ -15,7 +15,8 @@ import trio
 import trio.testing
 
 from greeksd.model import Snapshot
-from greeksd.store.spool import MAGIC, Spool, SpoolFull, snapshot_to_dict
+from greeksd.store.columns import snapshot_to_dict
+from greeksd.store.spool import MAGIC, Spool, SpoolFull
 from greeksd.store.writer import Writer
 from tests.factories import make_snapshot
 from tests.helpers import count_rows, fetch_rows

@@ -35,7 +35,8 @@ from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.service import open_service
 from greeksd.store.reads import ReadPool
 from greeksd.store.spool import MAGIC, Spool, SpoolUnavailable
-from greeksd.store.writer import BOTH_UNAVAILABLE, DATABASE_DOWN_NO_SPOOL, Writer
+from greeksd.store.spool_policy import BOTH_UNAVAILABLE, DATABASE_DOWN_NO_SPOOL
+from greeksd.store.writer import Writer
 from greeksd.supervisor import Supervisor
 from tests.factories import make_snapshot
 from tests.helpers import count_rows, fetch_rows, wait_until

@@ -11,7 +11,7 @@ from quart import Blueprint, Response
 from greeksd.api.state import ServiceState, current_state
 from greeksd.latency import PROMETHEUS_BOUNDS_S
 from greeksd.model import StreamState
-from greeksd.store.writer import SPOOL_STATES
+from greeksd.store.writer_stats import SPOOL_STATES
 
 bp = Blueprint("metrics", __name__)
 

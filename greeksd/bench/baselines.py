@@ -18,11 +18,12 @@ from greeksd.bench.pipeline import truncate
 from greeksd.model import Snapshot
 from greeksd.recording import read_fixture
 from greeksd.replay import Replayers, ReplayStats
-from greeksd.store.writer import COPY_DIRECT, STAGED_COLUMNS, copy_rows, snapshot_row
+from greeksd.store.columns import COPY_COLUMNS, snapshot_row
+from greeksd.store.snapshot_table import COPY_DIRECT, copy_rows
 
 INSERT = (
-    f"INSERT INTO greek_snapshots ({', '.join(STAGED_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(STAGED_COLUMNS))})"
+    f"INSERT INTO greek_snapshots ({', '.join(COPY_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(COPY_COLUMNS))})"
 )
 
 

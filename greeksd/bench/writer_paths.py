@@ -19,14 +19,9 @@ import psycopg.waiting
 import trio
 
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
-from greeksd.store.writer import (
-    COPY_STAGING,
-    CREATE_STAGING,
-    INSERT_FROM_STAGING,
-    STAGED_TYPES,
-    Writer,
-    snapshot_row,
-)
+from greeksd.store.columns import COPY_TYPES, snapshot_row
+from greeksd.store.snapshot_table import COPY_STAGING, CREATE_STAGING, INSERT_FROM_STAGING
+from greeksd.store.writer import Writer
 
 
 def synthetic_rows(count: int, offset: int) -> list[Snapshot]:
@@ -76,7 +71,7 @@ async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
             rows = [snapshot_row(s) for s in batch]
             async with conn.cursor() as cur:
                 async with cur.copy(COPY_STAGING) as copy:
-                    copy.set_types(STAGED_TYPES)
+                    copy.set_types(COPY_TYPES)
                     for row in rows:
                         await copy.write_row(row)
                 await cur.execute(INSERT_FROM_STAGING)

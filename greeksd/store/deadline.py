@@ -41,6 +41,11 @@ T = TypeVar("T")
 CLIENT_GRACE_S = 1.0
 
 
+# The server is unreachable or the connection broke: worth retrying the same rows.
+# Anything else (a value the table refuses) would fail forever: the batch is set aside.
+UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
 class DatabaseTimeout(psycopg.OperationalError):
     """The database did not answer within the deadline: a hang, handled like an outage."""
 

@@ -20,12 +20,10 @@ from typing import Any
 import orjson
 from psycopg import sql
 
+from greeksd.store.columns import SNAPSHOT_COLUMNS
 from greeksd.store.trades import RETURNED_COLUMNS as TRADE_COLUMNS
-from greeksd.store.writer import ROW_COLUMNS
 
 Query = tuple[sql.Composed, list[Any]]
-
-SNAPSHOT_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "persisted_at", "fingerprint")
 
 
 class BadCursor(ValueError):

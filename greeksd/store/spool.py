@@ -6,9 +6,9 @@ replayed in order once the database is back; because the writer's insert is idem
 a crash between a replayed COPY and the truncation of the spool is harmless.
 
 Record layout: MAGIC (4 bytes) | payload length (u32 BE) | crc32 of payload (u32 BE) |
-payload (orjson of a list of snapshot dicts). A torn last record (crash mid-append) is
-cut off on open; a record that fails its checksum elsewhere is moved to a
-`.corrupt` file and counted, never silently dropped.
+payload (orjson of a list of snapshot dicts, greeksd/store/columns.py). A torn last
+record (crash mid-append) is cut off on open; a record that fails its checksum elsewhere
+is moved to a `.corrupt` file and counted, never silently dropped.
 
 The disk may refuse at any moment (full, read-only, quota, I/O error). The spool never
 lets an `OSError` escape: a failed append is undone (the file is cut back to its last
@@ -30,15 +30,13 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from greeksd.logs import get_logger
-from greeksd.model import Broker, OptionRight, Snapshot
+from greeksd.model import Snapshot
+from greeksd.store.columns import snapshot_from_dict, snapshot_to_dict
 
 log = get_logger("greeksd.spool")
 
@@ -98,75 +96,6 @@ def append_durably(path: Path, data: bytes, *, expected_size: int | None = None)
             log.warning("spool_close_failed", path=str(path), error=str(exc))
 
 
-def snapshot_to_dict(s: Snapshot) -> dict[str, Any]:
-    """Exact, typed encoding: Decimals and dates as strings, datetimes with offsets."""
-    return {
-        "broker": s.broker.value,
-        "account_id": s.account_id,
-        "contract_key": s.contract_key,
-        "underlying": s.underlying,
-        "expiration": s.expiration.isoformat(),
-        "strike": str(s.strike),
-        "option_type": s.option_type.value,
-        "multiplier": None if s.multiplier is None else str(s.multiplier),
-        "quantity": None if s.quantity is None else str(s.quantity),
-        "delta": s.delta,
-        "gamma": s.gamma,
-        "theta": s.theta,
-        "vega": s.vega,
-        "rho": s.rho,
-        "implied_volatility": s.implied_volatility,
-        "underlying_price": s.underlying_price,
-        "bid": s.bid,
-        "ask": s.ask,
-        "last": s.last,
-        "mark": s.mark,
-        "event_time": s.event_time.isoformat(),
-        "received_at": s.received_at.isoformat(),
-        "source_payload": s.source_payload,
-        "market_data": s.market_data,
-    }
-
-
-def _decimal(value: str | None) -> Decimal | None:
-    return None if value is None else Decimal(value)
-
-
-def snapshot_from_dict(d: dict[str, Any]) -> Snapshot:
-    return Snapshot(
-        broker=Broker(d["broker"]),
-        account_id=d["account_id"],
-        contract_key=d["contract_key"],
-        underlying=d["underlying"],
-        expiration=date.fromisoformat(d["expiration"]),
-        strike=Decimal(d["strike"]),
-        option_type=OptionRight(d["option_type"]),
-        multiplier=_decimal(d["multiplier"]),
-        quantity=_decimal(d["quantity"]),
-        delta=d["delta"],
-        gamma=d["gamma"],
-        theta=d["theta"],
-        vega=d["vega"],
-        rho=d["rho"],
-        implied_volatility=d["implied_volatility"],
-        underlying_price=d["underlying_price"],
-        bid=d["bid"],
-        ask=d["ask"],
-        last=d["last"],
-        mark=d["mark"],
-        event_time=datetime.fromisoformat(d["event_time"]),
-        received_at=datetime.fromisoformat(d["received_at"]),
-        source_payload=d["source_payload"],
-        market_data=d.get("market_data"),  # absent in records spooled before 003
-    )
-
-
-def _finite_or_none(value: object) -> object:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return value
-
-
 class Spool:
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
@@ -203,10 +132,7 @@ class Spool:
         """Durably add one batch: returns only once the record is fsync'd. Raises
         SpoolFull (the cap) or SpoolUnavailable (the disk), and nothing else; either
         way no part of the record stays in the file."""
-        payload = orjson.dumps(
-            [{k: _finite_or_none(v) for k, v in snapshot_to_dict(s).items()} for s in batch],
-            option=orjson.OPT_NON_STR_KEYS,
-        )
+        payload = orjson.dumps([snapshot_to_dict(s) for s in batch], option=orjson.OPT_NON_STR_KEYS)
         record = _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
         if not self._ready:
             self._prepare()

@@ -26,9 +26,15 @@ import trio
 from greeksd.backoff import Backoff
 from greeksd.logs import get_logger
 from greeksd.model import StreamState, Trade
-from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
+from greeksd.store.deadline import (
+    CLIENT_GRACE_S,
+    UNREACHABLE,
+    Link,
+    Watch,
+    call_bounded,
+    with_timeouts,
+)
 from greeksd.store.trades import insert_trades
-from greeksd.store.writer import UNREACHABLE
 
 log = get_logger("greeksd.trade_writer")
 

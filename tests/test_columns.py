@@ -1,0 +1,95 @@
+"""The snapshot row's one column table (greeksd/store/columns.py) against the real table,
+the spool records earlier versions wrote, and the fingerprint stored rows carry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import psycopg
+
+from greeksd.model import Broker, OptionRight
+from greeksd.store.columns import (
+    COLUMNS,
+    COPY_COLUMNS,
+    COPY_TYPES,
+    SNAPSHOT_COLUMNS,
+    snapshot_from_dict,
+    snapshot_row,
+)
+from tests.factories import make_snapshot
+
+# what format_type() calls the binary COPY types the table lists
+_PG_NAMES = {
+    "float8": "double precision",
+    "int8": "bigint",
+    "timestamptz": "timestamp with time zone",
+}
+
+
+def test_the_column_table_is_the_database_table(db_url: str) -> None:
+    """Every column of greek_snapshots is in the table, in order, and the writer's COPY
+    types are the columns' own: a migration that adds or retypes a column fails here."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = 'greek_snapshots'::regclass AND attnum > 0"
+            " AND NOT attisdropped ORDER BY attnum"
+        ).fetchall()
+    # char(n) columns take text's binary format
+    table = {name: "text" if t.startswith("character(") else t for name, t in rows}
+    assert sorted(table) == sorted(c.name for c in COLUMNS)
+    copied = {name: _PG_NAMES.get(t, t) for name, t in zip(COPY_COLUMNS, COPY_TYPES, strict=True)}
+    assert copied == {name: table[name] for name in COPY_COLUMNS}
+    assert set(SNAPSHOT_COLUMNS) <= set(table)
+
+
+def test_a_record_spooled_by_the_previous_version_still_reads() -> None:
+    """The JSON the previous greeksd wrote for one snapshot (before `market_data`, a NaN
+    already null): decoded to the same Snapshot, the missing flag as None."""
+    record = {
+        "broker": "ibkr",
+        "account_id": "U1",
+        "contract_key": "SPY 2027-01-15 P 512.5",
+        "underlying": "SPY",
+        "expiration": "2027-01-15",
+        "strike": "512.5",
+        "option_type": "P",
+        "multiplier": "100",
+        "quantity": None,
+        "delta": -0.4,
+        "gamma": None,
+        "theta": -0.1,
+        "vega": 0.2,
+        "rho": None,
+        "implied_volatility": 0.3,
+        "underlying_price": 510.0,
+        "bid": 1.0,
+        "ask": 1.1,
+        "last": None,
+        "mark": 1.05,
+        "event_time": "2026-11-25T15:30:00+00:00",
+        "received_at": "2026-11-25T15:30:00.250000+00:00",
+        "source_payload": {"31": "1.05"},
+    }
+    s = snapshot_from_dict(record)
+    assert (s.broker, s.option_type) == (Broker.IBKR, OptionRight.PUT)
+    assert (s.expiration, s.strike, s.multiplier, s.quantity) == (
+        date(2027, 1, 15),
+        Decimal("512.5"),
+        Decimal(100),
+        None,
+    )
+    assert (s.delta, s.gamma, s.mark) == (-0.4, None, 1.05)
+    assert s.event_time == datetime(2026, 11, 25, 15, 30, tzinfo=UTC)
+    assert s.source_payload == {"31": "1.05"} and s.market_data is None
+
+
+def test_the_fingerprint_is_the_one_stored_rows_carry() -> None:
+    """Pinned to the value the previous (hand-written) encoder gave this snapshot, so
+    rows already stored, or replayed from an old fixture, are still recognised."""
+    snapshot = replace(make_snapshot(0), rho=None, bid=float("nan"))
+    row = snapshot_row(snapshot)
+    assert row[-1] == -4632478493408616509
+    assert row[COPY_COLUMNS.index("bid")] is None and row[COPY_COLUMNS.index("rho")] is None
