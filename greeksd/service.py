@@ -5,6 +5,9 @@
         └── pipeline (writer + overflow pump)      ← closed last, so it drains
             └── inner nursery: supervisor (one scope per broker), partition keeper, HTTP
 
+HTTP is a task that owns a thread running its own trio loop (greeksd.api.loop), so
+requests never queue in the writer's loop; cancelling the task stops and joins it.
+
 The database may be down (or hang) at start: migrations and partitions are then retried
 in the background (`keep_database`) while the streams run and the writer spools, and the
 writer only sends rows once the schema is in place.
@@ -25,12 +28,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
-import hypercorn.trio
 import psycopg
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from greeksd.api.app import create_app
+from greeksd.api.loop import serve_in_own_loop
 from greeksd.api.state import ServiceState, open_read_pool
 from greeksd.backoff import Backoff
 from greeksd.config import ConfigError, Settings
@@ -193,12 +196,8 @@ async def _serve_http(state: ServiceState, nursery: trio.Nursery) -> str:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
-    binds: list[str] = await nursery.start(
-        partial(
-            hypercorn.trio.serve, create_app(state), config, shutdown_trigger=trio.sleep_forever
-        )
-    )
-    return binds[0]
+    bound: str = await nursery.start(serve_in_own_loop, create_app(state), config)
+    return bound
 
 
 @contextlib.asynccontextmanager
@@ -252,6 +251,7 @@ async def open_service(
                 pipeline.sink,
                 reads,
                 pipeline.trade_writer,
+                service_token=trio.lowlevel.current_trio_token(),
             )
             async with trio.open_nursery() as inner:
                 inner.start_soon(

@@ -4,7 +4,9 @@ writer; a saturated gate or read pool refuses at once, and /healthz is never gat
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,25 @@ async def test_a_query_over_the_statement_timeout_is_a_503_with_retry_after(
         body = await response.get_json()
         assert (response.status_code, body["error"]) == (503, "query_timeout"), body
         assert response.headers["Retry-After"] == "1" and "narrow" in body["detail"]
+
+
+async def test_http_answers_while_the_service_loop_is_blocked(db_url: str, tmp_path: Path) -> None:
+    """The HTTP server runs its own loop (greeksd.api.loop): it answers even while the
+    service's loop (writer, supervisor) does not turn at all. On a shared loop the
+    request could not be served until the block ended."""
+    async with serve_api(db_url, tmp_path) as service:
+        asking, answered = threading.Event(), threading.Event()
+        statuses: list[int] = []
+
+        def ask() -> None:
+            asking.set()
+            statuses.append(httpx.get(f"{service.api_url}/healthz", timeout=10.0).status_code)
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, ask, abandon_on_cancel=False))
+            await trio.to_thread.run_sync(asking.wait)
+            # Block this loop (the service's) until the answer arrives, at most 5 s.
+            served_while_blocked = answered.wait(timeout=5.0)
+        assert served_while_blocked, "no answer while the service loop was blocked"
+        assert statuses == [200]

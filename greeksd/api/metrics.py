@@ -198,7 +198,9 @@ def render(state: ServiceState) -> str:
 
 @bp.get("/metrics")
 async def metrics() -> Response:
-    return Response(render(current_state()), content_type="text/plain; version=0.0.4")
+    state = current_state()
+    text = await state.on_service_loop(render, state)
+    return Response(text, content_type="text/plain; version=0.0.4")
 
 
 PATHS: dict[str, Any] = {

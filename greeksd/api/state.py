@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import trio
 from psycopg_pool import ConnectionPool
 from quart import current_app
 
+from greeksd.api.loop import call_on_loop
 from greeksd.config import Settings
 from greeksd.sink import ChannelSink
 from greeksd.store.reads import ReadPool, load_out_of_range_times_as_text
@@ -37,6 +38,8 @@ READ_STATEMENT_TIMEOUT_S = 10
 # `busy` (greeksd.api.app explains why the writer needs this bound).
 HTTP_GATE_SIZE = 8
 HTTP_GATE_WAIT_S = 0.25
+T = TypeVar("T")
+
 # Never gated: a liveness probe must not fail, and an operator must be able to stop or
 # start a stream, because reads are busy. All three are cheap and do not touch the database.
 UNGATED_PATHS = frozenset({"/healthz", "/v1/streaming/start", "/v1/streaming/stop"})
@@ -96,6 +99,15 @@ class ServiceState:
     http_gate: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(HTTP_GATE_SIZE)
     )
+    # The loop the service (supervisor, writer) runs on, when HTTP runs on its own loop
+    # (greeksd.api.loop); None when both share one loop (the in-process test client).
+    service_token: trio.lowlevel.TrioToken | None = None
+
+    async def on_service_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the service's loop: needed to touch its trio objects (the
+        supervisor's nursery and scopes), and to read state it mutates as one consistent
+        snapshot rather than while it changes."""
+        return await call_on_loop(self.service_token, fn, *args)
 
     def status_json(self) -> dict[str, Any]:
         writer = self.writer.stats.as_json(queue_depth=self.sink.queue_depth)

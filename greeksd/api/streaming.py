@@ -35,7 +35,8 @@ async def healthz() -> dict[str, Any] | tuple[dict[str, Any], int]:
 
 @bp.get("/v1/streaming/status")
 async def status() -> dict[str, Any]:
-    return current_state().status_json()
+    state = current_state()
+    return await state.on_service_loop(state.status_json)
 
 
 async def _apply(action: Callable[[str], bool], done: str) -> dict[str, Any]:
@@ -53,12 +54,14 @@ async def _apply(action: Callable[[str], bool], done: str) -> dict[str, Any]:
     names = (
         state.supervisor.names if broker is None else [parse_broker(broker, state.supervisor.names)]
     )
-    changed = [name for name in names if action(name)]
-    return {
-        done: changed,
-        "unchanged": [n for n in names if n not in changed],
-        **state.status_json(),
-    }
+
+    def act() -> tuple[list[str], dict[str, Any]]:
+        changed = [name for name in names if action(name)]
+        return changed, state.status_json()
+
+    # On the service's loop: start/stop open and cancel scopes in the supervisor's nursery.
+    changed, status_now = await state.on_service_loop(act)
+    return {done: changed, "unchanged": [n for n in names if n not in changed], **status_now}
 
 
 @bp.post("/v1/streaming/start")
