@@ -33,7 +33,7 @@ test *ARGS: setup
 
 # The ten-minute soak (200 contracts, 50 ticks/s per broker); report in artifacts/
 soak *ARGS: setup
-    {{bin}}/python -m pytest -m slow -s tests/test_soak.py {{ARGS}}
+    {{bin}}/python -m pytest -m slow -s tests/test_soak.py -k ten_minutes {{ARGS}}
 
 # Replay a recorded fixture into the database
 replay FIXTURE="tests/fixtures/mixed-session.jsonl.gz" *ARGS: setup

@@ -77,6 +77,7 @@ def _check(report: dict[str, object], seconds: float) -> None:
     assert report["restarts"] == {"ibkr": 0, "tastytrade": 0}
 
 
+@pytest.mark.slow
 async def test_soak_one_minute(db_url: str) -> None:
     _check(await _soak(db_url, 60.0), 60.0)
 
