@@ -39,3 +39,11 @@ def count_rows(db_url: str, table: str = "greek_snapshots") -> int:
     with psycopg.connect(db_url) as conn:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         return int(row[0]) if row else 0
+
+
+def assert_reconnected_promptly(took: float, probes: int, reconnects: int, outage_s: float) -> None:
+    """After an outage of `outage_s`: back within 5 s of the server's return, one cheap
+    TCP probe per 1.5-2 s while it was down, and no full connection attempts."""
+    assert took <= 5.0, f"reconnected {took:.1f}s after the server came back"
+    assert outage_s / 2.0 - 1 <= probes <= outage_s / 1.5 + 1, probes
+    assert reconnects <= 1, reconnects

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -91,6 +91,27 @@ class Producer:
             await trio.sleep(self.every_s)
 
 
+@contextlib.asynccontextmanager
+async def steady_stream(
+    url: str, tmp_path: Path
+) -> AsyncIterator[tuple[Pipeline, Producer, trio.Nursery]]:
+    """A spooling pipeline whose first 30 rows are committed, and a nursery to run the
+    producer in once the fault is in place."""
+    spool = Spool(tmp_path / "snapshots.spool", max_bytes=100 * 1024 * 1024)
+    async with (
+        open_pipeline(
+            url, flush_rows=50, flush_ms=20, spool=spool, db_timeout_s=TIMEOUT_S
+        ) as pipeline,
+        trio.open_nursery() as nursery,
+    ):
+        producer = Producer(pipeline)
+        producer.push(30)
+        await wait_until(
+            lambda: pipeline.writer.stats.rows_written == 30, what="rows before the fault"
+        )
+        yield pipeline, producer, nursery
+
+
 def _stored_once(url: str, expected: int) -> None:
     counts = fetch_rows(
         url, "SELECT (source_payload->>'seq')::int, count(*) FROM greek_snapshots GROUP BY 1"
@@ -134,16 +155,8 @@ async def test_frozen_database_is_an_outage_rows_spool_then_land_once(
     its deadline, spools every batch without waiting on the database again (the channel
     stays short, nothing conflates), and after SIGCONT stores every row exactly once."""
     url = own_server.url
-    spool = Spool(tmp_path / "snapshots.spool", max_bytes=100 * 1024 * 1024)
-    async with (
-        open_pipeline(
-            url, flush_rows=50, flush_ms=20, spool=spool, db_timeout_s=TIMEOUT_S
-        ) as pipeline,
-        trio.open_nursery() as nursery,
-    ):
-        writer, producer = pipeline.writer, Producer(pipeline)
-        producer.push(30)
-        await wait_until(lambda: writer.stats.rows_written == 30, what="rows before the freeze")
+    async with steady_stream(url, tmp_path) as (pipeline, producer, nursery):
+        writer = pipeline.writer
         with frozen(own_server):
             frozen_at = time.monotonic()
             nursery.start_soon(producer.run)
@@ -186,16 +199,8 @@ async def test_table_lock_times_out_rows_spool_then_land_once(db_url: str, tmp_p
     """Another session holds ACCESS EXCLUSIVE on the table: the server's statement
     timeout ends the writer's wait, batches spool, and after the lock is released every
     row is stored once."""
-    spool = Spool(tmp_path / "snapshots.spool", max_bytes=100 * 1024 * 1024)
-    async with (
-        open_pipeline(
-            db_url, flush_rows=50, flush_ms=20, spool=spool, db_timeout_s=TIMEOUT_S
-        ) as pipeline,
-        trio.open_nursery() as nursery,
-    ):
-        writer, producer = pipeline.writer, Producer(pipeline)
-        producer.push(30)
-        await wait_until(lambda: writer.stats.rows_written == 30, what="rows before the lock")
+    async with steady_stream(db_url, tmp_path) as (pipeline, producer, nursery):
+        writer = pipeline.writer
         with psycopg.connect(db_url) as locker:
             locker.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
             locked_at = time.monotonic()
