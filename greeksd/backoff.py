@@ -91,7 +91,7 @@ class Reconnect:
         await trio.sleep(delay)
 
     async def _probe(self, status: StreamStatus, address: Address) -> bool:
-        status.details["reachability_probes"] = status.details.get("reachability_probes", 0) + 1
+        status.reachability_probes += 1
         return await tcp_reachable(address, self.probe_timeout)
 
     async def _until_reachable(self, status: StreamStatus, address: Address) -> None:

@@ -6,6 +6,7 @@ a slotted dataclass because hundreds of thousands are created per minute under l
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Sequence
@@ -261,6 +262,10 @@ class StreamStatus:
     subscriptions: int = 0
     ticks: int = 0
     rejected_frames: int = 0
+    reachability_probes: int = 0
+    counters: Any = None
+    """The broker's own typed counters and facts (a dataclass its Connection updates,
+    e.g. trades seen, channel retries, contracts left out); shown flat in `as_json`."""
     details: dict[str, Any] = field(default_factory=dict)
 
     def set_state(self, state: StreamState, reason: str | None = None, *, now: datetime) -> None:
@@ -285,8 +290,18 @@ class StreamStatus:
             "subscriptions": self.subscriptions,
             "ticks": self.ticks,
             "rejected_frames": self.rejected_frames,
+            "reachability_probes": self.reachability_probes,
+            **(_plain(self.counters) if self.counters is not None else {}),
             **self.details,
         }
+
+
+def _plain(counters: Any) -> dict[str, Any]:
+    """A counters dataclass as JSON-ready fields (datetimes as ISO text)."""
+    return {
+        name: value.isoformat() if isinstance(value, datetime) else value
+        for name, value in dataclasses.asdict(counters).items()
+    }
 
 
 class SnapshotSink(Protocol):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ import trio
 
 from greeksd import config
 from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import FeedChannel
 from greeksd.logs import get_logger
@@ -153,7 +154,48 @@ class DxlinkReplayer:
         return []
 
 
-REPLAYERS: dict[str, type[IbkrReplayer] | type[DxlinkReplayer]] = {
+class ConnectionReplayer:
+    """A broker's `Connection` fed a recording as its link runner fed it live: a `link`
+    record starts a new Connection, a `positions` record is what it tracked, a frame is
+    received at its recorded time. What it asks to send, call or log is ignored (the
+    recording holds the server's answers), and its timers never run: a deadline that
+    fired live shows in the recording as the link record that followed."""
+
+    def __init__(
+        self,
+        connect: Callable[[Mapping[str, Any]], Connection],
+        decode_positions: Callable[[Mapping[str, Any]], Sequence[Any]],
+    ) -> None:
+        self.connect = connect
+        self.decode_positions = decode_positions
+        self.conn = connect({})
+
+    def link(self, record: Record) -> None:
+        self.conn = self.connect(record.body)
+        self.conn.start(_clock(record), record.at)
+
+    def positions(self, record: Record) -> None:
+        self.conn.set_positions(self.decode_positions(record.body), _clock(record), record.at)
+
+    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+        rows: list[Snapshot] = []
+        for event in self.conn.receive(record.data, _clock(record), record.at):
+            if event.__class__ is Snapshot:
+                rows.append(event)  # type: ignore[arg-type]
+            elif isinstance(event, Rejected):
+                if event.kind == "malformed_frame":
+                    stats.malformed += 1
+                else:
+                    stats.rejected_events += 1
+        return rows
+
+
+def _clock(record: Record) -> float:
+    """The Connection's monotonic clock in replay: the recorded time."""
+    return record.at.timestamp()
+
+
+REPLAYERS: dict[str, Callable[[], Replayer]] = {
     "ibkr": IbkrReplayer,
     "tastytrade": DxlinkReplayer,
 }

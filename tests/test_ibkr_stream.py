@@ -340,9 +340,9 @@ async def test_gateway_back_after_a_long_outage_is_reconnected_within_5s_without
             nursery.start_soon(stream.run, ListSink(), status)
             await wait_until(lambda: connected(status), what="connected")
         await wait_until(lambda: status.state is StreamState.DEGRADED, what="link lost")
-        probes, reconnects = status.details.get("reachability_probes", 0), status.reconnects
+        probes, reconnects = status.reachability_probes, status.reconnects
         await trio.sleep(outage_s)
-        probes = status.details.get("reachability_probes", 0) - probes
+        probes = status.reachability_probes - probes
         reconnects = status.reconnects - reconnects
         async with open_ibkr_sim(tick_interval=None, port=url_address(sim.url)[1]) as back:
             back_at = trio.current_time()

@@ -46,9 +46,9 @@ async def test_tastytrade_back_after_a_long_outage_is_reconnected_within_5s(
             await wait_until(lambda: connected(status) and status.ticks > 0, what="rows")
             ports = url_address(sim.api_url)[1], url_address(sim.dxlink_url)[1]
         await wait_until(lambda: not connected(status), what="link lost")
-        probes, reconnects = status.details.get("reachability_probes", 0), status.reconnects
+        probes, reconnects = status.reachability_probes, status.reconnects
         await trio.sleep(outage_s)
-        probes = status.details.get("reachability_probes", 0) - probes
+        probes = status.reachability_probes - probes
         reconnects = status.reconnects - reconnects
         async with open_tastytrade_sim(
             contracts=contracts, tick_interval=0.5, port=ports[0], ws_port=ports[1]
@@ -75,7 +75,7 @@ async def test_tastytrade_started_while_its_api_is_down_connects_within_5s_of_it
         nursery.start_soon(TastytradeStream(api, rest_url=rest_url).run, NullSink(), status)
         await trio.sleep(60)
         assert "positions request failed" in (status.last_error or "")
-        assert status.reconnects <= 1 and status.details.get("reachability_probes", 0) >= 29
+        assert status.reconnects <= 1 and status.reachability_probes >= 29
         async with open_tastytrade_sim(
             contracts=contracts, tick_interval=0.5, port=rest_port, ws_port=ws_port
         ):
