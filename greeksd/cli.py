@@ -7,27 +7,22 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from greeksd.config import (
-    ConfigError,
-    Settings,
-    load_settings,
-    parse_brokers,
-    parse_database_url,
-)
+from greeksd.brokers import registry
+from greeksd.config import Settings, load_settings, parse_brokers, parse_database_url
 from greeksd.logs import configure_logging, get_logger
-from greeksd.model import Source
+from greeksd.model import Recorder, Source
 from greeksd.redact import database_passwords, register_secret
 from greeksd.service import (
     check_api_exposure,
     database_url,
     run_until_signal,
 )
+from greeksd.settings_table import ConfigError
 from greeksd.store.database import DatabaseUnavailable
 from greeksd.store.migrations import MigrationError, migrate, status
 
@@ -36,27 +31,13 @@ log = get_logger("greeksd.cli")
 EXIT_CONFIG = 2
 
 
-def build_sources(settings: Settings) -> list[Source]:
-    """One source per configured broker name."""
-    sources: list[Source] = []
-    for name in settings.brokers:
-        if name == "synthetic":
-            from greeksd.sim.market import SyntheticMarket, default_contracts
-            from greeksd.sim.synthetic import SyntheticSource
-
-            today = datetime.now(UTC).date()
-            sources.append(SyntheticSource(SyntheticMarket(default_contracts(today), as_of=today)))
-        elif name == "ibkr":
-            from greeksd.brokers.ibkr.stream import IbkrStream
-
-            sources.append(IbkrStream.from_settings(settings))
-        elif name == "tastytrade":
-            from greeksd.brokers.tastytrade.stream import TastytradeStream
-
-            sources.append(TastytradeStream.from_settings(settings))
-        else:
-            raise ConfigError(f"broker {name!r} is not available in this build yet")
-    return sources
+def build_sources(settings: Settings, recorder: Recorder | None = None) -> list[Source]:
+    """One source per configured broker, built by its spec from its own settings (and
+    recording to `recorder`, for `greeksd record`)."""
+    return [
+        spec.stream(settings.broker(spec), recorder)
+        for spec in (registry.SPECS[name] for name in settings.brokers)
+    ]
 
 
 def _database_url_option(value: str | None) -> str | None:
@@ -107,16 +88,22 @@ def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
             settings = replace(settings, brokers=parse_brokers(args.brokers))
         except ValueError as exc:
             raise ConfigError(f"invalid --brokers={args.brokers!r}: {exc}") from None
+    for name in settings.brokers:
+        if registry.SPECS[name].replayer is None:  # nothing could read its frames back
+            raise ConfigError(f"broker {name!r} has no raw frames to record")
     for secret in settings.secrets():
         register_secret(secret)
     out = Path(args.out)
     print(f"recording {', '.join(settings.brokers)} to {out} (Ctrl-C to stop)", flush=True)
-    try:
-        counts, statuses = trio.run(
-            partial(record_session, build_sources(settings), out, duration_s=args.duration)
+    counts, statuses = trio.run(
+        partial(
+            record_session,
+            partial(build_sources, settings),
+            out,
+            settings.brokers,
+            duration_s=args.duration,
         )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    )
     print(f"recorded {out}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     for name, s in statuses.items():
         print(f"  {name}: {s.state.value} ticks={s.ticks} rejected_frames={s.rejected_frames}")
@@ -154,39 +141,15 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
-    if args.broker == "ibkr":
-        from greeksd.sim.ibkr_gateway import run_ibkr_sim
-
-        print(
-            f"IBKR gateway simulator on https://{args.host}:{args.port} (Ctrl-C to stop)",
-            flush=True,
-        )
-        main = partial(
-            run_ibkr_sim,
-            args.port,
-            host=args.host,
-            contracts=args.contracts,
-            tick_interval=args.tick_interval,
-        )
-    else:
-        from greeksd.sim.tastytrade_api import run_tastytrade_sim
-
-        main = partial(
-            run_tastytrade_sim, args.port, ws_port=args.ws_port, tick_interval=args.tick_interval
-        )
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(main)
+        trio.run(args.sim.serve, args)
     return 0
 
 
 def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
-    if args.broker == "ibkr":
-        from greeksd.brokers.ibkr.probe import run_ibkr_probe as run_probe
-    else:
-        from greeksd.brokers.tastytrade.probe import run_tastytrade_probe as run_probe
-    code = int(
-        trio.run(partial(run_probe, settings, duration_s=args.duration, out_dir=Path(args.out)))
-    )
+    spec = registry.SPECS[args.broker]
+    assert spec.probe is not None  # the parser offers only brokers with a probe
+    code = int(trio.run(spec.probe, settings.broker(spec), args.duration, Path(args.out)))
     print(f"probe {args.broker}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
     return code
 
@@ -279,20 +242,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="run a broker simulator alone",
         description="Serve a protocol-faithful broker simulator.",
     )
-    sim.add_argument("broker", choices=["ibkr", "tastytrade"])
-    sim.add_argument("--host", default="127.0.0.1", help="bind address (ibkr)")
-    sim.add_argument("--port", type=int, default=5000, help="HTTP(S) port")
-    sim.add_argument(
-        "--ws-port",
-        type=int,
-        default=0,
-        help="DXLink websocket port (tastytrade; 0 = any free port)",
-    )
-    sim.add_argument("--contracts", type=int, default=8, help="option positions held (ibkr)")
-    sim.add_argument(
-        "--tick-interval", type=float, default=0.2, help="seconds between market-data updates"
-    )
-    sim.set_defaults(handler=_cmd_sim)
+    sims = sim.add_subparsers(dest="broker", required=True, metavar="BROKER")
+    for spec in registry.specs():
+        if spec.sim is not None:
+            one = sims.add_parser(spec.name, help=spec.sim.help, description=spec.sim.help)
+            spec.sim.add_arguments(one)
+            one.set_defaults(handler=_cmd_sim, sim=spec.sim)
 
     probe = commands.add_parser(
         "probe",
@@ -301,7 +256,9 @@ def make_parser() -> argparse.ArgumentParser:
         "bounded time, write a JSON summary and a per-contract coverage "
         "CSV; exit 1 when no Greeks arrived.",
     )
-    probe.add_argument("broker", choices=["ibkr", "tastytrade"])
+    probe.add_argument(
+        "broker", choices=[spec.name for spec in registry.specs() if spec.probe is not None]
+    )
     probe.add_argument("--duration", type=float, default=30.0, help="seconds to listen")
     probe.add_argument("--out", default="probe-results", help="directory for the reports")
     probe.set_defaults(handler=_cmd_probe)

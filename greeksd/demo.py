@@ -1,31 +1,28 @@
-"""`greeksd demo`: both broker simulators, the database and the whole service, in one
+"""`greeksd demo`: every broker's simulator, the database and the whole service, in one
 process tree.
 
 The simulators hold the same book and run in the same nursery as the service; the
-service's streams are the real `IbkrStream` and `TastytradeStream`, built from settings
-that point at the simulators, so the demo exercises exactly what `greeksd run` does.
+service's streams are the real ones, built from settings that each broker's spec points
+at its simulator (greeksd.brokers.spec.SimEntry.demo), so the demo exercises exactly
+what `greeksd run` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import trio
 
+from greeksd.brokers import registry
 from greeksd.config import Settings
 from greeksd.model import Source
 from greeksd.service import RunningService, run_until_signal
-from greeksd.sim.ibkr_gateway import open_ibkr_sim
 from greeksd.sim.market import default_contracts
-from greeksd.sim.tastytrade_api import open_tastytrade_sim
 
 BOOK_SIZE = 10
-# ~10 option updates/s from IBKR (one contract per tick) and ~15/s from DXLink (three
-# events per frame): a lively page, nowhere near what the writer can take.
-IBKR_TICK_S = 0.1
-DXLINK_TICK_S = 0.2
 
 
 def status_line(service: RunningService) -> str:
@@ -51,19 +48,18 @@ async def run_demo(
     """Serve the demo until Ctrl-C or for `duration_s` (0 = no limit); `build_sources`
     is the CLI's settings -> sources function, so the demo wires streams like `run`."""
     book = default_contracts(datetime.now(UTC).date(), BOOK_SIZE)
-    async with (
-        open_ibkr_sim(book, tick_interval=IBKR_TICK_S) as ib_sim,
-        open_tastytrade_sim(contracts=book, tick_interval=DXLINK_TICK_S) as tt_sim,
-    ):
+    async with AsyncExitStack() as simulators:
+        brokers = []
+        for spec in registry.specs():
+            if spec.sim is not None:
+                pointed = await simulators.enter_async_context(
+                    spec.sim.demo(book, settings.broker(spec))
+                )
+                settings = settings.with_broker(spec, pointed)
+                brokers.append(spec.name)
         settings = replace(
             settings,
-            brokers=("ibkr", "tastytrade"),
-            ibkr_url=ib_sim.url,
-            ibkr_ca_file=ib_sim.ca_file,
-            tt_api_url=tt_sim.api_url,
-            tt_secret=tt_sim.secret,
-            tt_refresh=tt_sim.refresh_token,
-            tt_account=None,
+            brokers=tuple(brokers),
             # at ~25 rows/s a 1 s flush interval alone would be the latency; a live page
             # wants rows within a fraction of a second
             flush_ms=min(settings.flush_ms, 200),

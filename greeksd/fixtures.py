@@ -35,7 +35,14 @@ from greeksd.brokers.ibkr.stream import IbkrStream
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.logs import configure_logging, get_logger
-from greeksd.model import ContractKey, OptionRight, SnapshotSink, StreamStatus
+from greeksd.model import (
+    ContractKey,
+    OptionRight,
+    Recorder,
+    SnapshotSink,
+    Source,
+    StreamStatus,
+)
 from greeksd.recording import record_session
 from greeksd.sim import ibkr_wire as ib
 from greeksd.sim.dxlink_server import greeks_event
@@ -79,7 +86,7 @@ async def inject_faults(
     began = trio.current_time()
     conid0, conid1 = ib_sim.conid_of(book[0].key), ib_sim.conid_of(book[1].key)
     symbol0 = streamer_symbol(book[0].key)
-    await wait_subscribed(ib_sim, tt_sim, {conid0, conid1}, {symbol0})
+    await wait_subscribed([ib_sim, tt_sim], {book[0].key, book[1].key})
     start = trio.current_time()
     span = duration_s - (start - began)
 
@@ -148,19 +155,29 @@ async def record_mixed_session(
         open_ibkr_sim(book, tick_interval=ibkr_tick_s) as ib_sim,
         open_tastytrade_sim(contracts=book, tick_interval=dxlink_tick_s) as tt_sim,
     ):
-        ibkr = IbkrStream(
-            ib_sim.url,
-            rest_min_interval=0.0,
-            positions_refresh_s=refresh_s,
-            backoff=Backoff(initial=0.2, maximum=1.0),
-        )
-        api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
-        tasty = TastytradeStream(
-            api, positions_refresh_s=refresh_s, backoff=Backoff(initial=0.2, maximum=1.0)
-        )
+
+        def streams(recorder: Recorder) -> list[Source]:
+            ibkr = IbkrStream(
+                ib_sim.url,
+                rest_min_interval=0.0,
+                positions_refresh_s=refresh_s,
+                backoff=Backoff(initial=0.2, maximum=1.0),
+                recorder=recorder,
+            )
+            api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
+            tasty = TastytradeStream(
+                api,
+                positions_refresh_s=refresh_s,
+                backoff=Backoff(initial=0.2, maximum=1.0),
+                recorder=recorder,
+            )
+            return [ibkr, tasty]
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(inject_faults, ib_sim, tt_sim, book, duration_s)
-            result = await record_session([ibkr, tasty], out, duration_s=duration_s, sink=sink)
+            result = await record_session(
+                streams, out, ["ibkr", "tastytrade"], duration_s=duration_s, sink=sink
+            )
             nursery.cancel_scope.cancel()
     return result
 

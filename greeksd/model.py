@@ -19,6 +19,9 @@ _OCC_ROOT = re.compile(r"[A-Z0-9]{1,6}")
 
 
 class Broker(enum.StrEnum):
+    """The built-in brokers' names. A row's `broker` is a plain `str`: the name of any
+    registered broker (greeksd.brokers.registry), these among them."""
+
     IBKR = "ibkr"
     TASTYTRADE = "tastytrade"
     SYNTHETIC = "synthetic"
@@ -139,7 +142,7 @@ class Contract:
 class Snapshot:
     """One normalized Greeks event. Missing values are None, never 0 or NaN."""
 
-    broker: Broker
+    broker: str
     account_id: str
     contract_key: str
     underlying: str
@@ -169,7 +172,7 @@ class Snapshot:
     @classmethod
     def for_contract(
         cls,
-        broker: Broker,
+        broker: str,
         contract: Contract,
         *,
         event_time: datetime,
@@ -218,7 +221,7 @@ class Snapshot:
         )
 
     def conflation_key(self) -> tuple[str, str, str]:
-        return (self.broker.value, self.account_id, self.contract_key)
+        return (self.broker, self.account_id, self.contract_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +233,7 @@ class Trade:
     `contract_key` is None for what is not an option greeksd can identify (stock, futures).
     """
 
-    broker: Broker
+    broker: str
     broker_trade_id: str
     account_id: str
     contract_key: str | None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import gzip
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -257,34 +257,27 @@ class CountingSink:
         self.trades = 0
 
     def put(self, snapshot: Snapshot) -> None:
-        self.rows[snapshot.broker.value] = self.rows.get(snapshot.broker.value, 0) + 1
+        self.rows[snapshot.broker] = self.rows.get(snapshot.broker, 0) + 1
 
     def put_trade(self, trade: Trade) -> None:
         self.trades += 1
 
 
-def attach(sources: Sequence[Source], recorder: Recorder) -> None:
-    """Give each stream the recorder; a source that cannot record is a usage error."""
-    for source in sources:
-        if not hasattr(source, "recorder"):
-            raise ValueError(f"source {source.name!r} has no raw frames to record")
-        source.recorder = recorder
-
-
 async def record_session(
-    sources: Sequence[Source],
+    open_sources: Callable[[Recorder], Sequence[Source]],
     out: Path,
+    brokers: Sequence[str],
     *,
     duration_s: float | None = None,
     sink: SnapshotSink | None = None,
 ) -> tuple[dict[str, int], dict[str, StreamStatus]]:
-    """Run `sources` (supervised, restarted like in the service) into `sink` (default: a
-    `CountingSink`) while recording them to `out`, for `duration_s` or until cancelled.
-    Returns the record counts and the streams' final status."""
+    """Run the sources `open_sources` builds around the fixture's recorder (supervised,
+    restarted like in the service) into `sink` (default: a `CountingSink`) while they
+    record `brokers` to `out`, for `duration_s` or until cancelled. Returns the record
+    counts and the streams' final status."""
     supervisor = Supervisor(sink if sink is not None else CountingSink())
-    with FixtureWriter(out, [s.name for s in sources]) as recorder:
-        attach(sources, recorder)
-        for source in sources:
+    with FixtureWriter(out, brokers) as recorder:
+        for source in open_sources(recorder):
             supervisor.add(source)
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)

@@ -3,11 +3,12 @@
 Frames go through the same protocol modules (IBKR `parse_frame` + `MarketDataBook`;
 DXLink `parse` + `decode_feed_data` + `SnapshotMapper`), the same sink, the writer's
 ordering policy and its idempotent COPY, as live data. Each broker's protocol state is
-rebuilt from the fixture exactly as the stream built it: a `link` record starts a
-connection's state over (IBKR's merge book, DXLink's field layouts), a `positions`
-record is what the stream tracked at that moment, and every row gets the frame's
-recorded receive time. So a fixture always yields the same rows, and replaying it again
-stores nothing new (every row comes back as a duplicate).
+rebuilt from the fixture by its spec's replayer (greeksd.brokers.registry; records of a
+broker without one are skipped and counted) exactly as the stream built it: a `link`
+record starts a connection's state over (IBKR's merge book, DXLink's field layouts), a
+`positions` record is what the stream tracked at that moment, and every row gets the
+frame's recorded receive time. So a fixture always yields the same rows, and replaying
+it again stores nothing new (every row comes back as a duplicate).
 
 Unlike a websocket reader, replay may wait: it holds off when the writer falls behind,
 so no row is ever conflated.
@@ -22,14 +23,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import trio
 
 from greeksd import config
+from greeksd.brokers import registry
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.link import Connection, Rejected
+from greeksd.brokers.spec import ReplayCounts, Replayer
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import FeedChannel
 from greeksd.logs import get_logger
@@ -84,14 +87,6 @@ class ReplayStats:
         )
 
 
-class Replayer(Protocol):
-    def link(self, record: Record) -> None: ...
-
-    def positions(self, record: Record) -> None: ...
-
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]: ...
-
-
 class IbkrReplayer:
     """What `IbkrStream`'s `_Link` does with frames, minus the socket."""
 
@@ -111,7 +106,7 @@ class IbkrReplayer:
             self.book.untrack(conid)
         self.lines = lines
 
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+    def frame(self, record: Record, stats: ReplayCounts) -> list[Snapshot]:
         event = ib.parse_frame(record.data)
         if event.__class__ is ib.MarketData:
             row = self.book.apply(event, record.at)  # type: ignore[arg-type]
@@ -134,7 +129,7 @@ class DxlinkReplayer:
     def positions(self, record: Record) -> None:
         self.mapper.set_contracts(contract_from_json(c) for c in record.body["positions"])
 
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+    def frame(self, record: Record, stats: ReplayCounts) -> list[Snapshot]:
         message = dx.parse(record.data)
         feed = self.feed
         if message.__class__ is dx.FeedData:
@@ -177,7 +172,7 @@ class ConnectionReplayer:
     def positions(self, record: Record) -> None:
         self.conn.set_positions(self.decode_positions(record.body), _clock(record), record.at)
 
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
+    def frame(self, record: Record, stats: ReplayCounts) -> list[Snapshot]:
         rows: list[Snapshot] = []
         for event in self.conn.receive(record.data, _clock(record), record.at):
             if event.__class__ is Snapshot:
@@ -195,12 +190,6 @@ def _clock(record: Record) -> float:
     return record.at.timestamp()
 
 
-REPLAYERS: dict[str, Callable[[], Replayer]] = {
-    "ibkr": IbkrReplayer,
-    "tastytrade": DxlinkReplayer,
-}
-
-
 class Replayers:
     """Each broker's protocol state, rebuilt record by record; one place that knows what
     a record kind means, for replay and for the benchmarks that decode fixtures."""
@@ -212,12 +201,12 @@ class Replayers:
         """Apply one record (counted in `stats`); returns the rows a frame yields."""
         replayer = self._by_broker.get(record.broker)
         if replayer is None:
-            factory = REPLAYERS.get(record.broker)
-            if factory is None:
+            spec = registry.get(record.broker)
+            if spec is None or spec.replayer is None:
                 stats.skipped_records += 1
                 log.warning("replay_unknown_broker", broker=record.broker)
                 return []
-            replayer = self._by_broker[record.broker] = factory()
+            replayer = self._by_broker[record.broker] = spec.replayer()
         if record.kind == "frame":
             stats.frames += 1
             stats.frames_by_broker[record.broker] = stats.frames_by_broker.get(record.broker, 0) + 1

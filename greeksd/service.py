@@ -36,11 +36,12 @@ from greeksd.api.app import create_app
 from greeksd.api.loop import serve_in_own_loop
 from greeksd.api.state import ServiceState, open_read_pool
 from greeksd.backoff import Backoff
-from greeksd.config import ConfigError, Settings
+from greeksd.config import Settings
 from greeksd.logs import get_logger
 from greeksd.model import Source
 from greeksd.pipeline import open_pipeline
 from greeksd.redact import register_secret
+from greeksd.settings_table import ConfigError
 from greeksd.store.database import embedded_postgres
 from greeksd.store.deadline import CLIENT_GRACE_S, Watch, call_bounded, with_timeouts
 from greeksd.store.migrations import MigrationError, migrate

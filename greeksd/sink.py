@@ -96,7 +96,7 @@ class ChannelSink:
             log.error(
                 "trade_dropped",
                 reason="no trade writer" if self._trades is None else "trade channel full",
-                broker=trade.broker.value,
+                broker=trade.broker,
                 broker_trade_id=trade.broker_trade_id,
                 dropped=self.trades_dropped,
             )

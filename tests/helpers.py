@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 import trio
 
+from greeksd.model import Snapshot, Trade
+
 
 async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]],
@@ -28,6 +30,20 @@ async def wait_until(
             return
         await trio.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class ListSink:
+    """A `SnapshotSink` that keeps everything, for tests of a stream without a pipeline."""
+
+    def __init__(self) -> None:
+        self.rows: list[Snapshot] = []
+        self.trades: list[Trade] = []
+
+    def put(self, snapshot: Snapshot) -> None:
+        self.rows.append(snapshot)
+
+    def put_trade(self, trade: Trade) -> None:
+        self.trades.append(trade)
 
 
 def fetch_rows(db_url: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from greeksd.config import SETTINGS, ConfigError, Settings, _setting, load_settings, settings_table
+from greeksd.brokers import registry
+from greeksd.brokers.ibkr.spec import SPEC as IBKR
+from greeksd.brokers.tastytrade.spec import SPEC as TASTYTRADE
+from greeksd.config import SETTINGS, Settings, all_settings, load_settings
+from greeksd.settings_table import ConfigError, Setting, setting, settings_table
 from tests.test_service import _env, _greeksd
 
 
@@ -17,19 +21,68 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert settings.database_url is None
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8765)
     assert (settings.flush_rows, settings.flush_ms) == (1000, 25)
+    assert settings.brokers == ("ibkr", "tastytrade")
+    ibkr = settings.broker(IBKR)
+    assert (ibkr.url, ibkr.ca_file, ibkr.verify_tls) == ("https://localhost:5000", None, False)
+    assert (ibkr.heartbeat_s, ibkr.positions_refresh_s, ibkr.max_lines) == (60.0, 60.0, 100)
+    tasty = settings.broker(TASTYTRADE)
+    assert (tasty.secret, tasty.refresh, tasty.account, tasty.api_url) == (None,) * 4
+    assert tasty.positions_refresh_s == 60.0
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for setting in SETTINGS:
-        assert f"GREEKSD_{setting.name}" in readme, f"README does not list GREEKSD_{setting.name}"
+    for row in all_settings():
+        assert f"`GREEKSD_{row.name}`" in readme, f"README does not list GREEKSD_{row.name}"
+
+
+def test_every_broker_reads_its_own_variables(tmp_path: Path) -> None:
+    """Each broker's settings come from its own GREEKSD_<prefix>* variables, by the names
+    they always had."""
+    settings = load_settings(
+        {
+            "GREEKSD_IBKR_URL": "https://gw:5001",
+            "GREEKSD_IBKR_CA_FILE": "~/ca.pem",
+            "GREEKSD_IBKR_VERIFY_TLS": "yes",
+            "GREEKSD_IBKR_HEARTBEAT_S": "5",
+            "GREEKSD_IBKR_POSITIONS_REFRESH_S": "7.5",
+            "GREEKSD_IBKR_MAX_LINES": "40",
+            "GREEKSD_TT_SECRET": "tt-secret-1",
+            "GREEKSD_TT_REFRESH": "tt-refresh-1",
+            "GREEKSD_TT_ACCOUNT": "5WT00001",
+            "GREEKSD_TT_API_URL": "http://127.0.0.1:9",
+            "GREEKSD_TT_POSITIONS_REFRESH_S": "30",
+        },
+        dotenv_path=tmp_path / "none.env",
+    )
+    ibkr = settings.broker(IBKR)
+    assert (ibkr.url, ibkr.ca_file, ibkr.verify_tls) == (
+        "https://gw:5001",
+        Path("~/ca.pem").expanduser(),
+        True,
+    )
+    assert (ibkr.heartbeat_s, ibkr.positions_refresh_s, ibkr.max_lines) == (5.0, 7.5, 40)
+    tasty = settings.broker(TASTYTRADE)
+    assert (tasty.secret, tasty.refresh, tasty.account, tasty.api_url) == (
+        "tt-secret-1",
+        "tt-refresh-1",
+        "5WT00001",
+        "http://127.0.0.1:9",
+    )
+    assert tasty.positions_refresh_s == 30.0
+    assert set(settings.secrets()) == {"tt-secret-1", "tt-refresh-1"}
 
 
 def test_a_setting_cannot_exist_in_the_table_and_not_in_settings() -> None:
-    """The table is read off the dataclass's fields: same names, same order, and a field
-    declared without its table row stops the import instead of going unlisted."""
-    assert [s.name for s in SETTINGS] == [f.name.upper() for f in fields(Settings)]
+    """The tables are read off the dataclasses' fields: same names, same order, and a
+    field declared without its table row stops the import instead of going unlisted."""
+    assert [s.name for s in SETTINGS] == [
+        f.name.upper() for f in fields(Settings) if f.name != "per_broker"
+    ]
+    assert [s.name for s in all_settings()] == [s.name for s in SETTINGS] + [
+        (spec.prefix + f.name).upper() for spec in registry.specs() for f in fields(spec.settings)
+    ]
 
     @dataclass(frozen=True)
     class HalfDeclared:
-        flush_rows: int = _setting("1", int, "listed")
+        flush_rows: int = setting("1", int, "listed")
         forgotten: int = 0
 
     with pytest.raises(TypeError, match=r"HalfDeclared\.forgotten has no settings-table row"):
@@ -58,8 +111,6 @@ def test_bad_value_names_the_variable(
 
 
 def test_secret_values_are_not_echoed_in_errors(tmp_path: Path) -> None:
-    from greeksd.config import Setting
-
     assert any(s.secret for s in SETTINGS if isinstance(s, Setting))
     settings = load_settings(
         {"GREEKSD_DATABASE_URL": "postgresql://u:hunter22@db/x", "GREEKSD_API_TOKEN": "tok-123456"},

@@ -15,8 +15,9 @@ from typing import Any
 
 from quart import Blueprint
 
-from greeksd.api.params import BROKERS, DEFAULT_LIMIT, FORMATS, MAX_LIMIT
+from greeksd.api.params import DEFAULT_LIMIT, FORMATS, MAX_LIMIT
 from greeksd.api.state import UNGATED_PATHS
+from greeksd.brokers import registry
 
 # PostgreSQL text cannot hold NUL; the handlers refuse it (400).
 NO_NUL = "^[^\\u0000]*$"
@@ -36,7 +37,7 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
 
 TIME = {"type": "string", "format": "date-time", "minLength": 1}
 FILTERS: list[dict[str, Any]] = [
-    _query("broker", "Only this broker.", {"type": "string", "enum": list(BROKERS)}),
+    _query("broker", "Only this broker.", {"type": "string", "enum": list(registry.names())}),
     _query("account", "Only this account id."),
     _query("contract_key", "Only this contract, e.g. 'AAPL 2025-06-20 C 190'."),
     _query("underlying", "Only this underlying."),

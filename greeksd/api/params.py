@@ -22,11 +22,11 @@ import orjson
 from quart import request
 
 from greeksd.api.errors import ApiError, bad_request
-from greeksd.model import Broker, ContractKey
+from greeksd.brokers import registry
+from greeksd.model import ContractKey
 from greeksd.store.queries import Filter
 
 FORMATS: tuple[str, ...] = ("json", "ndjson", "csv")
-BROKERS: tuple[str, ...] = tuple(b.value for b in Broker)
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 50_000
 FILTER_PARAMS: tuple[str, ...] = ("broker", "account", "contract_key", "underlying", "start", "end")
@@ -73,8 +73,9 @@ def parse_contract_key(name: str, text: str) -> str:
         raise bad_request("bad_contract_key", f"{name}: {exc}") from None
 
 
-def parse_broker(text: str, allowed: Iterable[str] = BROKERS) -> str:
-    names = tuple(allowed)
+def parse_broker(text: str, allowed: Iterable[str] | None = None) -> str:
+    """One of `allowed` (default: every registered broker)."""
+    names = registry.names() if allowed is None else tuple(allowed)
     if text not in names:
         raise bad_request(
             "unknown_broker", f"broker={text!r} is not one of {', '.join(names) or '(none)'}"

@@ -41,13 +41,13 @@ from greeksd.api.params import (
     reject_unknown_fields,
 )
 from greeksd.api.state import current_state
-from greeksd.model import Broker, Trade
+from greeksd.brokers import registry
+from greeksd.model import Trade
 from greeksd.store.queries import TRADES
 from greeksd.store.trades import record_trade
 
 bp = Blueprint("trades", __name__)
 
-TRADE_BROKERS: tuple[str, ...] = (Broker.IBKR.value, Broker.TASTYTRADE.value)
 FIELDS: tuple[str, ...] = (
     "broker",
     "account_id",
@@ -77,6 +77,11 @@ MAX_TEXT = 200
 # JSON number) and PostgreSQL's numeric stores; anything larger or finer is a typo.
 MAX_ABS_NUMBER = Decimal(10) ** 15
 MAX_DECIMAL_PLACES = 20
+
+
+def trade_brokers() -> tuple[str, ...]:
+    """The brokers whose trades the log holds (their spec's `trades`)."""
+    return tuple(spec.name for spec in registry.specs() if spec.trades)
 
 
 @bp.get("/v1/trades")
@@ -131,7 +136,7 @@ def _derived_id(values: dict[str, Any]) -> str:
 
 def parse_trade(body: dict[str, Any]) -> Trade:
     reject_unknown_fields(body, FIELDS)
-    broker = parse_broker(_text(body, "broker", required=True) or "", TRADE_BROKERS)
+    broker = parse_broker(_text(body, "broker", required=True) or "", trade_brokers())
     side = _text(body, "side", required=True)
     if side not in ("buy", "sell"):
         raise bad_request("bad_side", "side must be 'buy' or 'sell'")
@@ -157,7 +162,7 @@ def parse_trade(body: dict[str, Any]) -> Trade:
     }
     trade_id = _text(body, "broker_trade_id", required=False) or _derived_id(values)
     return Trade(
-        broker=Broker(broker),
+        broker=broker,
         broker_trade_id=trade_id,
         account_id=values["account_id"],
         contract_key=values["contract_key"],
@@ -189,7 +194,7 @@ async def add_trade() -> Response:
         raise ApiError(
             409,
             "trade_id_conflict",
-            f"{trade.broker.value} trade {trade.broker_trade_id!r} is already stored with "
+            f"{trade.broker} trade {trade.broker_trade_id!r} is already stored with "
             "different values",
         )
     return json_response(row, 201 if created else 200)
@@ -204,7 +209,7 @@ _TRADE_SCHEMA = {
     "required": ["broker", "account_id", "symbol", "side", "quantity", "executed_at"],
     "additionalProperties": False,
     "properties": {
-        "broker": {"type": "string", "enum": list(TRADE_BROKERS)},
+        "broker": {"type": "string", "enum": list(trade_brokers())},
         "account_id": _string(),
         "symbol": _string(),
         "side": {"type": "string", "enum": ["buy", "sell"]},

@@ -1,17 +1,15 @@
 """Benchmark: end-to-end latency, simulator socket => streams => pipeline => commit.
 
-The simulators run here; the service side (both real streams + the real pipeline) runs in
-`e2e_worker`, another process, so the two do not share a GIL on a 2-core box. Ticks are
-offered in bursts, every 10 ms, half per broker, for `duration_s`.
+The simulators of every broker with a benchmark entry (greeksd.brokers.spec.BenchEntry)
+run here; the service side (the real streams, built by their specs exactly as `greeksd
+run` builds them, + the real pipeline) runs in `e2e_worker`, another process, so the two
+do not share a GIL on a 2-core box. Ticks are offered in bursts, every 10 ms, split
+evenly over the brokers, for `duration_s`.
 
-Latency per row = persisted_at - send time. IBKR rows: the simulator stamps `_updated`
-from the wall clock as it queues the frame, and that is the row's event_time (ms
-resolution). DXLink rows: the simulator keeps each event's `time` strictly increasing
-(+1 ms per event), which runs ahead of the clock at high rates, so the send wall time of
-each (contract, time) is noted here just before its frame is published.
+Latency per row = persisted_at - send time, as each simulator knows it (greeksd.bench.sims).
 Rows lost = events the simulators sent - rows in the table after a settle period.
-Events the IBKR simulator could not even queue for its socket (its outbox full: the
-simulator process, not greeksd, is the limit) are not "sent": reported as sim_dropped.
+Events a simulator could not even queue for its socket (its outbox full: the simulator
+process, not greeksd, is the limit) are not "sent": reported as sim_dropped.
 `received` = market-data frames the streams read, so sent - received is lost before
 greeksd and received - stored inside it.
 """
@@ -20,7 +18,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,11 +28,11 @@ import psycopg
 import trio
 
 from greeksd.bench.pipeline import truncate
-from greeksd.brokers.tastytrade import protocol as dx
-from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
+from greeksd.brokers import registry
+from greeksd.brokers.spec import BenchSim
+from greeksd.settings_table import read_table, table_env
 from greeksd.sim.market import default_contracts
 from greeksd.sim.readiness import wait_subscribed
-from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 
 BOOK_SIZE = 50
 BURST_S = 0.01
@@ -46,31 +45,22 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _offer(
-    ib_sim: IbkrGatewaySim, tt_sim: TastytradeSim, rate: float, duration_s: float
-) -> tuple[float, dict[tuple[str, int], float]]:
-    """Offer `rate` ticks/s (half per broker) in 10 ms bursts. Returns the elapsed time
-    and the DXLink send wall time (s) per (contract key, event time ms)."""
-    per_broker = rate / 2
-    sent_at: dict[tuple[str, int], float] = {}
+async def _offer(sims: Mapping[str, BenchSim[Any]], rate: float, duration_s: float) -> float:
+    """Offer `rate` ticks/s (split evenly over the brokers) in 10 ms bursts. Returns the
+    elapsed time."""
+    per_broker = rate / len(sims)
     started = trio.current_time()
     sent = 0
     wakeup = started
     while (now := trio.current_time()) - started < duration_s:
         burst = int(per_broker * (now - started)) + 1 - sent
         if burst > 0:
-            for _ in range(burst):
-                ib_sim.tick()
-            ticks = [tt_sim.market.next_tick() for _ in range(burst)]
-            before = len(tt_sim.sent_events)
-            wall = time.time()
-            await tt_sim.dxlink.publish(ticks)
-            for event in tt_sim.sent_events[before:]:
-                sent_at[(event.contract_key, event.time_ms)] = wall
+            for sim in sims.values():
+                await sim.offer(burst)
             sent += burst
         wakeup += BURST_S
         await trio.sleep_until(wakeup)
-    return trio.current_time() - started, sent_at
+    return trio.current_time() - started
 
 
 def _count(url: str) -> int:
@@ -92,20 +82,17 @@ async def _settle(url: str, expected: int) -> None:
         await trio.sleep(0.2)
 
 
-def _latencies(url: str, dx_sent_at: dict[tuple[str, int], float]) -> dict[str, list[float]]:
+def _latencies(url: str, sims: Mapping[str, BenchSim[Any]]) -> dict[str, list[float]]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT broker, contract_key, (extract(epoch FROM event_time) * 1000)::bigint, "
             "extract(epoch FROM persisted_at)::float8 FROM greek_snapshots"
         ).fetchall()
-    out: dict[str, list[float]] = {"ibkr": [], "tastytrade": []}
+    out: dict[str, list[float]] = {name: [] for name in sims}
     for broker, key, event_ms, persisted in rows:
-        if broker == "ibkr":
-            out[broker].append((persisted - event_ms / 1000) * 1000)
-        else:
-            sent = dx_sent_at.get((key, event_ms))
-            if sent is not None:
-                out[broker].append((persisted - sent) * 1000)
+        latency = sims[broker].latency_ms(key, event_ms, persisted)
+        if latency is not None:
+            out[broker].append(latency)
     return out
 
 
@@ -114,19 +101,21 @@ async def measure(
 ) -> dict[str, Any]:
     await trio.to_thread.run_sync(truncate, url)
     book = default_contracts(datetime.now(UTC).date(), BOOK_SIZE)
-    symbols = {dx.streamer_symbol(c.key) for c in book}
-    async with (
-        open_ibkr_sim(book, tick_interval=None, heartbeat_s=3600.0) as ib_sim,
-        open_tastytrade_sim(contracts=book, tick_interval=3600.0, nan_rho_rate=0.0) as tt_sim,
-    ):
+    async with AsyncExitStack() as stack:
+        sims: dict[str, BenchSim[Any]] = {}
+        env: dict[str, str] = {}
+        for spec in registry.specs():
+            if spec.bench is not None:
+                defaults = read_table(spec.settings, {}, spec.prefix)
+                sim = await stack.enter_async_context(spec.bench.e2e(book, defaults))
+                sims[spec.name] = sim
+                env |= table_env(sim.settings, spec.prefix)
         config = {
             "db_url": url,
             "flush_rows": flush_rows,
             "flush_ms": flush_ms,
-            "ibkr_url": ib_sim.url,
-            "tt_secret": tt_sim.secret,
-            "tt_refresh": tt_sim.refresh_token,
-            "tt_api_url": tt_sim.api_url,
+            "brokers": list(sims),
+            "env": env,
         }
         command = [sys.executable, "-m", "greeksd.bench.e2e_worker", orjson.dumps(config).decode()]
         process = await trio.lowlevel.open_process(
@@ -135,13 +124,10 @@ async def measure(
         try:
             assert process.stdin is not None and process.stdout is not None
             with trio.fail_after(60.0):
-                await wait_subscribed(ib_sim, tt_sim, ib_sim.conids.values(), symbols)
-            elapsed, dx_sent_at = await _offer(ib_sim, tt_sim, rate, duration_s)
-            sent = {
-                "ibkr": sum(1 for t in ib_sim.sent_ticks if t.key is not None),
-                "tastytrade": len(tt_sim.sent_events),
-            }
-            dropped = ib_sim.dropped_ticks  # the sim's own socket could not keep up
+                await wait_subscribed(list(sims.values()), [c.key for c in book])
+            elapsed = await _offer(sims, rate, duration_s)
+            sent = {name: sim.sent() for name, sim in sims.items()}
+            dropped = sum(sim.dropped() for sim in sims.values())
             await _settle(url, sum(sent.values()))
             await process.stdin.aclose()
             output = b""
@@ -151,8 +137,8 @@ async def measure(
         finally:
             if process.returncode is None:
                 process.kill()
+        latencies = await trio.to_thread.run_sync(_latencies, url, sims)
     worker = orjson.loads(output.splitlines()[-1]) if output.strip() else {}
-    latencies = await trio.to_thread.run_sync(_latencies, url, dx_sent_at)
     stored = await trio.to_thread.run_sync(_count, url)
     everything = sorted(v for values in latencies.values() for v in values)
     achieved = sum(sent.values()) / elapsed

@@ -2,8 +2,10 @@
 
     python -m greeksd.bench.e2e_worker '<json config>'
 
-Runs both real broker streams into the real pipeline until stdin closes, then drains
-(every accepted row committed) and prints one JSON line: its peak RSS and writer stats.
+Runs the real streams of the configured brokers (each built by its spec from its own
+settings, given as the environment variables that hold them) into the real pipeline
+until stdin closes, then drains (every accepted row committed) and prints one JSON line:
+its peak RSS and writer stats.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from typing import Any
 import orjson
 import trio
 
-from greeksd.brokers.ibkr.stream import IbkrStream
-from greeksd.brokers.tastytrade.session import TastytradeApi
-from greeksd.brokers.tastytrade.stream import TastytradeStream
+from greeksd.brokers import registry
 from greeksd.logs import configure_logging
 from greeksd.model import StreamStatus
 from greeksd.pipeline import open_pipeline
+from greeksd.settings_table import read_table
 
 
 def peak_rss_mb() -> float:
@@ -43,17 +44,17 @@ async def _until_stdin_closes() -> None:
 
 
 async def serve(config: dict[str, Any]) -> dict[str, Any]:
-    statuses = {"ibkr": StreamStatus("ibkr"), "tastytrade": StreamStatus("tastytrade")}
+    specs = [registry.SPECS[name] for name in config["brokers"]]
+    statuses = {spec.name: StreamStatus(spec.name) for spec in specs}
     async with (
         open_pipeline(
             config["db_url"], flush_rows=config["flush_rows"], flush_ms=config["flush_ms"]
         ) as pipeline,
         trio.open_nursery() as nursery,
     ):
-        ibkr = IbkrStream(config["ibkr_url"], rest_min_interval=0.0)
-        api = TastytradeApi(config["tt_secret"], config["tt_refresh"], api_url=config["tt_api_url"])
-        nursery.start_soon(ibkr.run, pipeline.sink, statuses["ibkr"])
-        nursery.start_soon(TastytradeStream(api).run, pipeline.sink, statuses["tastytrade"])
+        for spec in specs:
+            stream = spec.stream(read_table(spec.settings, config["env"], spec.prefix), None)
+            nursery.start_soon(stream.run, pipeline.sink, statuses[spec.name])
         await _until_stdin_closes()
         nursery.cancel_scope.cancel()
     stats = pipeline.writer.stats

@@ -9,14 +9,16 @@ Every event gets its own millisecond, so no row is a duplicate of another.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from greeksd.brokers import registry
 from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.spec import BenchEntry
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.model import Contract
 from greeksd.recording import contract_json, fixture_header
@@ -41,7 +43,7 @@ def _iso(ms: int) -> str:
 
 
 def ibkr_records(
-    contracts: list[SimContract], count: int, start_ms: int
+    contracts: Sequence[SimContract], count: int, start_ms: int
 ) -> Iterator[dict[str, Any]]:
     conids = list(range(700000001, 700000001 + len(contracts)))
     positions = [
@@ -108,7 +110,7 @@ def dxlink_frames(
 
 
 def dxlink_records(
-    contracts: list[SimContract], count: int, start_ms: int
+    contracts: Sequence[SimContract], count: int, start_ms: int
 ) -> Iterator[dict[str, Any]]:
     positions = [contract_json(_contract(c)) for c in contracts]
     yield {"t": _iso(start_ms), "b": "tastytrade", "k": "link", "channel": 1}
@@ -134,17 +136,21 @@ def _interleave(*streams: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def _bench(name: str) -> BenchEntry[Any]:
+    entry = registry.SPECS[name].bench
+    if entry is None:
+        raise ValueError(f"broker {name!r} has no benchmark entry")
+    return entry
+
+
 def write_fixture(path: Path, brokers: list[str], per_broker: int) -> Path:
     """Write a plain `.jsonl` fixture (no gzip: the bench times the pipeline, not zlib)
-    with `per_broker` snapshots for each broker, interleaved when there are two."""
+    with `per_broker` snapshots for each broker (its spec's `bench.records`),
+    interleaved when there are several."""
     now = datetime.now(UTC)
     contracts = book(now)
     start_ms = int(now.timestamp() * 1000) - 3_600_000
-    streams = []
-    if "ibkr" in brokers:
-        streams.append(ibkr_records(contracts, per_broker, start_ms))
-    if "tastytrade" in brokers:
-        streams.append(dxlink_records(contracts, per_broker, start_ms))
+    streams = [_bench(name).records(contracts, per_broker, start_ms) for name in brokers]
     with path.open("wb") as out:
         out.write(orjson.dumps(fixture_header(brokers, now)) + b"\n")
         for record in _interleave(*streams):

@@ -14,14 +14,16 @@ import psycopg
 import trio
 
 from greeksd.bench.fixture import write_fixture
+from greeksd.brokers import registry
 from greeksd.replay import replay_fixture
 
 FLUSH_ROWS = 5000  # replay batches (the writer measured ~90k rows/s alone at 5,000)
-CASES: dict[str, list[str]] = {
-    "ibkr": ["ibkr"],
-    "tastytrade": ["tastytrade"],
-    "mixed": ["ibkr", "tastytrade"],
-}
+
+
+def cases() -> dict[str, list[str]]:
+    """One fixture per broker with a benchmark entry, and one mixing them all."""
+    benched = [spec.name for spec in registry.specs() if spec.bench is not None]
+    return {**{name: [name] for name in benched}, "mixed": benched}
 
 
 def truncate(url: str) -> None:
@@ -32,7 +34,7 @@ def truncate(url: str) -> None:
 def write_fixtures(directory: Path, per_broker: int) -> dict[str, Path]:
     return {
         name: write_fixture(directory / f"{name}.jsonl", brokers, per_broker)
-        for name, brokers in CASES.items()
+        for name, brokers in cases().items()
     }
 
 

@@ -33,7 +33,7 @@ import secrets
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -596,6 +596,11 @@ class IbkrGatewaySim:
             for conid, line in conn.lines.items()
             if now - line.requested_at < self.smd_expiry_s
         }
+
+    def subscribed(self, keys: Collection[ContractKey]) -> bool:
+        """A client streams every one of these contracts (greeksd.sim.readiness)."""
+        conids = {self.conids.get(key) for key in keys}
+        return None not in conids and conids <= self.lines()
 
     def push(self, conid: int, values: dict[str, str]) -> None:
         """Send exactly these field values to every subscriber of `conid` (tests use it

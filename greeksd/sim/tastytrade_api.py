@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -65,6 +65,17 @@ class TastytradeSim:
     @property
     def sent_events(self) -> list[SentGreeks]:
         return self.dxlink.sent_events
+
+    def subscribed(self, keys: Collection[ContractKey]) -> bool:
+        """One authorized DXLink channel has the Greeks of every one of these contracts
+        (greeksd.sim.readiness)."""
+        wanted = {streamer_symbol(key) for key in keys}
+        return any(
+            wanted <= {s for kind, s in channel.subscriptions if kind == "Greeks"}
+            for conn in self.dxlink.connections.values()
+            if conn.authorized
+            for channel in conn.channels.values()
+        )
 
     # faults -----------------------------------------------------------------
 

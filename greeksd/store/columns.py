@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from psycopg.types.json import Jsonb
 
-from greeksd.model import Broker, OptionRight, Snapshot
+from greeksd.model import OptionRight, Snapshot
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ class Codec:
 _FINITE = "({v} if {v} is None or {v} - {v} == 0.0 else None)"
 
 PLAIN = Codec()
-BROKER = Codec(copy="{v}.value", to_json="{v}.value", from_json="_Broker({v})")
 RIGHT = Codec(copy="{v}.value", to_json="{v}.value", from_json="_OptionRight({v})")
 DATE = Codec(to_json="{v}.isoformat()", from_json="_date.fromisoformat({v})")
 DATETIME = Codec(to_json="{v}.isoformat()", from_json="_datetime.fromisoformat({v})")
@@ -83,7 +82,7 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("broker", "text", BROKER),
+    Column("broker", "text"),
     Column("account_id", "text"),
     Column("contract_key", "text"),
     Column("underlying", "text"),
@@ -141,7 +140,6 @@ def _dumps(obj: Any) -> bytes:
 
 
 _NAMES: dict[str, Any] = {
-    "_Broker": Broker,
     "_OptionRight": OptionRight,
     "_date": date,
     "_datetime": datetime,

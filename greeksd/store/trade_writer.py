@@ -147,7 +147,7 @@ class TradeWriter:
         self.stats.rejected += 1
         log.error(
             "trade_rejected",
-            broker=trade.broker.value,
+            broker=trade.broker,
             broker_trade_id=trade.broker_trade_id,
             error=f"{type(exc).__name__}: {str(exc).strip()}",
         )

@@ -51,7 +51,7 @@ def _payload(payload: dict[str, Any] | None) -> Jsonb | None:
 
 def trade_params(t: Trade) -> tuple[Any, ...]:
     return (
-        t.broker.value,
+        t.broker,
         t.broker_trade_id,
         t.account_id,
         t.contract_key,
@@ -85,7 +85,7 @@ def record_trade(conn: psycopg.Connection, trade: Trade) -> tuple[dict[str, Any]
         row = cur.fetchone()
         if row is not None:
             return row, True
-        cur.execute(_SELECT_ONE, (trade.broker.value, trade.broker_trade_id))
+        cur.execute(_SELECT_ONE, (trade.broker, trade.broker_trade_id))
         existing = cur.fetchone()
         assert existing is not None, "conflict without a row: the unique key changed?"
         return existing, False

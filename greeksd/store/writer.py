@@ -334,7 +334,7 @@ class Writer:
         its contract is stored (queries order by event_time) and counted as late."""
         newest = self._newest
         for s in batch:
-            key = (s.broker.value, s.account_id, s.contract_key)
+            key = (s.broker, s.account_id, s.contract_key)
             seen = newest.get(key)
             if seen is None or s.event_time >= seen:
                 newest[key] = s.event_time

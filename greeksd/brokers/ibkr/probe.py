@@ -16,9 +16,9 @@ import trio
 from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.gateway import GatewayClient
+from greeksd.brokers.ibkr.spec import IbkrSettings
 from greeksd.brokers.ibkr.stream import LINK_ERRORS, LinePlan, load_option_positions, open_socket
 from greeksd.brokers.probe_report import contracts_covered, finish_report
-from greeksd.config import Settings
 from greeksd.logs import get_logger
 
 log = get_logger("greeksd.ibkr.probe")
@@ -234,13 +234,13 @@ def _zero_coverage_hints(plan: LinePlan, found: _Findings) -> list[str]:
     return hints
 
 
-async def run_ibkr_probe(settings: Settings, *, duration_s: float, out_dir: Path) -> int:
+async def run_ibkr_probe(settings: IbkrSettings, *, duration_s: float, out_dir: Path) -> int:
     """Entry point for `greeksd probe ibkr`."""
     return await probe_ibkr(
-        settings.ibkr_url,
+        settings.url,
         duration_s=duration_s,
         out_dir=out_dir,
-        ca_file=settings.ibkr_ca_file,
-        verify_tls=settings.ibkr_verify_tls,
-        max_lines=settings.ibkr_max_lines,
+        ca_file=settings.ca_file,
+        verify_tls=settings.verify_tls,
+        max_lines=settings.max_lines,
     )

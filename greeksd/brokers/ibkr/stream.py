@@ -35,7 +35,7 @@ from greeksd.brokers.ibkr.gateway import (
     PenaltyBox,
 )
 from greeksd.brokers.ibkr.protocol import OptionPosition
-from greeksd.config import Settings
+from greeksd.brokers.ibkr.spec import IbkrSettings
 from greeksd.logs import get_logger, log_context
 from greeksd.model import ContractKey, Recorder, SnapshotSink, StreamState, StreamStatus
 from greeksd.redact import register_secret
@@ -151,14 +151,15 @@ class IbkrStream:
         self.option_keys: dict[int, ContractKey] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> IbkrStream:
+    def from_settings(cls, settings: IbkrSettings, recorder: Recorder | None) -> IbkrStream:
         return cls(
-            settings.ibkr_url,
-            ca_file=settings.ibkr_ca_file,
-            verify_tls=settings.ibkr_verify_tls,
-            heartbeat_s=settings.ibkr_heartbeat_s,
-            positions_refresh_s=settings.ibkr_positions_refresh_s,
-            max_lines=settings.ibkr_max_lines,
+            settings.url,
+            ca_file=settings.ca_file,
+            verify_tls=settings.verify_tls,
+            heartbeat_s=settings.heartbeat_s,
+            positions_refresh_s=settings.positions_refresh_s,
+            max_lines=settings.max_lines,
+            recorder=recorder,
         )
 
     async def run(self, sink: SnapshotSink, status: StreamStatus) -> None:

@@ -23,8 +23,8 @@ from greeksd.brokers.tastytrade.session import (
     TastytradeApiError,
     TastytradeAuthError,
 )
+from greeksd.brokers.tastytrade.spec import TastytradeSettings
 from greeksd.brokers.tastytrade.stream import MAX_MESSAGE_SIZE
-from greeksd.config import Settings
 from greeksd.logs import get_logger
 
 log = get_logger("greeksd.tastytrade.probe")
@@ -246,12 +246,14 @@ def _zero_coverage_hints(positions: Positions, found: _Findings) -> list[str]:
     ]
 
 
-async def run_tastytrade_probe(settings: Settings, *, duration_s: float, out_dir: Path) -> int:
+async def run_tastytrade_probe(
+    settings: TastytradeSettings, *, duration_s: float, out_dir: Path
+) -> int:
     """Entry point for `greeksd probe tastytrade`."""
     api = TastytradeApi(
-        settings.tt_secret,
-        settings.tt_refresh,
-        account=settings.tt_account,
-        api_url=settings.tt_api_url,
+        settings.secret,
+        settings.refresh,
+        account=settings.account,
+        api_url=settings.api_url,
     )
     return await probe_tastytrade(api, duration_s=duration_s, out_dir=out_dir)

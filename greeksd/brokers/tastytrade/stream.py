@@ -42,7 +42,7 @@ from greeksd.brokers.tastytrade.session import (
     TastytradeAuthError,
     Trades,
 )
-from greeksd.config import Settings
+from greeksd.brokers.tastytrade.spec import TastytradeSettings
 from greeksd.logs import get_logger, log_context
 from greeksd.model import Recorder, SnapshotSink, StreamState, StreamStatus
 
@@ -150,17 +150,20 @@ class TastytradeStream:
         self.recorder = recorder  # `greeksd record`: frames, positions, new links
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TastytradeStream:
+    def from_settings(
+        cls, settings: TastytradeSettings, recorder: Recorder | None
+    ) -> TastytradeStream:
         api = TastytradeApi(
-            settings.tt_secret,
-            settings.tt_refresh,
-            account=settings.tt_account,
-            api_url=settings.tt_api_url,
+            settings.secret,
+            settings.refresh,
+            account=settings.account,
+            api_url=settings.api_url,
         )
         return cls(
             api,
-            positions_refresh_s=settings.tt_positions_refresh_s,
-            rest_url=settings.tt_api_url or API_URL,
+            positions_refresh_s=settings.positions_refresh_s,
+            rest_url=settings.api_url or API_URL,
+            recorder=recorder,
         )
 
     # ------------------------------------------------------------------ outer loops
