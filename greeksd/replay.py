@@ -1,8 +1,8 @@
 """`greeksd replay`: a recorded fixture through the live code path, into the database.
 
-Frames go through the same protocol modules (IBKR `parse_frame` + `MarketDataBook`;
-DXLink `parse` + `decode_feed_data` + `SnapshotMapper`), the same sink, the writer's
-ordering policy and its idempotent COPY, as live data. Each broker's protocol state is
+Frames go through the same protocol code (IBKR `parse_frame` + `MarketDataBook`;
+DXLink's `DxlinkConnection`), the same sink, the writer's ordering policy and its
+idempotent COPY, as live data. Each broker's protocol state is
 rebuilt from the fixture exactly as the stream built it: a `link` record starts a
 connection's state over (IBKR's merge book, DXLink's field layouts), a `positions`
 record is what the stream tracked at that moment, and every row gets the frame's
@@ -30,8 +30,7 @@ import trio
 from greeksd import config
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.link import Connection, Rejected
-from greeksd.brokers.tastytrade import protocol as dx
-from greeksd.brokers.tastytrade.connection import FeedChannel
+from greeksd.brokers.tastytrade import connection as dxlink
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
@@ -121,39 +120,6 @@ class IbkrReplayer:
         return []
 
 
-class DxlinkReplayer:
-    """What `TastytradeStream` does with DXLink frames, minus the socket."""
-
-    def __init__(self) -> None:
-        self.mapper = dx.SnapshotMapper()  # lives across links, as in the stream
-        self.feed = FeedChannel(1)  # the stream's own rules for the channel's layouts
-
-    def link(self, record: Record) -> None:
-        self.feed = FeedChannel(int(record.body.get("channel", 1)))
-
-    def positions(self, record: Record) -> None:
-        self.mapper.set_contracts(contract_from_json(c) for c in record.body["positions"])
-
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
-        message = dx.parse(record.data)
-        feed = self.feed
-        if message.__class__ is dx.FeedData:
-            if message.channel != feed.number:  # type: ignore[union-attr]
-                stats.rejected_events += 1
-                return []
-            events, problems = dx.decode_feed_data(message.data, feed.layouts)  # type: ignore[union-attr]
-            rows, mapping_problems = self.mapper.map(events, record.at)
-            stats.rejected_events += len(problems) + len(mapping_problems)
-            return rows
-        if isinstance(message, dx.FeedConfig) and message.channel == feed.number:
-            feed.feed_config(message)
-        elif isinstance(message, dx.ChannelOpened) and message.channel == feed.number:
-            feed.opened()
-        elif isinstance(message, dx.Malformed):
-            stats.malformed += 1
-        return []
-
-
 class ConnectionReplayer:
     """A broker's `Connection` fed a recording as its link runner fed it live: a `link`
     record starts a new Connection, a `positions` record is what it tracked, a frame is
@@ -195,9 +161,15 @@ def _clock(record: Record) -> float:
     return record.at.timestamp()
 
 
+def _dxlink_replayer() -> Replayer:
+    return ConnectionReplayer(
+        dxlink.replaying(), lambda body: [contract_from_json(c) for c in body["positions"]]
+    )
+
+
 REPLAYERS: dict[str, Callable[[], Replayer]] = {
     "ibkr": IbkrReplayer,
-    "tastytrade": DxlinkReplayer,
+    "tastytrade": _dxlink_replayer,
 }
 
 
