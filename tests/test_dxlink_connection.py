@@ -412,6 +412,17 @@ def test_feed_data_becomes_rows_and_nothing_else() -> None:
     assert link.recv(dx.Keepalive()) == []
 
 
+def test_data_decodes_by_the_requested_order_when_feed_config_omits_fields() -> None:
+    link = Link()
+    link.open()
+    assert kinds(link.recv(dx.FeedConfig(1, "COMPACT", 0.1, None))) == [
+        "note feed_config_without_fields"
+    ]
+    (row,) = link.recv(feed_data("Greeks", greeks(AAPL190, 1, delta=0.125)))
+    assert isinstance(row, Snapshot) and (row.delta, row.gamma) == (0.125, 0.02)
+    assert link.conn.feed_config_fields is False
+
+
 def test_feed_config_reorders_one_event_type_and_a_new_channel_starts_over() -> None:
     link = Link()
     link.open()
@@ -420,9 +431,7 @@ def test_feed_config_reorders_one_event_type_and_a_new_channel_starts_over() -> 
     values = list(reversed(greeks(AAPL190, 1_767_627_000_000, delta=0.25)))
     (row,) = link.recv(feed_data("Greeks", values))
     assert isinstance(row, Snapshot) and row.delta == 0.25
-    assert kinds(link.recv(dx.FeedConfig(1, "COMPACT", 0.1, None))) == [
-        "note feed_config_without_fields"
-    ]
+    link.recv(dx.FeedConfig(1, "COMPACT", 0.1, None))
     assert link.conn.feed.layouts["Greeks"] == reordered  # nothing stated, nothing changes
     link.recv(dx.ChannelClosed(1))
     link.recv(dx.ChannelOpened(1))
