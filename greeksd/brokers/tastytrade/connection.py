@@ -347,7 +347,8 @@ class DxlinkConnection:
         """Keepalive obligations and the handshake deadline start when the socket opens,
         whatever the server says first: until its SETUP states its timeout we speak every
         half of ours. The first trades poll goes out with it."""
-        self.timer.last_sent = self.timer.last_received = now
+        self.timer.sent(now)
+        self.timer.received(now)
         self.handshake.deadline = now + self.options.handshake_timeout
         out = [] if self._initial is None else self._positions(self._initial, now)
         timeout = self.options.keepalive_timeout
@@ -356,7 +357,7 @@ class DxlinkConnection:
         return out
 
     def receive(self, data: str | bytes, now: float, at: datetime) -> list[Event]:
-        self.timer.last_received = now
+        self.timer.received(now)
         message = dx.parse(data)
         if message.__class__ is dx.FeedData:
             return self._feed_data(message, at)  # type: ignore[arg-type]
@@ -527,7 +528,7 @@ class DxlinkConnection:
 
     def _send(self, message: dx.Outgoing, now: float) -> Send:
         """Anything we send keeps the server's keepalive timeout at bay."""
-        self.timer.last_sent = now
+        self.timer.sent(now)
         return Send(dx.build(message))
 
     # ---- positions, subscriptions, trades ------------------------------------------------
