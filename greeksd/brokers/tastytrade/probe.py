@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from greeksd.backoff import Address
 from greeksd.brokers.link import (
     BrokerStream,
     Call,
@@ -115,11 +116,9 @@ async def _session(
 ) -> None:
     """One link through the link runner, for `duration_s` once it is open (or until it
     fails)."""
-    target = client.link_target(token, positions)
-    assert isinstance(target.connection, DxlinkConnection)
     listening = trio.CancelScope()
-    watch = _Watch(target.connection, found, elapsed_ms, listening, duration_s)
-    link = _OneLink(client, replace(target, connection=watch))
+    watch = _Watch(client.connection(token, positions), found, elapsed_ms, listening, duration_s)
+    link = _OneLink(client, client.link_target(token, watch))
     stream = BrokerStream("tastytrade", lambda: nullcontext(link))
     status = StreamStatus("tastytrade")
     with listening:
@@ -138,7 +137,7 @@ class _OneLink:
     client: TastytradeClient
     target: LinkTarget
 
-    def address(self) -> Any:
+    def address(self) -> Address | None:
         return self.client.address()
 
     async def open_link(self, status: StreamStatus, fresh_credentials: bool) -> LinkTarget:

@@ -22,7 +22,14 @@ from typing import Any
 from tastytrade import API_URL
 
 from greeksd.backoff import Address, Backoff, url_address
-from greeksd.brokers.link import BrokerStream, Call, CallFailed, LinkDown, LinkTarget
+from greeksd.brokers.link import (
+    BrokerStream,
+    Call,
+    CallFailed,
+    Connection,
+    LinkDown,
+    LinkTarget,
+)
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import (
     CHANNEL_OPEN_TIMEOUT_S,
@@ -82,7 +89,7 @@ class TastytradeClient:
         async with self._rest_errors():
             positions = await self.positions()
             token = await self.quote_token()
-        return self.link_target(token, positions)
+        return self.link_target(token, self.connection(token, positions))
 
     async def positions(self) -> dx.Positions:
         await self._login()
@@ -96,15 +103,18 @@ class TastytradeClient:
             self.counters.token_fetches += 1
         return self._token
 
-    def link_target(self, token: QuoteToken, positions: dx.Positions) -> LinkTarget:
-        """The websocket to open and the Connection that speaks on it."""
-        connection = DxlinkConnection(
+    def connection(self, token: QuoteToken, positions: dx.Positions) -> DxlinkConnection:
+        """The Connection of the next link (this client's mapper and counters)."""
+        return DxlinkConnection(
             token.token,
             self.options,
             positions=positions,
             mapper=self.mapper,
             counters=self.counters,
         )
+
+    def link_target(self, token: QuoteToken, connection: Connection) -> LinkTarget:
+        """The websocket to open for `token`, and the Connection that speaks on it."""
         return LinkTarget(
             token.dxlink_url,
             connection,
