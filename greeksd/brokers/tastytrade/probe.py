@@ -147,24 +147,22 @@ class _OneLink:
         return await self.client.call(call)
 
 
+@dataclass
 class _Watch:
-    """The stream's Connection, with what it decides noted on the way to the runner."""
+    """The stream's Connection, with what it decides noted on the way to the runner.
+    `listening` ends the link `duration_s` after it opened (or failed to open)."""
 
-    def __init__(
-        self,
-        conn: DxlinkConnection,
-        found: _Findings,
-        elapsed_ms: Callable[[], float],
-        listening: trio.CancelScope,
-        duration_s: float,
-    ) -> None:
-        self.conn = conn
-        self.found = found
-        self.elapsed_ms = elapsed_ms
-        self.listening = listening
-        self.duration_s = duration_s
-        self.connect_started = elapsed_ms()
-        listening.deadline = trio.current_time() + conn.options.handshake_timeout + duration_s
+    conn: DxlinkConnection
+    found: _Findings
+    elapsed_ms: Callable[[], float]
+    listening: trio.CancelScope
+    duration_s: float
+    connect_started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connect_started = self.elapsed_ms()
+        connecting = self.conn.options.handshake_timeout  # the connect timeout
+        self.listening.deadline = trio.current_time() + connecting + self.duration_s
 
     def start(self, now: float, at: datetime) -> list[Event]:
         self.found.summary["connect_ms"] = round(self.elapsed_ms() - self.connect_started, 1)
