@@ -1,7 +1,7 @@
 """`greeksd replay`: a recorded fixture through the live code path, into the database.
 
-Frames go through the same protocol modules (IBKR `parse_frame` + `MarketDataBook`;
-DXLink `parse` + `decode_feed_data` + `SnapshotMapper`), the same sink, the writer's
+Frames go through the same protocol code (each broker's `Connection`, fed by a
+`ConnectionReplayer`), the same sink, the writer's
 ordering policy and its idempotent COPY, as live data. Each broker's protocol state is
 rebuilt from the fixture by its spec's replayer (greeksd.brokers.registry; records of a
 broker without one are skipped and counted) exactly as the stream built it: a `link`
@@ -33,14 +33,11 @@ from greeksd.brokers import registry
 from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.spec import ReplayCounts, Replayer
-from greeksd.brokers.tastytrade import protocol as dx
-from greeksd.brokers.tastytrade.connection import FeedChannel
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.recording import (
     Record,
-    contract_from_json,
     option_position_from_json,
     read_fixture,
 )
@@ -112,39 +109,6 @@ class IbkrReplayer:
             row = self.book.apply(event, record.at)  # type: ignore[arg-type]
             return [] if row is None else [row]
         if event.__class__ is ib.Malformed:
-            stats.malformed += 1
-        return []
-
-
-class DxlinkReplayer:
-    """What `TastytradeStream` does with DXLink frames, minus the socket."""
-
-    def __init__(self) -> None:
-        self.mapper = dx.SnapshotMapper()  # lives across links, as in the stream
-        self.feed = FeedChannel(1)  # the stream's own rules for the channel's layouts
-
-    def link(self, record: Record) -> None:
-        self.feed = FeedChannel(int(record.body.get("channel", 1)))
-
-    def positions(self, record: Record) -> None:
-        self.mapper.set_contracts(contract_from_json(c) for c in record.body["positions"])
-
-    def frame(self, record: Record, stats: ReplayCounts) -> list[Snapshot]:
-        message = dx.parse(record.data)
-        feed = self.feed
-        if message.__class__ is dx.FeedData:
-            if message.channel != feed.number:  # type: ignore[union-attr]
-                stats.rejected_events += 1
-                return []
-            events, problems = dx.decode_feed_data(message.data, feed.layouts)  # type: ignore[union-attr]
-            rows, mapping_problems = self.mapper.map(events, record.at)
-            stats.rejected_events += len(problems) + len(mapping_problems)
-            return rows
-        if isinstance(message, dx.FeedConfig) and message.channel == feed.number:
-            feed.feed_config(message)
-        elif isinstance(message, dx.ChannelOpened) and message.channel == feed.number:
-            feed.opened()
-        elif isinstance(message, dx.Malformed):
             stats.malformed += 1
         return []
 

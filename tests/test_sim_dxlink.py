@@ -31,6 +31,7 @@ from tests.helpers import wait_until
 from tests.test_tastytrade_stream import (
     assert_rows_match_sent,
     contracts,
+    counters,
     event_ms,
     running_stream,
 )
@@ -489,12 +490,12 @@ async def test_our_client_keeps_its_session_through_an_informational_error(
     ):
         await wait_until(lambda: len(sink.rows) >= 5, what="first rows")
         await sim.dxlink.send_error(code, text)
-        await wait_until(lambda: status.details.get("server_errors") == 1, what="error seen")
+        await wait_until(lambda: counters(status).server_errors == 1, what="error seen")
         mark = len(sink.rows)
         await wait_until(lambda: len(sink.rows) >= mark + 10, what="rows after the error")
-        assert status.details["informational_errors"] == 1
+        assert counters(status).informational_errors == 1
         assert status.state is StreamState.CONNECTED and status.reason is None
-        assert status.reconnects == 0 and status.details["token_fetches"] == 1
+        assert status.reconnects == 0 and counters(status).token_fetches == 1
         assert len(sim.dxlink.all_connections()) == 1  # the same link throughout
     assert sim.quote_token_requests == 1
     assert_rows_match_sent(sink.rows, sim.sent_events)
@@ -559,11 +560,11 @@ async def test_our_client_does_not_wait_forever_for_a_channel(
             assert status.reason == reason
             assert elapsed <= 10.5 and (refusal == "error" or elapsed >= 9.9), elapsed
             await wait_until(
-                lambda: status.details.get("channel_retries", 0) >= 2, what="retries", poll=1.0
+                lambda: counters(status).channel_retries >= 2, what="retries", poll=1.0
             )
             await trio.sleep(61)  # a positions refresh must not paper over the problem
             assert status.state is StreamState.DEGRADED and status.reason == reason
-            retries = status.details["channel_retries"]
+            retries = counters(status).channel_retries
             assert 3 <= retries <= (12 if refusal == "error" else 6), retries
             assert sink.rows == []
             sim.dxlink.channel_refusal = None
@@ -571,7 +572,7 @@ async def test_our_client_does_not_wait_forever_for_a_channel(
             assert status.state is StreamState.CONNECTED and status.reason is None
             assert status.reconnects == 0 and len(sim.dxlink.all_connections()) == 1
             counter = "channel_refusals" if refusal == "error" else "channel_open_timeouts"
-            assert status.details[counter] == status.details["channel_retries"]
+            assert getattr(counters(status), counter) == counters(status).channel_retries
     assert sim.dxlink.rejections == []  # nothing was sent to the channel before it opened
     assert_rows_match_sent(sink.rows, sim.sent_events)
 
@@ -599,7 +600,7 @@ async def test_our_client_counts_removal_events_and_stores_no_tick_for_them() ->
         await wait_until(
             lambda: any(event_ms(r) == snapshot_ms for r in sink.rows), what="snapshot row"
         )
-        assert status.details["removed_events"] == 1
+        assert counters(status).removed_events == 1
         assert [event_ms(r) for r in sink.rows].count(removal_ms) == 0
         (row,) = [r for r in sink.rows if event_ms(r) == snapshot_ms]
         assert row.source_payload is not None

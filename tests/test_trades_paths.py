@@ -14,6 +14,7 @@ import trio
 
 from greeksd.backoff import Backoff
 from greeksd.brokers.ibkr.stream import IbkrStream
+from greeksd.brokers.tastytrade.connection import TastytradeCounters
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.model import Broker, ContractKey, Source, StreamState, StreamStatus, Trade
@@ -118,7 +119,8 @@ async def test_tastytrade_fills_polled_again_are_stored_once(db_url: str) -> Non
             await wait_until(lambda: writer.stats.duplicates >= 4, what="re-polled fills")
     rows = fetch_rows(db_url, ROW)
     assert len(rows) == 2, "a fill polled many times is one row"
-    assert status.details.get("rejected_trades", 0) == 0
+    assert isinstance(status.counters, TastytradeCounters)
+    assert status.counters.rejected_trades == 0
     by_id = {row[1]: row for row in rows}
     for body, contract, side in ((opened, book[2], "sell"), (closed, book[0], "buy")):
         broker, _id, account, key, symbol, s, q, p, executed_at, source = by_id[str(body["id"])]

@@ -2,9 +2,10 @@
 
 The SDK (13.2.3, `DXLinkStreamer`) does `json.loads` on each frame, then for COMPACT data
 `MAP_EVENTS[type].from_stream(data[1])`: pydantic `Greeks` objects. Ours: `parse` (orjson)
-+ `decode_feed_data`, and separately + `SnapshotMapper.map` (events to rows). The frames
-use the SDK's own field layout (what it asks for in FEED_SETUP), so both decode the
-same bytes; 10 Greeks events per frame.
++ `decode_feed_data`, and separately the whole tick path, `DxlinkConnection.receive`
+(frame to `Snapshot` rows, as the stream and replay run it). The frames use the SDK's
+own field layout (what it asks for in FEED_SETUP, announced to our Connection by a
+FEED_CONFIG), so both decode the same bytes; 10 Greeks events per frame.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tastytrade.dxfeed import Greeks
 
 from greeksd.bench.fixture import book, dxlink_frames
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.connection import DxlinkConnection
 from greeksd.model import Contract
 
 SDK_FIELDS = tuple(f.alias or k for k, f in Greeks.model_fields.items())
@@ -46,16 +48,16 @@ def our_decode(frames: list[str]) -> int:
     return count
 
 
-def our_decode_and_map(frames: list[str], mapper: dx.SnapshotMapper) -> int:
-    layouts = {"Greeks": SDK_FIELDS}
+def our_rows(frames: list[str], contracts: list[Contract]) -> int:
+    """The stream's tick path: each frame through a Connection holding `contracts`."""
     received_at = datetime.now(UTC)
+    conn = DxlinkConnection("", positions=dx.Positions(contracts))
+    conn.start(0.0, received_at)
+    sdk_layout = dx.FeedConfig(1, "COMPACT", 0.1, {"Greeks": SDK_FIELDS})
+    conn.receive(dx.build(sdk_layout), 0.0, received_at)
     count = 0
     for frame in frames:
-        message = dx.parse(frame)
-        if message.__class__ is dx.FeedData:
-            events, _ = dx.decode_feed_data(message.data, layouts)  # type: ignore[union-attr]
-            rows, _ = mapper.map(events, received_at)
-            count += len(rows)
+        count += len(conn.receive(frame, 0.0, received_at))
     return count
 
 
@@ -75,17 +77,11 @@ def run(events: int, repeats: int = 3) -> list[dict[str, Any]]:
     symbols = [dx.streamer_symbol(c.key) for c in contracts]
     start_ms = int(now.timestamp() * 1000)
     frames_sdk = [f for _, f in dxlink_frames(symbols, events, start_ms, SDK_FIELDS)]
-    mapper = dx.SnapshotMapper()
-    mapper.set_contracts(
-        Contract(c.key, c.underlying, c.multiplier, c.quantity, "B") for c in contracts
-    )
+    held = [Contract(c.key, c.underlying, c.multiplier, c.quantity, "B") for c in contracts]
     cases: list[tuple[str, Callable[[], int]]] = [
         ("tastytrade SDK: json.loads + Greeks.from_stream", lambda: sdk_decode(frames_sdk)),
         ("greeksd: parse + decode_feed_data", lambda: our_decode(frames_sdk)),
-        (
-            "greeksd: parse + decode + SnapshotMapper.map",
-            lambda: our_decode_and_map(frames_sdk, mapper),
-        ),
+        ("greeksd: DxlinkConnection.receive (to rows)", lambda: our_rows(frames_sdk, held)),
     ]
     results = []
     sdk_us = None

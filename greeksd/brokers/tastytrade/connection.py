@@ -1,23 +1,43 @@
-"""What one DXLink link decides, without I/O: when to AUTH, what an AUTH_STATE or an
-ERROR means, when keepalives and deadlines fall due, and the feed channel's life
-(request, deadline, refusal, retry with backoff, per-event-type field layouts).
+"""One DXLink link's whole protocol, without I/O: `DxlinkConnection`.
 
-`TastytradeStream` (and `greeksd replay`, for the layouts) feeds this state the
-messages it reads and the time it reads them at, and performs what it answers; nothing
-here sends, sleeps or reads a clock, so every rule is testable with plain calls and
-lives in one place. The real-server behaviours behind the rules are the ones the
-protocol notes list under "What the spec allows that a tidy simulator would not do".
+Frames, REST answers and clock readings in; rows, frames to send, REST calls wanted and
+the link's fate out (the event vocabulary of `greeksd.brokers.link`). It owns the
+handshake (SETUP, AUTH only after the server's SETUP and AUTH_STATE), the feed channel
+(request, deadline, refusal, retry with backoff, reopen, FEED_SETUP, per-event-type
+field layouts), the subscriptions for the held positions (chunked add/remove/reset),
+every deadline (keepalive, inbound-silence watchdog, handshake, channel, positions
+refresh), ERROR classification, and the mapping of FEED_DATA and transactions to rows
+and trades. The link runner (`link.py`), `greeksd replay` and the probe all drive this
+one class, so every rule is testable with plain calls and lives in one place. The
+real-server behaviours behind the rules are the ones the protocol notes list under
+"What the spec allows that a tidy simulator would not do".
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, cast
 
 from greeksd.backoff import Backoff
+from greeksd.brokers.link import (
+    Call,
+    CallFailed,
+    Degraded,
+    Event,
+    LinkFailed,
+    LinkUp,
+    Note,
+    Recovered,
+    Rejected,
+    Send,
+    Tracked,
+)
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.model import Contract
 
 CHANNEL_OPEN_TIMEOUT_S = 10.0
 """How long a CHANNEL_REQUEST may go unanswered before the channel counts as refused (a
@@ -216,40 +236,389 @@ def classify_error(error: dx.Error, handshake: Handshake, feed: FeedChannel) -> 
     return ErrorKind.INFORMATIONAL
 
 
-@dataclass
-class LinkState:
-    """Everything one link's rules need: liveness, authorization, the feed channel."""
+# ---- the Connection ----------------------------------------------------------------------
+POSITIONS = Call("positions")
+"""The REST call for the held positions (answered with a `protocol.Positions`)."""
+TRADES = Call("trades")
+"""The REST call for recent trade transactions (answered with their JSON objects)."""
+OAUTH_REFUSED = "oauth_refused"
+"""`CallFailed.kind` of a call Tastytrade refused our OAuth credentials for."""
 
-    timer: dx.KeepaliveTimer
-    handshake: Handshake
-    feed: FeedChannel
 
-    @classmethod
-    def start(
-        cls,
-        now: float,
+@dataclass(frozen=True)
+class DxlinkOptions:
+    """How greeksd speaks DXLink: the same for every link of a stream."""
+
+    channel: int = 1
+    keepalive_timeout: float = 60.0
+    """Announced in our SETUP; also how long a silent server is given."""
+    handshake_timeout: float = 15.0
+    """Until when the link may stay unauthorized (and the websocket connect timeout)."""
+    aggregation_period: float = 0.1
+    channel_open_timeout: float = CHANNEL_OPEN_TIMEOUT_S
+    """How long a CHANNEL_REQUEST may go unanswered before it counts as refused."""
+    positions_refresh_s: float = 60.0
+    """Between the end of one positions refresh (and trades poll) and the next."""
+    subscription_chunk_bytes: int = dx.SUBSCRIPTION_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.channel <= 0 or self.channel % 2 == 0:
+            raise ValueError("DXLink feed channels must be odd and positive")
+
+
+RejectKind = Literal["malformed_frame", "bad_event", "unknown_channel", "unexpected_message"]
+
+
+@dataclass(slots=True)
+class TastytradeCounters:
+    """The Tastytrade stream's own counters and facts, across its links
+    (`StreamStatus.counters`: the status JSON shows them flat, under these names)."""
+
+    token_fetches: int = 0
+    skipped_future_options: int = 0
+    unparsable_positions: int = 0
+    trades_polled: int = 0
+    rejected_trades: int = 0
+    removed_events: int = 0
+    """Greeks flagged REMOVE_EVENT: counted, never stored."""
+    server_errors: int = 0
+    informational_errors: int = 0
+    channel_refusals: int = 0
+    channel_open_timeouts: int = 0
+    channel_retries: int = 0
+    channel_reopens: int = 0
+    malformed_frame: int = 0
+    bad_event: int = 0
+    unknown_channel: int = 0
+    unexpected_message: int = 0
+
+    def rejected(self, kind: RejectKind) -> None:
+        """One more rejection of this kind (every kind is a field of its own name)."""
+        setattr(self, kind, getattr(self, kind) + 1)
+
+
+_NOTHING: list[Event] = []
+"""What a frame that changes nothing returns (shared: callers only iterate it)."""
+
+
+class DxlinkConnection:
+    """One DXLink link: see the module docstring. `mapper` (the held contracts and the
+    underlyings' last prices) and `counters` outlive the link: the client hands the same
+    ones to every link it opens, so a reconnect keeps both."""
+
+    def __init__(
+        self,
+        token: str,
+        options: DxlinkOptions | None = None,
         *,
-        keepalive_timeout: float,
-        handshake_timeout: float,
-        feed: FeedChannel,
-    ) -> LinkState:
-        """Keepalive obligations start when the link opens, whatever the server says
-        first: until its SETUP states its timeout we speak every half of ours."""
-        timer = dx.KeepaliveTimer(keepalive_timeout / 2, keepalive_timeout, now, now)
-        return cls(timer, Handshake(now + handshake_timeout), feed)
+        positions: dx.Positions | None = None,
+        mapper: dx.SnapshotMapper | None = None,
+        counters: TastytradeCounters | None = None,
+    ) -> None:
+        """`positions`: what the client found before opening the link (tracked from
+        `start`); None leaves the mapper's contracts as they are (replay)."""
+        options = options or DxlinkOptions()
+        self.options = options
+        self.mapper = mapper if mapper is not None else dx.SnapshotMapper()
+        self.counters = counters if counters is not None else TastytradeCounters()
+        self.timer = dx.KeepaliveTimer(
+            options.keepalive_timeout / 2, options.keepalive_timeout, 0.0, 0.0
+        )
+        self.handshake = Handshake(options.handshake_timeout)
+        self.feed = FeedChannel(
+            options.channel,
+            aggregation_period=options.aggregation_period,
+            open_timeout=options.channel_open_timeout,
+        )
+        self.subscribed: set[dx.Subscription] = set()
+        """What the open channel is subscribed to (empty until it opens)."""
+        self.feed_frames = 0
+        """FEED_DATA frames received on our channel (the probe reports it)."""
+        self.feed_config_fields: bool | None = None
+        """Whether the latest FEED_CONFIG stated field layouts (None: none came yet)."""
+        self._token = token
+        self._initial = positions
+        self._wanted: set[dx.Subscription] = set()
+        self._refresh_at = math.inf
+        self._problem: str | None = None  # the reason of our last Degraded, until cleared
 
-    def on_setup(self, setup: dx.Setup) -> None:
-        """The server's SETUP: speak at least twice per its announced timeout."""
-        self.handshake.on_setup()
-        if setup.keepalive_timeout:
-            self.timer.send_interval = max(setup.keepalive_timeout / 2, 0.05)
+    # ---- the Connection protocol ---------------------------------------------------------
+    def start(self, now: float, at: datetime) -> list[Event]:
+        """Keepalive obligations and the handshake deadline start when the socket opens,
+        whatever the server says first: until its SETUP states its timeout we speak every
+        half of ours. The first trades poll goes out with it."""
+        self.timer.sent(now)
+        self.timer.received(now)
+        self.handshake.deadline = now + self.options.handshake_timeout
+        out = [] if self._initial is None else self._positions(self._initial, now)
+        timeout = self.options.keepalive_timeout
+        out.append(self._send(dx.Setup(timeout, timeout, dx.CLIENT_VERSION), now))
+        out.append(TRADES)
+        return out
 
-    def classify(self, error: dx.Error) -> ErrorKind:
-        return classify_error(error, self.handshake, self.feed)
+    def receive(self, data: str | bytes, now: float, at: datetime) -> list[Event]:
+        self.timer.received(now)
+        message = dx.parse(data)
+        if message.__class__ is dx.FeedData:
+            return self._feed_data(message, at)  # type: ignore[arg-type]
+        if message.__class__ is dx.Keepalive:
+            return _NOTHING
+        return self._control(message, now)
+
+    def set_positions(self, positions: Sequence[Contract], now: float, at: datetime) -> list[Event]:
+        return self._track(positions, now)
+
+    def answer(self, call: Call, result: Any, now: float, at: datetime) -> list[Event]:
+        if call == POSITIONS:
+            return self._positions_answer(result, now)
+        if call == TRADES:
+            return self._trades_answer(result)
+        raise ValueError(f"DxlinkConnection made no call {call!r}")
+
+    def on_timer(self, now: float, at: datetime) -> list[Event]:
+        if self.handshake.overdue(now):
+            timeout = self.options.handshake_timeout
+            return [LinkFailed(f"DXLink handshake incomplete after {timeout:g}s")]
+        timer, feed = self.timer, self.feed
+        if timer.expired(now):
+            return [LinkFailed(f"no message from DXLink for {timer.receive_timeout:g}s")]
+        out: list[Event] = []
+        if timer.send_due(now):
+            out.append(self._send(dx.Keepalive(), now))
+        problem = feed.expire(now)
+        if problem is not None:
+            self.counters.channel_open_timeouts += 1
+            out += self._channel_problem(problem, now)
+        request = feed.retry(now)
+        if request is not None:
+            self.counters.channel_retries += 1
+            out.append(
+                Note("dxlink_channel_retry", {"channel": feed.number, "attempt": feed.retries})
+            )
+            out.append(self._send(request, now))
+        if now >= self._refresh_at:
+            self._refresh_at = math.inf  # the answer schedules the next one
+            out.append(POSITIONS)
+        return out
 
     def next_deadline(self) -> float:
         return min(
             self.timer.next_deadline(),
             self.handshake.next_deadline(),
             self.feed.next_deadline(),
+            self._refresh_at,
         )
+
+    # ---- frames --------------------------------------------------------------------------
+    def _feed_data(self, message: dx.FeedData, at: datetime) -> list[Event]:
+        """The hot path: rows straight from the mapper when nothing was wrong."""
+        feed = self.feed
+        if message.channel != feed.number:
+            return [self._reject("unknown_channel", f"FEED_DATA on channel {message.channel}")]
+        self.feed_frames += 1
+        events, problems = dx.decode_feed_data(message.data, feed.layouts)
+        mapper = self.mapper
+        rows, mapping_problems = mapper.map(events, at)
+        self.counters.removed_events = mapper.removed_events
+        if problems or mapping_problems:
+            out: list[Event] = [*rows]
+            for reason in (*problems, *mapping_problems):
+                out.append(self._reject("bad_event", reason))
+            return out
+        return cast(list[Event], rows)
+
+    def _control(self, message: dx.Message, now: float) -> list[Event]:
+        """Everything but data and keepalives."""
+        handshake, feed = self.handshake, self.feed
+        out: list[Event] = []
+        match message:
+            case dx.Setup():
+                handshake.on_setup()
+                if message.keepalive_timeout:  # speak at least twice per its timeout
+                    self.timer.send_interval = max(message.keepalive_timeout / 2, 0.05)
+            case dx.AuthState(state=state):
+                outcome = handshake.on_auth_state(state)
+                if outcome is AuthOutcome.REFUSED:
+                    return [_token_refused("DXLink refused the quote token (UNAUTHORIZED)")]
+                if outcome is AuthOutcome.REVOKED:
+                    return [_token_refused("DXLink revoked the session (AUTH_STATE UNAUTHORIZED)")]
+                if outcome is AuthOutcome.AUTHORIZED:
+                    out += self._authorized(now)
+            case dx.ChannelOpened(channel=channel) if channel == feed.number:
+                out += self._opened(now)
+            case dx.FeedConfig(channel=channel) if channel == feed.number:
+                feed.feed_config(message)
+                self.feed_config_fields = message.event_fields is not None
+                if message.event_fields is None:
+                    out.append(Note("feed_config_without_fields", {"channel": channel}))
+            case dx.ChannelClosed(channel=channel) if channel == feed.number:
+                out += self._closed(now)
+            case dx.Error():
+                out += self._error(message, now)
+            case dx.Malformed(reason=reason, excerpt=excerpt):
+                out.append(self._reject("malformed_frame", reason, excerpt))
+            case dx.ChannelClosed(channel=channel) | dx.ChannelOpened(channel=channel):
+                out.append(self._reject("unknown_channel", f"{type(message).__name__} {channel}"))
+            case _:
+                out.append(self._reject("unexpected_message", type(message).__name__))
+        if handshake.send_auth_now():
+            out.append(self._send(dx.Auth(self._token), now))
+        return out
+
+    def _authorized(self, now: float) -> list[Event]:
+        """Authorized: the link is up, the channel is requested, refreshes begin."""
+        self._refresh_at = now + self.options.positions_refresh_s
+        return [
+            LinkUp(),
+            Note("dxlink_authorized", {"channel": self.feed.number}),
+            self._send(self.feed.request(now), now),
+        ]
+
+    def _opened(self, now: float) -> list[Event]:
+        """Our channel opened: FEED_SETUP, then every subscription afresh."""
+        feed = self.feed
+        setup, ended = feed.opened()
+        out = [self._send(setup, now), *self._sync(now, reset=True)]
+        if ended is not None:
+            out.append(Note("dxlink_channel_opened", {"channel": feed.number, "after": ended}))
+            if self._problem == ended:
+                self._problem = None
+                out.append(Recovered())
+        return out
+
+    def _closed(self, now: float) -> list[Event]:
+        """The server closed our channel unprompted: reopen it (a few times per link)."""
+        feed = self.feed
+        self.subscribed = set()
+        self.counters.channel_reopens += 1
+        request = feed.closed(now)
+        if request is None:
+            return [LinkFailed(f"DXLink closed channel {feed.number} repeatedly")]
+        note = Note("dxlink_channel_closed", {"channel": feed.number, "reopening": True}, "warning")
+        return [note, self._send(request, now)]
+
+    def _error(self, error: dx.Error, now: float) -> list[Event]:
+        """Every ERROR is logged and counted; `classify_error` says whether it means
+        more. A TIMEOUT needs nothing more: the server closes the link itself."""
+        counters = self.counters
+        counters.server_errors += 1
+        kind = classify_error(error, self.handshake, self.feed)
+        fields = {"error": error.error, "message": error.message, "meaning": kind.value}
+        note = Note("dxlink_error", fields, "warning")
+        if kind is ErrorKind.TOKEN_REFUSED:
+            return [
+                note,
+                _token_refused(f"DXLink refused the quote token (ERROR: {error.message})"),
+            ]
+        if kind is ErrorKind.CHANNEL_REFUSED:
+            counters.channel_refusals += 1
+            return [note, *self._channel_problem(self.feed.refused(error, now), now)]
+        counters.informational_errors += 1
+        return [note]
+
+    def _channel_problem(self, problem: str, now: float) -> list[Event]:
+        retry_in = round(self.feed.next_deadline() - now, 2)
+        fields = {"channel": self.feed.number, "reason": problem, "retry_in_s": retry_in}
+        self._problem = problem
+        return [Note("dxlink_channel_unavailable", fields, "warning"), Degraded(problem)]
+
+    def _reject(self, kind: RejectKind, reason: str, excerpt: str = "") -> Rejected:
+        self.counters.rejected(kind)
+        return Rejected(kind, reason, excerpt)
+
+    def _send(self, message: dx.Outgoing, now: float) -> Send:
+        """Anything we send keeps the server's keepalive timeout at bay."""
+        self.timer.sent(now)
+        return Send(dx.build(message))
+
+    # ---- positions, subscriptions, trades ------------------------------------------------
+    def _positions(self, positions: dx.Positions, now: float) -> list[Event]:
+        counters = self.counters
+        counters.skipped_future_options = positions.skipped_future_options
+        counters.unparsable_positions = positions.skipped_unparsable
+        return self._track(positions.contracts, now)
+
+    def _track(self, contracts: Sequence[Contract], now: float) -> list[Event]:
+        """Greeks of every held symbol, Quote and Trade of every underlying (their prices
+        go into the rows); the open channel follows at once."""
+        by_symbol = self.mapper.set_contracts(contracts)
+        underlyings = {c.underlying for held in by_symbol.values() for c in held}
+        self._wanted = {("Greeks", symbol) for symbol in by_symbol} | {
+            (kind, u) for u in underlyings for kind in ("Quote", "Trade")
+        }
+        out: list[Event] = [Tracked(contracts, len(by_symbol))]
+        if self.feed.is_open:
+            out += self._sync(now, reset=False)
+        return out
+
+    def _sync(self, now: float, *, reset: bool) -> list[Event]:
+        """The FEED_SUBSCRIPTION messages that make the channel's subscriptions the
+        wanted ones: all of them afresh (`reset`), or the difference."""
+        wanted = self._wanted
+        add = sorted(wanted if reset else wanted - self.subscribed)
+        remove = [] if reset else sorted(self.subscribed - wanted)
+        out: list[Event] = [
+            self._send(message, now)
+            for message in dx.chunk_subscription(
+                self.feed.number,
+                add=add,
+                remove=remove,
+                reset=reset,
+                max_bytes=self.options.subscription_chunk_bytes,
+            )
+        ]
+        self.subscribed = set(wanted)
+        if add or remove:
+            fields = {"added": len(add), "removed": len(remove), "reset": reset}
+            out.append(Note("dxlink_subscriptions", fields))
+        return out
+
+    def _positions_answer(self, result: Any, now: float) -> list[Event]:
+        """A refresh: follow opened and closed positions, then poll trades. A failing
+        refresh keeps the current set; refused credentials also degrade the stream."""
+        self._refresh_at = now + self.options.positions_refresh_s
+        if isinstance(result, CallFailed):
+            if result.kind == OAUTH_REFUSED:
+                self._problem = result.reason
+                return [Degraded(result.reason)]
+            return [Note("positions_refresh_failed", {"reason": result.reason}, "warning")]
+        out = self._positions(result, now)
+        if self._problem is not None and self.feed.problem is None:
+            self._problem = None
+            out.append(Recovered())
+        out.append(TRADES)
+        return out
+
+    def _trades_answer(self, result: Any) -> list[Event]:
+        """New fills as trades; a fill seen on an earlier poll is put again and stored
+        once (the trades table is idempotent on the transaction id). A failing poll only
+        delays trades to the next refresh."""
+        if isinstance(result, CallFailed):
+            return [Note("trades_poll_failed", {"reason": result.reason}, "warning")]
+        trades, rejected = dx.transaction_trades(result)
+        counters = self.counters
+        counters.trades_polled += len(trades)
+        counters.rejected_trades += len(rejected)
+        out: list[Event] = [
+            Note("transaction_rejected", {"reason": reason}, "warning") for reason in rejected
+        ]
+        out += trades
+        return out
+
+
+def _token_refused(reason: str) -> LinkFailed:
+    """The quote token is no good: the next link must fetch a fresh one (never re-send
+    AUTH at once: the SDK's AUTH storm)."""
+    return LinkFailed(reason, fresh_credentials=True)
+
+
+def replaying() -> Callable[[Mapping[str, Any]], DxlinkConnection]:
+    """Connections for a recording's links, made as the client makes them live: one
+    mapper (held contracts, underlying prices) across every link, the channel number
+    from the recording's `link` record."""
+    mapper = dx.SnapshotMapper()
+
+    def connect(link: Mapping[str, Any]) -> DxlinkConnection:
+        return DxlinkConnection("", DxlinkOptions(int(link.get("channel", 1))), mapper=mapper)
+
+    return connect

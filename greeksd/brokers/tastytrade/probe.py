@@ -1,42 +1,50 @@
 """`greeksd probe tastytrade`: one bounded, linear DXLink session that answers "do Greeks
 arrive, for which contracts, how fast, and if not, why" — the same report as the IBKR
 probe, so both brokers can be diagnosed the same way.
+
+The session is the stream's own: `TastytradeClient` does the REST steps (timed one by
+one here), and the link runner runs one link with the same `DxlinkConnection`, which
+the probe only watches (`_Watch`): no handshake or decoding of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
-from trio_websocket import open_websocket_url as _open_websocket_url
 
+from greeksd.backoff import Address
+from greeksd.brokers.link import (
+    BrokerStream,
+    Call,
+    Event,
+    LinkFailed,
+    LinkTarget,
+    LinkUp,
+    Note,
+    Rejected,
+)
 from greeksd.brokers.probe_report import COVERAGE, contracts_covered, finish_report
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.brokers.tastytrade.connection import DxlinkConnection, DxlinkOptions
+from greeksd.brokers.tastytrade.protocol import Positions
 from greeksd.brokers.tastytrade.session import (
-    Positions,
+    QuoteToken,
     TastytradeApi,
     TastytradeApiError,
     TastytradeAuthError,
 )
 from greeksd.brokers.tastytrade.spec import TastytradeSettings
-from greeksd.brokers.tastytrade.stream import MAX_MESSAGE_SIZE
+from greeksd.brokers.tastytrade.stream import TastytradeClient
 from greeksd.logs import get_logger
+from greeksd.model import Snapshot, StreamStatus, Trade
 
 log = get_logger("greeksd.tastytrade.probe")
-
-_WIRE = {
-    "delta": "delta",
-    "gamma": "gamma",
-    "theta": "theta",
-    "vega": "vega",
-    "implied_volatility": "volatility",
-}
-_CHANNEL = 1
 
 
 @dataclass
@@ -64,23 +72,22 @@ async def probe_tastytrade(
         summary={"started_at": datetime.now(UTC).isoformat(), "duration_s": duration_s}
     )
     positions = Positions([])
+    client = TastytradeClient(api, DxlinkOptions())
     try:
-        async with api.open():
-            positions = await api.positions()
+        async with client.open():
+            positions = await client.positions()
             found.summary |= {
                 "positions_ms": elapsed_ms(),
                 "skipped_future_options": positions.skipped_future_options,
             }
             if positions.contracts:
-                token = await api.quote_token()
+                token = await client.quote_token()
                 found.summary |= {"quote_token_ms": elapsed_ms(), "dxlink_url": token.dxlink_url}
-                await _session(
-                    token.dxlink_url, token.token, positions, found, duration_s, elapsed_ms
-                )
+                await _session(client, token, positions, found, duration_s, elapsed_ms)
     except TastytradeAuthError as exc:
         found.summary["error"] = str(exc)
         found.hints.append(str(exc))
-    except (TastytradeApiError, HandshakeError, ConnectionClosed, OSError) as exc:
+    except TastytradeApiError as exc:
         found.summary["error"] = f"{type(exc).__name__}: {exc}"
         found.hints.append(f"session failed: {exc}")
     rows = _coverage(positions, found)
@@ -100,98 +107,125 @@ async def probe_tastytrade(
 
 
 async def _session(
-    url: str,
-    token: str,
+    client: TastytradeClient,
+    token: QuoteToken,
     positions: Positions,
     found: _Findings,
     duration_s: float,
     elapsed_ms: Callable[[], float],
 ) -> None:
-    summary = found.summary
-    connect_started = elapsed_ms()
-    async with _open_websocket_url(url, max_message_size=MAX_MESSAGE_SIZE) as ws:
-        summary["connect_ms"] = round(elapsed_ms() - connect_started, 1)
-        await _send(ws, dx.Setup(60, 60, dx.CLIENT_VERSION))
-        with trio.move_on_after(duration_s):
-            await _listen(ws, token, positions, found, elapsed_ms)
+    """One link through the link runner, for `duration_s` once it is open (or until it
+    fails)."""
+    listening = trio.CancelScope()
+    watch = _Watch(client.connection(token, positions), found, elapsed_ms, listening, duration_s)
+    link = _OneLink(client, client.link_target(token, watch))
+    stream = BrokerStream("tastytrade", lambda: nullcontext(link))
+    status = StreamStatus("tastytrade")
+    with listening:
+        failure = await stream.attempt(link, _Coverage(found, elapsed_ms), status, False)
+        if not failure.fresh_credentials:  # a refused token is reported as auth_state
+            found.summary["error"] = failure.reason
+            found.hints.append(f"session failed: {failure.reason}")
+    found.feed_frames = watch.conn.feed_frames
 
 
-async def _send(ws: WebSocketConnection, message: dx.Outgoing) -> None:
-    await ws.send_message(dx.build(message))
+@dataclass
+class _OneLink:
+    """The probe's `BrokerClient`: the REST work before the socket is done (and timed)
+    already; calls during the link go to the real client."""
+
+    client: TastytradeClient
+    target: LinkTarget
+
+    def address(self) -> Address | None:
+        return self.client.address()
+
+    async def open_link(self, status: StreamStatus, fresh_credentials: bool) -> LinkTarget:
+        return self.target
+
+    async def call(self, call: Call) -> Any:
+        return await self.client.call(call)
 
 
-async def _listen(
-    ws: WebSocketConnection,
-    token: str,
-    positions: Positions,
-    found: _Findings,
-    elapsed_ms: Callable[[], float],
-) -> None:
-    summary = found.summary
-    symbols = {dx.streamer_symbol(c.key): str(c.key) for c in positions.contracts}
-    layouts = dx.field_layouts(dx.ACCEPT_EVENT_FIELDS, None)
-    next_keepalive = trio.current_time() + 30
-    setup = unauthorized = False
-    while True:
-        with trio.move_on_at(next_keepalive) as idle:
-            message = dx.parse(await ws.get_message())
-        if idle.cancelled_caught:
-            await _send(ws, dx.Keepalive())
-            next_keepalive = trio.current_time() + 30
-            continue
-        summary.setdefault("first_message_ms", elapsed_ms())
-        match message:
-            case dx.Setup():
-                setup = True
-            case dx.AuthState(state="UNAUTHORIZED"):
-                if summary.get("auth_sent"):
-                    summary["auth_state"] = "UNAUTHORIZED"
-                    return
-                unauthorized = True
-            case dx.AuthState(state="AUTHORIZED"):
-                summary |= {"auth_state": "AUTHORIZED", "authorized_ms": elapsed_ms()}
-                await _send(ws, dx.ChannelRequest(_CHANNEL))
-            case dx.ChannelOpened(channel=channel):
-                await _send(ws, dx.FeedSetup(channel, dx.ACCEPT_EVENT_FIELDS))
-                underlyings = {c.underlying for c in positions.contracts}
-                add = [("Greeks", s) for s in symbols] + [("Quote", u) for u in underlyings]
-                for chunk in dx.chunk_subscription(channel, add=add, reset=True):
-                    await _send(ws, chunk)
-                summary["subscribed_ms"] = elapsed_ms()
-            case dx.FeedConfig():
-                layouts = dx.merge_feed_config(layouts, message)
-                summary["feed_config_has_fields"] = message.event_fields is not None
-            case dx.FeedData(data=data):
-                found.feed_frames += 1
-                events, problems = dx.decode_feed_data(data, layouts)
-                found.rejected += len(problems)
-                _note_greeks(events, symbols, found, elapsed_ms)
-            case dx.Error(error=error, message=text):
-                summary.setdefault("server_errors", []).append(f"{error}: {text}")
-            case dx.Malformed():
+@dataclass
+class _Watch:
+    """The stream's Connection, with what it decides noted on the way to the runner.
+    `listening` ends the link `duration_s` after it opened (or failed to open)."""
+
+    conn: DxlinkConnection
+    found: _Findings
+    elapsed_ms: Callable[[], float]
+    listening: trio.CancelScope
+    duration_s: float
+    connect_started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connect_started = self.elapsed_ms()
+        connecting = self.conn.options.handshake_timeout  # the connect timeout
+        self.listening.deadline = trio.current_time() + connecting + self.duration_s
+
+    def start(self, now: float, at: datetime) -> list[Event]:
+        self.found.summary["connect_ms"] = round(self.elapsed_ms() - self.connect_started, 1)
+        self.listening.deadline = now + self.duration_s
+        return self._note(self.conn.start(now, at))
+
+    def receive(self, data: str | bytes, now: float, at: datetime) -> list[Event]:
+        self.found.summary.setdefault("first_message_ms", self.elapsed_ms())
+        return self._note(self.conn.receive(data, now, at))
+
+    def set_positions(self, positions: Sequence[Any], now: float, at: datetime) -> list[Event]:
+        return self._note(self.conn.set_positions(positions, now, at))
+
+    def answer(self, call: Call, result: Any, now: float, at: datetime) -> list[Event]:
+        return self._note(self.conn.answer(call, result, now, at))
+
+    def on_timer(self, now: float, at: datetime) -> list[Event]:
+        return self._note(self.conn.on_timer(now, at))
+
+    def next_deadline(self) -> float:
+        return self.conn.next_deadline()
+
+    def _note(self, events: list[Event]) -> list[Event]:
+        found, summary, conn = self.found, self.found.summary, self.conn
+        for event in events:
+            if isinstance(event, Rejected):
                 found.rejected += 1
-        if setup and unauthorized and not summary.get("auth_sent"):
-            await _send(ws, dx.Auth(token))
+            elif isinstance(event, LinkUp):
+                summary |= {"auth_state": "AUTHORIZED", "authorized_ms": self.elapsed_ms()}
+            elif isinstance(event, LinkFailed) and event.fresh_credentials:
+                summary["auth_state"] = "UNAUTHORIZED"
+            elif isinstance(event, Note) and event.event == "dxlink_error":
+                text = f"{event.fields['error']}: {event.fields['message']}"
+                summary.setdefault("server_errors", []).append(text)
+        if conn.handshake.auth_sent:
             summary["auth_sent"] = True
+        if conn.subscribed and "subscribed_ms" not in summary:
+            summary["subscribed_ms"] = self.elapsed_ms()
+        if conn.feed_config_fields is not None:
+            summary["feed_config_has_fields"] = conn.feed_config_fields
+        return events
 
 
-def _note_greeks(
-    events: list[dx.FeedEvent],
-    symbols: dict[str, str],
-    found: _Findings,
-    elapsed_ms: Callable[[], float],
-) -> None:
-    for event in events:
-        key = symbols.get(event["eventSymbol"]) if event["eventType"] == "Greeks" else None
-        if key is None or dx.is_removal(event):
-            continue
-        found.greeks_events += 1
-        present = found.present.setdefault(key, set())
-        for name, wire in _WIRE.items():
-            if isinstance(event.get(wire), int | float) and not isinstance(event[wire], bool):
-                present.add(name)
-        if present and key not in found.first_greeks_ms:
-            found.first_greeks_ms[key] = elapsed_ms()
+class _Coverage:
+    """The rows of the link, as coverage: which Greeks arrived for which contract."""
+
+    def __init__(self, found: _Findings, elapsed_ms: Callable[[], float]) -> None:
+        self.found = found
+        self.elapsed_ms = elapsed_ms
+        self.last_event: Any = None
+
+    def put(self, row: Snapshot) -> None:
+        found = self.found
+        if row.source_payload is not self.last_event:  # one event, a row per account
+            self.last_event = row.source_payload
+            found.greeks_events += 1
+        present = found.present.setdefault(row.contract_key, set())
+        present.update(name for name in COVERAGE if getattr(row, name) is not None)
+        if present and row.contract_key not in found.first_greeks_ms:
+            found.first_greeks_ms[row.contract_key] = self.elapsed_ms()
+
+    def put_trade(self, trade: Trade) -> None:
+        pass
 
 
 def _coverage(positions: Positions, found: _Findings) -> list[dict[str, Any]]:

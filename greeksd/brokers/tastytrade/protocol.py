@@ -1,4 +1,6 @@
-"""Sans-I/O DXLink: JSON frames in, typed messages out; messages in, JSON frames out.
+"""Sans-I/O DXLink: JSON frames in, typed messages out; messages in, JSON frames out;
+and the mapping of what Tastytrade's REST API answers (positions, transactions) to
+greeksd's model.
 
 No sockets and no clocks (times are passed in), so the same code serves the client
 stream, the probe and tests with recorded frames (the simulator speaks the server side
@@ -20,7 +22,15 @@ from typing import Any
 
 import orjson
 
-from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, format_strike
+from greeksd.model import (
+    Broker,
+    Contract,
+    ContractKey,
+    OptionRight,
+    Snapshot,
+    Trade,
+    format_strike,
+)
 
 CLIENT_VERSION = "0.1-DXF-JS/0.3.0"
 NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
@@ -841,3 +851,73 @@ def _number(event: FeedEvent, name: str, problems: list[str]) -> float | None:
     if value is not None:
         problems.append(f"{event['eventSymbol']}: {name} {value!r:.40} is not a number")
     return None
+
+
+# --------------------------------------------------------------------------- REST records
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """Open option positions, plus what was held but cannot be recorded."""
+
+    contracts: list[Contract]
+    skipped_future_options: int = 0
+    skipped_unparsable: int = 0
+
+
+_BUY_ACTIONS = frozenset({"Buy to Open", "Buy to Close", "Buy"})
+_EQUITY_OPTION = "Equity Option"
+
+
+def transaction_trade(tx: Mapping[str, Any]) -> Trade:
+    """A "Trade" transaction (its JSON, dasherized keys as the API sends them) to a
+    `Trade`: the transaction id is the broker trade id, side from the action ("Buy to
+    Open" -> buy), quantity positive, OCC symbol -> key for equity options (None for
+    anything else). Raises ValueError naming the gap."""
+    action = tx.get("action")
+    if action is None:
+        raise ValueError("no action")
+    quantity = _decimal(tx.get("quantity"))
+    if quantity is None or quantity == 0 or not quantity.is_finite():
+        raise ValueError(f"bad quantity {tx.get('quantity')}")
+    symbol = tx.get("symbol")
+    key = None
+    if tx.get("instrument-type") == _EQUITY_OPTION and symbol:
+        key = str(parse_occ(symbol))
+    return Trade(
+        broker=Broker.TASTYTRADE,
+        broker_trade_id=str(tx["id"]),
+        account_id=tx["account-number"],
+        contract_key=key,
+        symbol=symbol or tx.get("underlying-symbol") or "",
+        side="buy" if action in _BUY_ACTIONS else "sell",
+        quantity=abs(quantity),
+        price=_decimal(tx.get("price")),
+        executed_at=datetime.fromisoformat(tx["executed-at"]),
+        source_payload=dict(tx),
+    )
+
+
+def transaction_trades(transactions: Iterable[Mapping[str, Any]]) -> tuple[list[Trade], list[str]]:
+    """The fills among `transactions` as `Trade`s, and a reason for each trade
+    transaction that could not be mapped (other transaction types are not fills)."""
+    trades: list[Trade] = []
+    rejected: list[str] = []
+    for tx in transactions:
+        if tx.get("transaction-type") != "Trade":
+            continue
+        try:
+            trades.append(transaction_trade(tx))
+        except (ValueError, KeyError, TypeError) as exc:
+            rejected.append(f"transaction {tx.get('id')}: {exc}")
+    return trades, rejected
+
+
+def _decimal(value: Any) -> Decimal | None:
+    """A JSON number or numeric string as a Decimal (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"not a number: {value!r:.40}") from None

@@ -2,9 +2,10 @@
 
 The SDK is the right tool for REST (it tracks the API's models and its OAuth refresh);
 its streamer is not, so this module stops at the quote token and hands the DXLink URL
-to `stream.py`. Errors leave here as two types only: `TastytradeAuthError` (the refresh
-token or secret is refused: needs a human) and `TastytradeApiError` (anything else:
-retry with backoff).
+to `stream.py`. It does I/O only: what the answers mean for the link (subscriptions,
+trades) is the DXLink `Connection`'s. Errors leave here as two types only:
+`TastytradeAuthError` (the refresh token or secret is refused: needs a human) and
+`TastytradeApiError` (anything else: retry with backoff).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from typing import Any
 import httpx2
 from pydantic import ValidationError
 from tastytrade import Account, Session
-from tastytrade.account import Transaction
-from tastytrade.order import InstrumentType, OrderAction
+from tastytrade.order import InstrumentType
 from tastytrade.utils import TastytradeError
 
-from greeksd.brokers.tastytrade.protocol import SymbolError, parse_occ
+from greeksd.brokers.tastytrade.protocol import Positions, SymbolError, parse_occ
 from greeksd.logs import get_logger
-from greeksd.model import Broker, Contract, Trade
+from greeksd.model import Contract
 from greeksd.redact import register_secret
 
 log = get_logger("greeksd.tastytrade.session")
@@ -42,15 +42,6 @@ class TastytradeApiError(Exception):
 class QuoteToken:
     token: str = field(repr=False)
     dxlink_url: str
-
-
-@dataclass(frozen=True, slots=True)
-class Positions:
-    """Open option positions, plus what was held but cannot be recorded."""
-
-    contracts: list[Contract]
-    skipped_future_options: int = 0
-    skipped_unparsable: int = 0
 
 
 def point_session_at(session: Session, api_url: str) -> None:
@@ -169,29 +160,21 @@ class TastytradeApi:
             )
         return Positions(contracts, futures, unparsable)
 
-    async def trades(self) -> Trades:
-        """The latest `TRADES_PAGE` trade transactions of each account, newest first:
-        polled with every positions refresh; fills seen before are stored once by the
-        trades table's (broker, broker_trade_id) key."""
+    async def transactions(self) -> list[dict[str, Any]]:
+        """The latest `TRADES_PAGE` trade transactions of each account, newest first, as
+        the API's JSON (the SDK's validated model, dumped with its dasherized keys):
+        polled with every positions refresh, mapped to trades by
+        `protocol.transaction_trades`; fills seen before are stored once by the trades
+        table's (broker, broker_trade_id) key."""
         session = self.session
         async with _api_errors("transactions"):
-            history = [
-                tx
+            return [
+                tx.model_dump(mode="json", by_alias=True)
                 for account in await self._accounts()
                 for tx in await account.get_history(
                     session, per_page=TRADES_PAGE, page_offset=0, sort="Desc", type="Trade"
                 )
             ]
-        trades: list[Trade] = []
-        rejected: list[str] = []
-        for tx in history:
-            if tx.transaction_type != "Trade":
-                continue
-            try:
-                trades.append(transaction_trade(tx))
-            except (SymbolError, ValueError) as exc:
-                rejected.append(f"transaction {tx.id}: {exc}")
-        return Trades(trades, rejected)
 
     async def quote_token(self) -> QuoteToken:
         """A fresh DXLink token and URL (tokens live about a day)."""
@@ -204,40 +187,6 @@ class TastytradeApi:
 
 
 TRADES_PAGE = 250
-_BUY = frozenset({OrderAction.BUY_TO_OPEN, OrderAction.BUY_TO_CLOSE, OrderAction.BUY})
-
-
-@dataclass(frozen=True, slots=True)
-class Trades:
-    """Fills mapped to `Trade`, plus reasons for the transactions that could not be."""
-
-    trades: list[Trade]
-    rejected: list[str] = field(default_factory=list)
-
-
-def transaction_trade(tx: Transaction) -> Trade:
-    """A "Trade" transaction to a `Trade`: the transaction id is the broker trade id,
-    side from the action ("Buy to Open" -> buy), quantity positive, OCC symbol -> key
-    for equity options (None for anything else). Raises ValueError naming the gap."""
-    if tx.action is None:
-        raise ValueError("no action")
-    if tx.quantity is None or tx.quantity == 0:
-        raise ValueError(f"bad quantity {tx.quantity}")
-    key = None
-    if tx.instrument_type is InstrumentType.EQUITY_OPTION and tx.symbol:
-        key = str(parse_occ(tx.symbol))
-    return Trade(
-        broker=Broker.TASTYTRADE,
-        broker_trade_id=str(tx.id),
-        account_id=tx.account_number,
-        contract_key=key,
-        symbol=tx.symbol or tx.underlying_symbol or "",
-        side="buy" if tx.action in _BUY else "sell",
-        quantity=abs(tx.quantity),
-        price=tx.price,
-        executed_at=tx.executed_at,
-        source_payload=tx.model_dump(mode="json", by_alias=True),
-    )
 
 
 @asynccontextmanager

@@ -47,9 +47,13 @@ def _stream(settings: TastytradeSettings, recorder: Recorder | None) -> Source:
 
 
 def _replayer() -> Replayer:
-    from greeksd.replay import DxlinkReplayer
+    from greeksd.brokers.tastytrade import connection as dxlink
+    from greeksd.recording import contract_from_json
+    from greeksd.replay import ConnectionReplayer
 
-    return DxlinkReplayer()
+    return ConnectionReplayer(
+        dxlink.replaying(), lambda body: [contract_from_json(c) for c in body["positions"]]
+    )
 
 
 async def _probe(settings: TastytradeSettings, duration_s: float, out_dir: Path) -> int:
