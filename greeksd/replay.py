@@ -1,10 +1,10 @@
 """`greeksd replay`: a recorded fixture through the live code path, into the database.
 
-Frames go through the same protocol modules (IBKR `parse_frame` + `MarketDataBook`;
+Frames go through the same protocol code (IBKR's `IbkrConnection`;
 DXLink `parse` + `decode_feed_data` + `SnapshotMapper`), the same sink, the writer's
 ordering policy and its idempotent COPY, as live data. Each broker's protocol state is
 rebuilt from the fixture exactly as the stream built it: a `link` record starts a
-connection's state over (IBKR's merge book, DXLink's field layouts), a `positions`
+connection's state over (a new IBKR Connection, DXLink's field layouts), a `positions`
 record is what the stream tracked at that moment, and every row gets the frame's
 recorded receive time. So a fixture always yields the same rows, and replaying it again
 stores nothing new (every row comes back as a duplicate).
@@ -28,7 +28,8 @@ import psycopg
 import trio
 
 from greeksd import config
-from greeksd.brokers.ibkr import protocol as ib
+from greeksd.brokers.ibkr.connection import replay_connection as ibkr_connection
+from greeksd.brokers.ibkr.protocol import OptionPosition
 from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import FeedChannel
@@ -90,35 +91,6 @@ class Replayer(Protocol):
     def positions(self, record: Record) -> None: ...
 
     def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]: ...
-
-
-class IbkrReplayer:
-    """What `IbkrStream`'s `_Link` does with frames, minus the socket."""
-
-    def __init__(self) -> None:
-        self.book = ib.MarketDataBook()
-        self.lines: set[int] = set()
-
-    def link(self, record: Record) -> None:
-        self.book = ib.MarketDataBook()
-        self.lines = set()
-
-    def positions(self, record: Record) -> None:
-        for position in record.body["positions"]:
-            self.book.track(option_position_from_json(position))
-        lines = set(record.body["lines"])
-        for conid in self.lines - lines:
-            self.book.untrack(conid)
-        self.lines = lines
-
-    def frame(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
-        event = ib.parse_frame(record.data)
-        if event.__class__ is ib.MarketData:
-            row = self.book.apply(event, record.at)  # type: ignore[arg-type]
-            return [] if row is None else [row]
-        if event.__class__ is ib.Malformed:
-            stats.malformed += 1
-        return []
 
 
 class DxlinkReplayer:
@@ -195,8 +167,12 @@ def _clock(record: Record) -> float:
     return record.at.timestamp()
 
 
+def _ibkr_positions(record: Mapping[str, Any]) -> list[OptionPosition]:
+    return [option_position_from_json(dict(position)) for position in record["positions"]]
+
+
 REPLAYERS: dict[str, Callable[[], Replayer]] = {
-    "ibkr": IbkrReplayer,
+    "ibkr": lambda: ConnectionReplayer(ibkr_connection, _ibkr_positions),
     "tastytrade": DxlinkReplayer,
 }
 
