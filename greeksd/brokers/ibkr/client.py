@@ -9,7 +9,6 @@ mean is decided elsewhere (session.py, the Connection); here a failure only beco
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -17,7 +16,6 @@ from greeksd.backoff import Address, url_address
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.connection import IbkrConnection, IbkrCounters, LinkSettings
 from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, GatewayUnavailable, PenaltyBox
-from greeksd.brokers.ibkr.pacing import GLOBAL_INTERVAL_S
 from greeksd.brokers.ibkr.protocol import PositionScan
 from greeksd.brokers.link import Call, CallFailed, LinkDown, LinkTarget
 from greeksd.model import ContractKey, StreamStatus
@@ -33,21 +31,16 @@ def ibkr_counters(status: StreamStatus) -> IbkrCounters:
 
 
 class IbkrClient:
-    """`async with IbkrClient(url, …) as client:` — one run of the IBKR stream's REST."""
+    """`async with IbkrClient(GatewayClient(url), …) as client:` — one run of the IBKR
+    stream's REST (entering it opens the gateway client's connection pool)."""
 
     def __init__(
         self,
-        url: str,
-        *,
-        ca_file: Path | None = None,
-        verify_tls: bool = False,
-        rest_min_interval: float = GLOBAL_INTERVAL_S,
+        gw: GatewayClient,
         settings: LinkSettings | None = None,
         option_keys: dict[int, ContractKey] | None = None,
     ) -> None:
-        self.gw = GatewayClient(
-            url, ca_file=ca_file, verify_tls=verify_tls, min_interval=rest_min_interval
-        )
+        self.gw = gw
         self.settings = settings or LinkSettings()
         self.option_keys = {} if option_keys is None else option_keys
 

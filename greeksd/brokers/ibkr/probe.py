@@ -23,7 +23,7 @@ from trio_websocket import open_websocket_url
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.client import IbkrClient
 from greeksd.brokers.ibkr.connection import IbkrConnection, IbkrCounters, LinkSettings
-from greeksd.brokers.ibkr.gateway import GatewayError
+from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError
 from greeksd.brokers.ibkr.session import COMPETING
 from greeksd.brokers.link import TRANSPORT_ERRORS, LinkFailed, LinkUp, Note, Send
 from greeksd.brokers.probe_report import contracts_covered, finish_report
@@ -82,13 +82,8 @@ async def probe_ibkr(
         }
     )
     conn = IbkrConnection()  # nothing planned, nothing seen: what a failed session leaves
-    async with IbkrClient(
-        url,
-        ca_file=ca_file,
-        verify_tls=verify_tls,
-        rest_min_interval=rest_min_interval,
-        settings=LinkSettings(max_lines=max_lines),
-    ) as client:
+    gw = GatewayClient(url, ca_file=ca_file, verify_tls=verify_tls, min_interval=rest_min_interval)
+    async with IbkrClient(gw, LinkSettings(max_lines=max_lines)) as client:
         try:
             conn = await _session(client, found, duration_s, elapsed_ms) or conn
         except (GatewayError, *TRANSPORT_ERRORS) as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 from greeksd.backoff import Backoff
 from greeksd.brokers.ibkr.client import IbkrClient
 from greeksd.brokers.ibkr.connection import DEFAULT_MAX_LINES, LinkSettings
+from greeksd.brokers.ibkr.gateway import GatewayClient
 from greeksd.brokers.link import BrokerStream
 from greeksd.config import Settings
 from greeksd.model import ContractKey, Recorder
@@ -42,14 +43,10 @@ class IbkrStream(BrokerStream):
         self.option_keys: dict[int, ContractKey] = {}
 
         def open_client() -> IbkrClient:
-            return IbkrClient(
-                url,
-                ca_file=ca_file,
-                verify_tls=verify_tls,
-                rest_min_interval=rest_min_interval,
-                settings=settings,
-                option_keys=self.option_keys,
+            gw = GatewayClient(
+                url, ca_file=ca_file, verify_tls=verify_tls, min_interval=rest_min_interval
             )
+            return IbkrClient(gw, settings, self.option_keys)
 
         super().__init__(
             "ibkr",
