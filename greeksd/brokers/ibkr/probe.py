@@ -5,8 +5,8 @@ could not answer when it connected fine and never received a Greek.
 The REST steps are the probe's own diagnostics (auth status, the market-data snapshot
 preflight); the websocket is spoken by the stream's own `IbkrConnection`, fed from the
 probe's socket, so what the probe sees is what the stream would do. The REST calls the
-Connection asks for during the probe (tickle, backfill, refresh) are not made: a probe
-lasts less than their first turn.
+Connection asks for (the trades backfill, and tickle and positions refresh a minute in)
+are not made: the probe looks at market data only, for a short while.
 """
 
 from __future__ import annotations
