@@ -9,7 +9,7 @@ the protocol modules need to rebuild every row the live run wrote, byte for byte
 Lines (`.jsonl`, or `.jsonl.gz`; the first line is the header):
 
     {"fixture": "greeksd", "version": 1, "recorded_at": ISO, "brokers": [...]}
-    {"t": ISO, "b": "ibkr", "k": "link"}                         # new connection
+    {"t": ISO, "b": "ibkr", "k": "link", "max_lines": 100}       # new connection
     {"t": ISO, "b": "tastytrade", "k": "link", "channel": 1}
     {"t": ISO, "b": "ibkr", "k": "positions", "positions": [...], "lines": [conid, ...]}
     {"t": ISO, "b": "tastytrade", "k": "positions", "positions": [...]}

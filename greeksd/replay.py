@@ -30,7 +30,6 @@ import trio
 
 from greeksd import config
 from greeksd.brokers import registry
-from greeksd.brokers.ibkr import protocol as ib
 from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.spec import ReplayCounts, Replayer
 from greeksd.logs import get_logger
@@ -38,7 +37,6 @@ from greeksd.model import Snapshot
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.recording import (
     Record,
-    option_position_from_json,
     read_fixture,
 )
 from greeksd.store.partitions import ensure_partitions
@@ -82,35 +80,6 @@ class ReplayStats:
             f"conflated={self.conflated} wall_s={self.wall_s:.2f} "
             f"frames_per_s={self.frames_per_s:,.0f}"
         )
-
-
-class IbkrReplayer:
-    """What `IbkrStream`'s `_Link` does with frames, minus the socket."""
-
-    def __init__(self) -> None:
-        self.book = ib.MarketDataBook()
-        self.lines: set[int] = set()
-
-    def link(self, record: Record) -> None:
-        self.book = ib.MarketDataBook()
-        self.lines = set()
-
-    def positions(self, record: Record) -> None:
-        for position in record.body["positions"]:
-            self.book.track(option_position_from_json(position))
-        lines = set(record.body["lines"])
-        for conid in self.lines - lines:
-            self.book.untrack(conid)
-        self.lines = lines
-
-    def frame(self, record: Record, stats: ReplayCounts) -> list[Snapshot]:
-        event = ib.parse_frame(record.data)
-        if event.__class__ is ib.MarketData:
-            row = self.book.apply(event, record.at)  # type: ignore[arg-type]
-            return [] if row is None else [row]
-        if event.__class__ is ib.Malformed:
-            stats.malformed += 1
-        return []
 
 
 class ConnectionReplayer:

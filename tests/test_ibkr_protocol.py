@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from greeksd.brokers.ibkr import connection as c
+from greeksd.brokers.ibkr import pacing
 from greeksd.brokers.ibkr import protocol as p
+from greeksd.brokers.ibkr import session as c
 from greeksd.model import Broker, ContractKey, OptionRight
 from greeksd.sim import ibkr_wire as w
 from tests.ibkr_commands import Command, parse_command
@@ -280,7 +281,7 @@ def test_rest_answers_name_what_the_user_must_do() -> None:
 
 
 def test_pacer_keeps_the_global_and_per_endpoint_spacing_and_the_penalty_box() -> None:
-    pacer = c.RestPacer()
+    pacer = pacing.RestPacer()
     assert pacer.acquire("/tickle", 0.0) == 0.0
     assert pacer.acquire("/iserver/accounts", 0.0) == pytest.approx(0.1)  # 10/s overall
     assert pacer.acquire("/iserver/accounts", 0.1) == 0.0
@@ -290,7 +291,7 @@ def test_pacer_keeps_the_global_and_per_endpoint_spacing_and_the_penalty_box() -
     assert pacer.acquire("/tickle", 1.0) == 0.0
     assert pacer.acquire("/iserver/account/trades", 10.0) == 0.0
     assert pacer.acquire("/iserver/account/trades", 14.9) == pytest.approx(0.1)
-    unpaced = c.RestPacer(scale=0.0)  # what `min_interval=0` gives (simulator tests)
+    unpaced = pacing.RestPacer(scale=0.0)  # what `min_interval=0` gives (simulator tests)
     assert unpaced.acquire("/tickle", 3.0) == unpaced.acquire("/tickle", 3.0) == 0.0
     wall = datetime(2026, 1, 2, 14, 0, tzinfo=UTC)
     assert pacer.penalize(100.0, wall, None) == 600.0  # no Retry-After: ~10 minutes

@@ -253,33 +253,6 @@ async def test_without_renewal_the_simulator_ends_the_stream() -> None:
         assert len(sink.rows) == count
 
 
-async def test_partial_updates_keep_absent_fields_and_clear_explicit_empties() -> None:
-    async with open_ibkr_sim(tick_interval=None) as sim, running(sim) as (sink, _status):
-        await wait_until(lambda: len(sim.lines()) == 13, what="subscribed")
-        contract = sim.market.contracts[0]
-        key, conid = str(contract.key), sim.conid_of(contract.key)
-
-        async def push(values: dict[str, str]) -> Snapshot:
-            before = len(sink.rows)
-            sim.push(conid, values)
-            await wait_until(lambda: len(sink.rows) > before, what=f"snapshot after {values}")
-            snap = sink.latest(key)
-            assert snap is not None
-            return snap
-
-        snap = await push({"7308": "0.5", "7309": "0.02", "7310": "-0.1", "7633": "30%"})
-        assert (snap.delta, snap.gamma, snap.theta, snap.implied_volatility) == (
-            0.5,
-            0.02,
-            -0.1,
-            0.3,
-        )
-        snap = await push({"7309": "0.03"})
-        assert (snap.delta, snap.gamma, snap.theta) == (0.5, 0.03, -0.1)
-        snap = await push({"7308": "", "7633": "N/A"})
-        assert (snap.delta, snap.gamma, snap.implied_volatility) == (None, 0.03, None)
-
-
 async def test_max_lines_subscribes_by_size_and_reports_what_was_left_out() -> None:
     async with (
         open_ibkr_sim(tick_interval=0.01, max_lines=4) as sim,
@@ -288,7 +261,7 @@ async def test_max_lines_subscribes_by_size_and_reports_what_was_left_out() -> N
         ranked = sorted(sim.market.contracts, key=lambda c: (-abs(c.quantity), str(c.key)))
         kept, left = {str(c.key) for c in ranked[:4]}, [str(c.key) for c in ranked[4:]]
         await wait_until(lambda: kept <= {s.contract_key for s in sink.rows}, what="top 4")
-        assert status.details["left_out"] == left
+        assert status.counters.left_out == left
         assert status.subscriptions == 4 and not sim.ignored_subscriptions
         assert {s.contract_key for s in sink.rows} == kept
 
@@ -497,7 +470,7 @@ async def test_the_client_keeps_ibkrs_pacing_or_the_gateway_boxes_it(
                 assert sim.pacing_violations == [] and connected(status)
             else:
                 assert sim.pacing_violations and penalized(status)
-                assert status.details["penalty_box_until"]
+                assert status.counters.penalty_box_until
     assert sim.penalized_requests == 0
     if not paced:
         return
@@ -521,7 +494,7 @@ async def test_a_penalty_box_at_connect_is_waited_out_then_the_stream_connects(
             assert penalized(status) and len(sim.rest_log) == 1, "sent inside the box"
             await trio.sleep(2)
             await wait_until(lambda: connected(status), what="connected after the box")
-            assert status.reconnects == 1 and "penalty_box_until" not in status.details
+            assert status.reconnects == 1 and status.counters.penalty_box_until is None
             assert requests_to(sim, "/tickle")[1] - refused_at >= 600.0 - 1e-6
 
 
@@ -532,7 +505,7 @@ async def test_a_penalty_box_on_a_live_link_keeps_streaming_and_sends_nothing(
         await wait_until(lambda: connected(status), what="connected")
         sim.throttle(1)  # the next REST call (tickle or positions, at ~60 s) gets a 429
         await trio.sleep(61)
-        assert penalized(status) and status.details["penalty_box_until"], (status, sim.rest_log)
+        assert penalized(status) and status.counters.penalty_box_until, (status, sim.rest_log)
         refused_at = max(at for at, _ in sim.rest_log)
         rows = len(sink.rows)
         for _ in range(2 * len(sim.market.contracts)):
@@ -541,7 +514,7 @@ async def test_a_penalty_box_on_a_live_link_keeps_streaming_and_sends_nothing(
         await trio.sleep(refused_at + 599 - trio.current_time())
         assert max(at for at, _ in sim.rest_log) == refused_at, "sent inside the box"
         await trio.sleep(70)  # the box is over, the next tickle answers
-        assert connected(status) and "penalty_box_until" not in status.details
+        assert connected(status) and status.counters.penalty_box_until is None
         assert status.reconnects == 0 and sim.ws_connects == 1
 
 

@@ -211,8 +211,8 @@ async def test_ibkr_futures_options_are_counted_and_skipped() -> None:
             nursery.start_soon(stream.run, _NoSink(), status)
             await wait_until(lambda: status.state is StreamState.CONNECTED, what="connected")
             nursery.cancel_scope.cancel()
-    assert status.details["skipped_future_options"] == 1
-    assert status.details["unparsable_positions"] == 0
+    assert status.counters.skipped_future_options == 1
+    assert status.counters.unparsable_positions == 0
     assert set(stream.option_keys.values()) == {c.key for c in book}
 
 

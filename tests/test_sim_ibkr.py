@@ -22,7 +22,7 @@ import trio.testing
 from trio_websocket import HandshakeError, WebSocketConnection, open_websocket_url
 
 from greeksd.backoff import Backoff
-from greeksd.brokers.ibkr.connection import COMPETING
+from greeksd.brokers.ibkr.session import COMPETING
 from greeksd.brokers.ibkr.stream import IbkrStream
 from greeksd.model import StreamState, StreamStatus
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
@@ -340,7 +340,7 @@ async def test_our_client_takes_numbers_repeated_images_and_extra_tic_replies() 
             assert snap is not None and snap.delta == float(sent["7308"])
             assert (snap.bid, snap.ask) == (float(sent["84"]), float(sent["86"]))
         assert status.rejected_frames == 0 and status.reconnects == 0
-        assert "gateway_errors" not in status.details
+        assert status.counters.gateway_errors == 0
     assert sim.rejections == []
 
 

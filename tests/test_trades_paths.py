@@ -81,7 +81,7 @@ async def test_ibkr_executions_live_backfilled_and_redelivered_are_stored_once(
 
             sim.resend_execution({"execution_id": "bad.1", "side": "X", "size": 1})
             await wait_until(
-                lambda: status.details.get("rejected_trades") == 1, what="bad execution counted"
+                lambda: status.counters.rejected_trades == 1, what="bad execution counted"
             )
     rows = fetch_rows(db_url, ROW)
     assert len(rows) == 3, "each execution stored once however often it was delivered"

@@ -277,6 +277,7 @@ class _Attempt:
         self.up = False
         self.outbox_in, self.outbox_out = trio.open_memory_channel[str](math.inf)
         self.wake = trio.Event()
+        self.sleeping_until = math.inf  # the deadline the timer task sleeps until
         self.nursery: trio.Nursery | None = None
 
     def fail(self, failure: LinkFailed) -> None:
@@ -330,7 +331,10 @@ class _Attempt:
                 self.fail(event)
             elif isinstance(event, Note):
                 getattr(log, event.level)(event.event, **event.fields)
-        self.wake.set()
+        # Wake the timer task only for an earlier deadline: most frames move one later
+        # (a silence watchdog), and a later one is found when the timer wakes anyway.
+        if self.conn.next_deadline() < self.sleeping_until:
+            self.wake.set()
 
     async def run(self, target: LinkTarget) -> None:
         stream = self.stream
@@ -375,7 +379,8 @@ class _Attempt:
     async def timer_loop(self) -> None:
         conn = self.conn
         while True:
-            with trio.move_on_at(conn.next_deadline()):
+            self.sleeping_until = conn.next_deadline()
+            with trio.move_on_at(self.sleeping_until):
                 await self.wake.wait()
             self.wake = trio.Event()
             now = trio.current_time()

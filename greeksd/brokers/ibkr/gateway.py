@@ -2,16 +2,16 @@
 
 IBKR paces REST calls (10/s overall, less on some endpoints) and answers a burst with 429
 and a penalty box of about 10 minutes, so every request takes a slot from one
-`RestPacer` (greeksd/brokers/ibkr/connection.py, one table of limits), and a 429 stops
-every request until the penalty is over: `PenaltyBox` is raised at once, without asking
-the gateway, so nothing hammers it. What each answer means is decided there too.
+`RestPacer` (greeksd/brokers/ibkr/pacing.py, one table of limits), and a 429 stops every
+request until the penalty is over: `PenaltyBox` is raised at once, without asking the
+gateway, so nothing hammers it. What each answer means is decided in session.py; each
+exception carries that `Failure` as its `kind`.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from greeksd.brokers.ibkr import connection, protocol
-from greeksd.brokers.ibkr.connection import Failure, RestPacer
-from greeksd.brokers.ibkr.protocol import OptionPosition
+from greeksd.brokers.ibkr import pacing, protocol, session
+from greeksd.brokers.ibkr.pacing import RestPacer
+from greeksd.brokers.ibkr.protocol import OptionPosition, PositionScan
+from greeksd.brokers.ibkr.session import Failure, SessionInfo
 from greeksd.logs import get_logger
 
 log = get_logger("greeksd.ibkr.gateway")
@@ -34,10 +35,14 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 class GatewayError(Exception):
     """The gateway answered badly or not at all; the message says which call."""
 
+    kind = Failure.ERROR
+
 
 class NotAuthenticated(GatewayError):
     """No usable brokerage session: the user must log in to the gateway (or it reset
     daily), or another login holds the session. `reason` is the status text."""
+
+    kind = Failure.NOT_AUTHENTICATED
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -48,18 +53,26 @@ class NotLoggedIn(NotAuthenticated):
     """/tickle (or /iserver/auth/status) answered 401: the gateway itself is logged out;
     the reason names the URL to log in at."""
 
+    kind = Failure.NOT_LOGGED_IN
+
 
 class NoBridge(NotAuthenticated):
     """/iserver/* answered 400 "no bridge": logged-in gateway, no brokerage session."""
+
+    kind = Failure.NO_BRIDGE
 
 
 class PenaltyBox(GatewayError):
     """A 429, or a request refused locally because the penalty of an earlier 429 is not
     over: the message says until when."""
 
+    kind = Failure.PENALTY_BOX
+
 
 class GatewayUnavailable(GatewayError):
     """Could not reach the gateway (refused, TLS failure, timeout)."""
+
+    kind = Failure.UNAVAILABLE
 
 
 _FAILURES: dict[Failure, type[GatewayError]] = {
@@ -68,21 +81,6 @@ _FAILURES: dict[Failure, type[GatewayError]] = {
     Failure.NO_BRIDGE: NoBridge,
     Failure.ERROR: GatewayError,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What `/tickle` and `/iserver/auth/status` report."""
-
-    session: str
-    authenticated: bool
-    competing: bool
-    message: str
-
-    @property
-    def problem(self) -> str | None:
-        """The degraded reason, or None when market data can flow."""
-        return connection.session_problem(self.authenticated, self.competing, self.message)
 
 
 def client_ssl_context(url: str, *, ca_file: Path | None, verify_tls: bool) -> ssl.SSLContext:
@@ -106,9 +104,9 @@ class GatewayClient:
         *,
         ca_file: Path | None = None,
         verify_tls: bool = False,
-        min_interval: float = connection.GLOBAL_INTERVAL_S,
+        min_interval: float = pacing.GLOBAL_INTERVAL_S,
         timeout: float = 10.0,
-        penalty_s: float = connection.PENALTY_S,
+        penalty_s: float = pacing.PENALTY_S,
     ) -> None:
         """`min_interval`: the spacing of IBKR's global limit (0.1 s = 10/s); the
         per-endpoint spacings keep their ratio to it, so 0 turns pacing off (only for a
@@ -118,7 +116,7 @@ class GatewayClient:
         self.ssl_context = client_ssl_context(url, ca_file=ca_file, verify_tls=verify_tls)
         self._timeout = timeout
         self._pacer = RestPacer(
-            scale=min_interval / connection.GLOBAL_INTERVAL_S, default_penalty_s=penalty_s
+            scale=min_interval / pacing.GLOBAL_INTERVAL_S, default_penalty_s=penalty_s
         )
         self._client: httpx.AsyncClient | None = None
 
@@ -178,7 +176,7 @@ class GatewayClient:
             body = response.json()
         except ValueError:
             body = _NOT_JSON
-        failure = connection.rest_failure(
+        failure = session.rest_failure(
             method, path, response.status_code, body, response.text, self.url
         )
         if failure is None:
@@ -207,7 +205,7 @@ class GatewayClient:
     async def tickle(self) -> SessionInfo:
         """Keeps the session alive; its `session` token logs the websocket in."""
         body = _object(await self.request("POST", "/tickle"), "tickle")
-        return SessionInfo(*connection.tickle_session(body))
+        return SessionInfo(*session.tickle_session(body))
 
     async def iserver_accounts(self) -> list[str]:
         """Must run once per session before market data flows."""
@@ -276,15 +274,6 @@ class GatewayClient:
             except ValueError as exc:
                 problems.append(str(exc))
         return PositionScan(options, problems, future_options)
-
-
-@dataclass(frozen=True, slots=True)
-class PositionScan:
-    """Option positions greeksd records, and what it held but cannot record."""
-
-    options: list[OptionPosition]
-    problems: list[str]
-    future_options: int = 0
 
 
 _NOT_JSON = object()

@@ -1,6 +1,12 @@
 """`greeksd probe ibkr`: one bounded, linear session that answers "do Greeks arrive, for
 which contracts, how fast, and if not, why" — the question the original implementation
 could not answer when it connected fine and never received a Greek.
+
+The REST steps are the probe's own diagnostics (auth status, the market-data snapshot
+preflight); the websocket is spoken by the stream's own `IbkrConnection`, fed from the
+probe's socket, so what the probe sees is what the stream would do. The REST calls the
+Connection asks for (the trades backfill, and tickle and positions refresh a minute in)
+are not made: the probe looks at market data only, for a short while.
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from trio_websocket import open_websocket_url
 
-from greeksd.brokers.ibkr import connection as c
 from greeksd.brokers.ibkr import protocol as p
-from greeksd.brokers.ibkr.gateway import GatewayClient
+from greeksd.brokers.ibkr.client import IbkrClient
+from greeksd.brokers.ibkr.connection import IbkrConnection, IbkrCounters, LinkSettings
+from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError
+from greeksd.brokers.ibkr.session import COMPETING
 from greeksd.brokers.ibkr.spec import IbkrSettings
-from greeksd.brokers.ibkr.stream import LINK_ERRORS, LinePlan, load_option_positions, open_socket
+from greeksd.brokers.link import TRANSPORT_ERRORS, LinkFailed, LinkUp, Note, Send
 from greeksd.brokers.probe_report import contracts_covered, finish_report
 from greeksd.logs import get_logger
+from greeksd.model import Snapshot
 
 log = get_logger("greeksd.ibkr.probe")
 
@@ -44,7 +54,6 @@ class _Findings:
     summary: dict[str, Any] = field(default_factory=dict)
     hints: list[str] = field(default_factory=list)
     first_greeks_ms: dict[int, float] = field(default_factory=dict)
-    market_messages: int = 0
 
 
 async def probe_ibkr(
@@ -72,27 +81,25 @@ async def probe_ibkr(
             "max_lines": max_lines,
         }
     )
-    book = p.MarketDataBook()
-    plan = LinePlan([], [], [])
-    async with GatewayClient(
-        url, ca_file=ca_file, verify_tls=verify_tls, min_interval=rest_min_interval
-    ) as gw:
+    conn = IbkrConnection()  # nothing planned, nothing seen: what a failed session leaves
+    gw = GatewayClient(url, ca_file=ca_file, verify_tls=verify_tls, min_interval=rest_min_interval)
+    async with IbkrClient(gw, LinkSettings(max_lines=max_lines)) as client:
         try:
-            plan = await _session(gw, found, book, duration_s, max_lines, elapsed_ms)
-        except LINK_ERRORS as exc:
+            conn = await _session(client, found, duration_s, elapsed_ms) or conn
+        except (GatewayError, *TRANSPORT_ERRORS) as exc:
             found.summary["error"] = f"{type(exc).__name__}: {exc}"
             found.hints.append(f"gateway session failed: {exc}")
-    rows = _coverage(plan, book, found)
+    rows = _coverage(conn, found)
     covered = contracts_covered(rows)
     quality = [str(row["market_data"] or "unknown") for row in rows]
     found.summary |= {
         "contracts": len(rows),
         "contracts_with_greeks": covered,
-        "market_data_messages": found.market_messages,
+        "market_data_messages": conn.market_frames,
         "market_data": {k: quality.count(k) for k in (p.LIVE, p.DELAYED, p.FROZEN, "unknown")},
     }
     if covered == 0:
-        found.hints += _zero_coverage_hints(plan, found)
+        found.hints += _zero_coverage_hints(conn, found)
     not_live = [q for q in quality if q in (p.DELAYED, p.FROZEN)]
     if not_live:
         found.hints.append(
@@ -105,14 +112,14 @@ async def probe_ibkr(
 
 
 async def _session(
-    gw: GatewayClient,
+    client: IbkrClient,
     found: _Findings,
-    book: p.MarketDataBook,
     duration_s: float,
-    max_lines: int,
     elapsed_ms: Callable[[], float],
-) -> LinePlan:
-    summary = found.summary
+) -> IbkrConnection | None:
+    """The REST diagnostics, then the websocket for `duration_s`; None when the gateway's
+    session is unusable (the hint says why)."""
+    summary, gw = found.summary, client.gw
     auth = await gw.auth_status()
     tickle = await gw.tickle()
     summary |= {"authenticated": auth.authenticated, "competing": auth.competing}
@@ -121,16 +128,16 @@ async def _session(
         advice = (
             "log out of the other login (TWS, the mobile app, another gateway) or log in "
             "here again to take the session over"
-            if problem == c.COMPETING
+            if problem == COMPETING
             else f"log in to the gateway in a browser at {gw.url} (sessions also reset "
             "daily around 01:00)"
         )
         found.hints.append(f"{problem}: {advice}")
-        return LinePlan([], [], [])
+        return None
     summary["iserver_accounts"] = await gw.iserver_accounts()
-    plan = LinePlan.build(await load_option_positions(gw), max_lines)
-    summary["left_out"] = [str(o.contract.key) for o in plan.left_out]
-    conids = [o.conid for o in plan.options]
+    conn = client.connection(tickle.session, await gw.option_positions(), IbkrCounters())
+    summary["left_out"] = [str(o.contract.key) for o in conn.plan.left_out]
+    conids = [o.conid for o in conn.plan.options]
     if conids:  # the first call only "preflights"; the second shows values and 6509
         fields = [*p.OPTION_FIELDS, p.AVAILABILITY]
         await gw.snapshot(conids, fields)
@@ -139,62 +146,71 @@ async def _session(
         summary["preflight"] = {
             str(r.get("conid")): {k: v for k, v in r.items() if k[0].isdigit()} for r in second
         }
+    target = client.target(tickle.session, conn)
     connect_started = elapsed_ms()
-    async with open_socket(gw, tickle.session) as ws:
+    async with open_websocket_url(
+        target.url,
+        ssl_context=target.ssl_context,
+        extra_headers=list(target.headers),
+        connect_timeout=target.connect_timeout,
+        disconnect_timeout=2.0,
+    ) as ws:
         summary["connect_ms"] = round(elapsed_ms() - connect_started, 1)
-        for option in plan.options:
-            book.track(option)
         with trio.move_on_after(duration_s):
-            await _listen(ws, found, book, plan, elapsed_ms)
-    return plan
+            await _listen(ws, conn, found, elapsed_ms)
+    if conn.session_state.authenticated is not None:
+        summary["sts_authenticated"] = conn.session_state.authenticated
+    return conn
 
 
 async def _listen(
-    ws: Any,
-    found: _Findings,
-    book: p.MarketDataBook,
-    plan: LinePlan,
-    elapsed_ms: Callable[[], float],
+    ws: Any, conn: IbkrConnection, found: _Findings, elapsed_ms: Callable[[], float]
 ) -> None:
+    """The Connection on the probe's socket: frames and timers in; frames it sends go
+    out, and the report notes when it subscribed, each option's first Greek, the
+    gateway's errors and why the link ended, if it did."""
     summary = found.summary
-    options = {o.conid for o in plan.options}
-    session = c.SessionState()  # sts may come split in partial frames
+    conids = {o.contract.key_text: o.conid for o in conn.plan.options}
+    events = conn.start(trio.current_time(), datetime.now(UTC))
     while True:
-        event = p.parse_frame(await ws.get_message())
-        summary.setdefault("first_message_ms", elapsed_ms())
-        if isinstance(event, p.AuthStatus):
-            verdict = session.update(event)
-            summary["sts_authenticated"] = session.authenticated
-            if isinstance(verdict, c.Lost):
-                found.hints.append(f"websocket status: {verdict.reason}")
-                return
-            if isinstance(verdict, c.Ready) and "subscribed_ms" not in summary:
-                for conid, fields in plan.wanted().items():
-                    await ws.send_message(p.smd_command(conid, fields))
+        for event in events:
+            if isinstance(event, Snapshot):
+                conid = conids[event.contract_key]
+                merged = conn.book.fields(conid)
+                if conid not in found.first_greeks_ms and any(
+                    f in merged for f in COVERAGE.values()
+                ):
+                    found.first_greeks_ms[conid] = elapsed_ms()
+            elif isinstance(event, Send):
+                await ws.send_message(event.data)
+            elif isinstance(event, LinkUp):
                 summary["subscribed_ms"] = elapsed_ms()
-        elif isinstance(event, p.MarketData):
-            found.market_messages += 1
-            book.apply(event, datetime.now(UTC))
-            merged = book.fields(event.conid)
-            if (
-                event.conid in options
-                and event.conid not in found.first_greeks_ms
-                and any(f in merged for f in COVERAGE.values())
-            ):
-                found.first_greeks_ms[event.conid] = elapsed_ms()
-        elif isinstance(event, p.GatewayErrorMessage):
-            summary.setdefault("gateway_errors", []).append(event.message)
+            elif isinstance(event, LinkFailed):
+                found.hints.append(f"websocket status: {event.reason}")
+                return
+            elif isinstance(event, Note):
+                if event.event == "ibkr_gateway_error":
+                    summary.setdefault("gateway_errors", []).append(event.fields["message"])
+                getattr(log, event.level)(event.event, **event.fields)
+        with trio.move_on_at(conn.next_deadline()) as timer:
+            data = await ws.get_message()
+        now, at = trio.current_time(), datetime.now(UTC)
+        if timer.cancelled_caught:
+            events = conn.on_timer(now, at)
+            continue
+        summary.setdefault("first_message_ms", elapsed_ms())
+        events = conn.receive(data, now, at)
 
 
-def _coverage(plan: LinePlan, book: p.MarketDataBook, found: _Findings) -> list[dict[str, Any]]:
+def _coverage(conn: IbkrConnection, found: _Findings) -> list[dict[str, Any]]:
     rows = []
-    for option in plan.options:
-        merged = book.fields(option.conid)
+    for option in conn.plan.options:
+        merged = conn.book.fields(option.conid)
         row: dict[str, Any] = {
             "contract_key": str(option.contract.key),
             "conid": option.conid,
             "availability": merged.get(p.AVAILABILITY, ""),
-            "market_data": book.market_data(option.conid),
+            "market_data": conn.book.market_data(option.conid),
         }
         row |= {name: p.parse_value(merged.get(fid)) is not None for name, fid in COVERAGE.items()}
         row["first_greeks_ms"] = found.first_greeks_ms.get(option.conid)
@@ -202,8 +218,8 @@ def _coverage(plan: LinePlan, book: p.MarketDataBook, found: _Findings) -> list[
     return rows
 
 
-def _zero_coverage_hints(plan: LinePlan, found: _Findings) -> list[str]:
-    summary = found.summary
+def _zero_coverage_hints(conn: IbkrConnection, found: _Findings) -> list[str]:
+    summary, plan = found.summary, conn.plan
     if found.hints:
         return []
     if not plan.options and not plan.left_out:
@@ -221,7 +237,7 @@ def _zero_coverage_hints(plan: LinePlan, found: _Findings) -> list[str]:
             + ", ".join(AVAILABILITY.get(c, c) for c in bad)
             + ": check the account's market-data subscriptions (need R or D)"
         )
-    if found.market_messages == 0:
+    if conn.market_frames == 0:
         hints.append(
             "no smd market data arrived: /iserver/accounts not called, wrong smd "
             "format, or the account's concurrent market-data lines limit is used up"

@@ -398,6 +398,15 @@ def is_future_option(position: Mapping[str, Any]) -> bool:
     return position.get("assetClass") == "FOP"
 
 
+@dataclass(frozen=True, slots=True)
+class PositionScan:
+    """Option positions greeksd records, and what it held but cannot record."""
+
+    options: list[OptionPosition]
+    problems: list[str]
+    future_options: int = 0
+
+
 # ---- executions (websocket `str`, REST /iserver/account/trades) --------------------------
 _SIDES = {"B": "buy", "BOT": "buy", "BUY": "buy", "S": "sell", "SLD": "sell", "SELL": "sell"}
 

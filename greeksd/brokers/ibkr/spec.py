@@ -52,9 +52,14 @@ def _stream(settings: IbkrSettings, recorder: Recorder | None) -> Source:
 
 
 def _replayer() -> Replayer:
-    from greeksd.replay import IbkrReplayer
+    from greeksd.brokers.ibkr.connection import replay_connection
+    from greeksd.recording import option_position_from_json
+    from greeksd.replay import ConnectionReplayer
 
-    return IbkrReplayer()
+    return ConnectionReplayer(
+        replay_connection,
+        lambda body: [option_position_from_json(dict(p)) for p in body["positions"]],
+    )
 
 
 async def _probe(settings: IbkrSettings, duration_s: float, out_dir: Path) -> int:
