@@ -45,6 +45,10 @@ class ListSink:
     def put_trade(self, trade: Trade) -> None:
         self.trades.append(trade)
 
+    def latest(self, key: str) -> Snapshot | None:
+        """The last row of contract `key`, if any."""
+        return next((s for s in reversed(self.rows) if s.contract_key == key), None)
+
 
 def fetch_rows(db_url: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     with psycopg.connect(db_url) as conn:

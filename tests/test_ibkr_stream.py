@@ -31,27 +31,12 @@ from greeksd.brokers.ibkr.gateway import (
 )
 from greeksd.brokers.ibkr.probe import probe_ibkr
 from greeksd.brokers.ibkr.stream import IbkrStream
-from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus, Trade
+from greeksd.model import ContractKey, OptionRight, StreamState, StreamStatus
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
 from greeksd.sim.market import SimContract
-from tests.helpers import assert_reconnected_promptly, wait_until
+from tests.helpers import ListSink, assert_reconnected_promptly, wait_until
 
 OPTION_SMD = '+{"fields":["31","84","86","7308","7309","7310","7311","7633"]}'
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.rows: list[Snapshot] = []
-        self.trades: list[Trade] = []
-
-    def put(self, snapshot: Snapshot) -> None:
-        self.rows.append(snapshot)
-
-    def put_trade(self, trade: Trade) -> None:
-        self.trades.append(trade)
-
-    def latest(self, key: str) -> Snapshot | None:
-        return next((s for s in reversed(self.rows) if s.contract_key == key), None)
 
 
 @asynccontextmanager

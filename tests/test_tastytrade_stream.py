@@ -22,25 +22,13 @@ from greeksd.brokers.tastytrade.connection import TastytradeCounters
 from greeksd.brokers.tastytrade.probe import probe_tastytrade
 from greeksd.brokers.tastytrade.session import TastytradeApi
 from greeksd.brokers.tastytrade.stream import TastytradeStream
-from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus, Trade
+from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus
 from greeksd.sim.dxlink_server import SentGreeks
 from greeksd.sim.market import SimContract, default_contracts
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
-from tests.helpers import wait_until
+from tests.helpers import ListSink, wait_until
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.rows: list[Snapshot] = []
-        self.trades: list[Trade] = []
-
-    def put(self, snapshot: Snapshot) -> None:
-        self.rows.append(snapshot)
-
-    def put_trade(self, trade: Trade) -> None:
-        self.trades.append(trade)
 
 
 def counters(status: StreamStatus) -> TastytradeCounters:
