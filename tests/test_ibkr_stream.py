@@ -160,7 +160,12 @@ async def test_dropped_connection_reconnects_resubscribes_and_ticks_resume() -> 
         dropped_at = datetime.now(UTC)
         assert status.reconnects == 1
         conid = next(iter(sim.conids.values()))
-        assert sum(1 for _, t in sim.received if t == f"smd+{conid}{OPTION_SMD}") == 2
+        # `connected` is reported as the subscriptions are queued; they reach the
+        # gateway in order right after, once per link
+        await wait_until(
+            lambda: sum(1 for _, t in sim.received if t == f"smd+{conid}{OPTION_SMD}") == 2,
+            what="the option re-subscribed on the new link",
+        )
         await wait_until(
             lambda: sum(s.received_at > dropped_at for s in sink.rows) > 20,
             what="ticks after the reconnect",
