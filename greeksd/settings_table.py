@@ -12,7 +12,6 @@ without importing the service's configuration (which lists the brokers' tables).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
