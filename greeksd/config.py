@@ -28,6 +28,7 @@ from greeksd.redact import database_passwords, mask_quoted
 from greeksd.settings_table import (
     NOT_A_ROW,
     Setting,
+    non_negative_float,
     non_negative_int,
     optional_str,
     port,
@@ -165,6 +166,12 @@ class Settings:
     )
     brokers: tuple[str, ...] = setting(
         "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"
+    )
+    stale_s: float = setting(
+        "120",
+        non_negative_float,
+        "a contract's Greeks count as stale when none arrived for this many seconds "
+        "(coverage, the risk timeline's `missing`); 0 disables staleness",
     )
     per_broker: Mapping[str, Any] = field(
         default_factory=dict, metadata={NOT_A_ROW: "each broker's spec (greeksd.brokers)"}

@@ -11,6 +11,7 @@ without importing the service's configuration (which lists the brokers' tables).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -145,14 +146,23 @@ non_negative_int = int_between(0, 2**31 - 1, "zero or a positive integer")
 port = int_between(0, 65535, "a TCP port 0-65535")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a positive number") from None
-    if not 0 < value < float("inf"):
-        raise ValueError("must be a positive number")
-    return value
+def float_where(accept: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """A float parser accepting what `accept` says (NaN never passes a comparison)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be {wanted}") from None
+        if not accept(value):
+            raise ValueError(f"must be {wanted}")
+        return value
+
+    return parse
+
+
+positive_float = float_where(lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = float_where(lambda v: 0 <= v < math.inf, "zero or a positive number")
 
 
 def boolean(text: str) -> bool:

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +62,13 @@ async def open_api(
     flush_ms: int = 20,
     reads_url: str | None = None,
     read_statement_timeout_s: float = READ_STATEMENT_TIMEOUT_S,
+    settings_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Harness]:
-    env = {"GREEKSD_DATABASE_URL": db_url, "GREEKSD_DATA_DIR": str(tmp_path)}
+    env = {
+        "GREEKSD_DATABASE_URL": db_url,
+        "GREEKSD_DATA_DIR": str(tmp_path),
+        **(settings_env or {}),
+    }
     if token:
         env["GREEKSD_API_TOKEN"] = token
     settings = load_settings(env, dotenv_path=tmp_path / "none.env")

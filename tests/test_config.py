@@ -22,6 +22,7 @@ def test_defaults_match_the_documented_ones(tmp_path: Path) -> None:
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8765)
     assert (settings.flush_rows, settings.flush_ms) == (1000, 25)
     assert settings.brokers == ("ibkr", "tastytrade")
+    assert settings.stale_s == 120.0
     ibkr = settings.broker(IBKR)
     assert (ibkr.url, ibkr.ca_file, ibkr.verify_tls) == ("https://localhost:5000", None, False)
     assert (ibkr.heartbeat_s, ibkr.positions_refresh_s, ibkr.max_lines) == (60.0, 60.0, 100)
@@ -100,6 +101,7 @@ def test_a_setting_cannot_exist_in_the_table_and_not_in_settings() -> None:
         ("GREEKSD_BROKERS", "ibkr,etrade", "etrade"),
         ("GREEKSD_IBKR_VERIFY_TLS", "maybe", "1/0"),
         ("GREEKSD_IBKR_HEARTBEAT_S", "nan", "positive number"),
+        ("GREEKSD_STALE_S", "-1", "zero or a positive number"),
     ],
 )
 def test_bad_value_names_the_variable(

@@ -1,8 +1,10 @@
 """The live page at `/`: plain HTML + one script polling the JSON API, no build step.
 
-It only reads what any client can (`/v1/streaming/status`, `/v1/risk/timeline`), so the
-page can never show something the API does not. Charts are uPlot (vendored from the npm
-package `uplot`, MIT, ~50 KB): fast on thousands of points and needs nothing else.
+It only reads what any client can (`/v1/streaming/status`, `/v1/coverage`,
+`/v1/risk/timeline`), so the page can never show something the API does not; a server
+without `/v1/coverage` gets "coverage unavailable" in that panel and the rest works.
+Charts are uPlot (vendored from the npm package `uplot`, MIT, ~50 KB): fast on
+thousands of points and needs nothing else.
 Assets are read from the package once and served with their type; unknown names 404.
 """
 
@@ -31,7 +33,7 @@ ASSETS: dict[str, Asset] = {
     "/": Asset(
         "index.html",
         "text/html; charset=utf-8",
-        "The live dashboard: stream status, rows/s, latency, risk charts.",
+        "The live dashboard: stream status, coverage, rows/s, latency, risk charts.",
     ),
     "/dashboard/app.js": Asset(
         "app.js", "text/javascript; charset=utf-8", "The dashboard's script."

@@ -43,10 +43,13 @@ async def timeline() -> Response:
             f"{MAX_BUCKETS}: narrow the range or use a wider bucket",
         )
     window = replace(f, start=start, end=end)
-    reads = current_state().reads
-    async with reads.connection() as conn:
-        series = await reads.run(risk_timeline, conn, window, BUCKETS[bucket])
-    return json_response({"bucket": bucket, "start": start, "end": end, "series": series})
+    state = current_state()
+    stale_s = state.settings.stale_s
+    async with state.reads.connection() as conn:
+        series = await state.reads.run(risk_timeline, conn, window, BUCKETS[bucket], stale_s)
+    return json_response(
+        {"bucket": bucket, "start": start, "end": end, "stale_s": stale_s, "series": series}
+    )
 
 
 PATHS: dict[str, Any] = {
@@ -54,6 +57,11 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "Position-weighted delta/gamma/theta/vega per (broker, account, "
             "underlying), last value per contract carried forward, one point per bucket.",
+            "description": "Each point: t (bucket start), delta, gamma, theta, vega (null "
+            "when no contract has the value), contracts (carried in the bucket) and missing "
+            "(how many of them had no fresh Greeks at the bucket's end, or the range's end "
+            "if sooner: no delta in their carried snapshot, or Greeks older than stale_s, "
+            "GREEKSD_STALE_S, given in the response; 0 disables staleness).",
             "parameters": [
                 *[p for p in FILTERS if p["name"] != "contract_key"],
                 {

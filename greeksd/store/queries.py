@@ -175,19 +175,40 @@ def latest_query(f: Filter) -> Query:
 
 def risk_rows_query(f: Filter, bucket_seconds: int) -> Query:
     """Each contract's last snapshot in each bucket (buckets aligned to the Unix epoch),
-    with position-weighted Greeks, ordered by bucket for a carry-forward sweep."""
+    with position-weighted Greeks and `greeks_at`, ordered by bucket for a
+    carry-forward sweep.
+
+    `greeks_at` is when the row's Greeks last arrived: rows are merged (an IBKR price
+    tick repeats the last delta), so a row brings Greeks only when its delta is known and
+    its Greeks differ from the contract's previous row in the range (the first row with
+    a delta brings them too). It is the newest such row's event_time up to this row, and
+    NULL when this row has no delta. Both windows share one order, the contract index's
+    read backwards."""
     conditions, params = _where(f, "event_time")
     query = sql.SQL(
         "SELECT bucket, broker, account_id, underlying, contract_key, w_delta, w_gamma,"
-        " w_theta, w_vega FROM ("
+        " w_theta, w_vega, greeks_at FROM ("
         " SELECT DISTINCT ON (broker, account_id, contract_key, bucket)"
+        " bucket, broker, account_id, underlying, contract_key,"
+        " w_delta, w_gamma, w_theta, w_vega,"
+        " CASE WHEN delta IS NOT NULL THEN max(brought_greeks) OVER contract END AS greeks_at"
+        " FROM ("
+        " SELECT"
         " date_bin(make_interval(secs => %s), event_time, 'epoch'::timestamptz) AS bucket,"
-        " broker, account_id, underlying, contract_key,"
+        " broker, account_id, underlying, contract_key, event_time, fingerprint, delta,"
         " (quantity * multiplier)::float8 * delta AS w_delta,"
         " (quantity * multiplier)::float8 * gamma AS w_gamma,"
         " (quantity * multiplier)::float8 * theta AS w_theta,"
-        " (quantity * multiplier)::float8 * vega AS w_vega"
+        " (quantity * multiplier)::float8 * vega AS w_vega,"
+        " CASE WHEN delta IS NOT NULL AND ROW(delta, gamma, theta, vega)"
+        " IS DISTINCT FROM lag(ROW(delta, gamma, theta, vega)) OVER contract"
+        " THEN event_time END AS brought_greeks"
         " FROM greek_snapshots WHERE {}"
+        " WINDOW contract AS (PARTITION BY broker, account_id, contract_key"
+        " ORDER BY event_time, fingerprint DESC)"
+        " ) per_row"
+        " WINDOW contract AS (PARTITION BY broker, account_id, contract_key"
+        " ORDER BY event_time, fingerprint DESC ROWS UNBOUNDED PRECEDING)"
         " ORDER BY broker, account_id, contract_key, bucket, event_time DESC, fingerprint"
         ") last_per_bucket ORDER BY bucket"
     ).format(_and(conditions))
