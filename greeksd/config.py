@@ -24,10 +24,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 from greeksd.brokers import registry
 from greeksd.brokers.spec import BrokerSpec
+from greeksd.coverage import DEFAULT_STALE_S
 from greeksd.redact import database_passwords, mask_quoted
 from greeksd.settings_table import (
     NOT_A_ROW,
     Setting,
+    non_negative_float,
     non_negative_int,
     optional_str,
     port,
@@ -162,6 +164,12 @@ class Settings:
         "0",
         non_negative_int,
         "drop daily partitions older than this many days; 0 keeps everything",
+    )
+    stale_s: float = setting(
+        f"{DEFAULT_STALE_S:g}",
+        non_negative_float,
+        "a contract's Greeks older than this many seconds are `stale`; a link up this long "
+        "with no fresh Greeks is `degraded` (see Coverage); 0 turns staleness off",
     )
     brokers: tuple[str, ...] = setting(
         "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"

@@ -155,6 +155,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
 def boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
