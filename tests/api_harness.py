@@ -54,8 +54,11 @@ async def open_api(
     flush_ms: int = 20,
     reads_url: str | None = None,
     read_statement_timeout_s: float = READ_STATEMENT_TIMEOUT_S,
+    stale_s: float | None = None,
 ) -> AsyncIterator[Harness]:
     env = {"GREEKSD_DATABASE_URL": db_url, "GREEKSD_DATA_DIR": str(tmp_path)}
+    if stale_s is not None:
+        env["GREEKSD_STALE_S"] = str(stale_s)
     if token:
         env["GREEKSD_API_TOKEN"] = token
     settings = load_settings(env, dotenv_path=tmp_path / "none.env")
@@ -65,7 +68,7 @@ async def open_api(
         ) as reads,
         open_pipeline(db_url, flush_rows=1000, flush_ms=flush_ms) as pipeline,
     ):
-        supervisor = Supervisor(pipeline.sink)
+        supervisor = Supervisor(pipeline.sink, stale_s=settings.stale_s)
         for source in sources:
             supervisor.add(source)
         state = ServiceState(settings, db_url, supervisor, pipeline.writer, pipeline.sink, reads)

@@ -346,7 +346,7 @@ class _Attempt:
                 getattr(log, event.level)(event.event, **event.fields)
         # Wake the timer task only for an earlier deadline: most frames move one later
         # (a silence watchdog), and a later one is found when the timer wakes anyway.
-        if self.conn.next_deadline() < self.sleeping_until:
+        if min(self.conn.next_deadline(), self.check_at) < self.sleeping_until:
             self.wake.set()
 
     def settle(self, at: datetime) -> None:
