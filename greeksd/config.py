@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from greeksd.brokers import registry
 from greeksd.brokers.spec import BrokerSpec
+from greeksd.coverage import DEFAULT_STALE_S
 from greeksd.redact import database_passwords, mask_quoted
 from greeksd.settings_table import (
     NOT_A_ROW,
@@ -164,14 +165,15 @@ class Settings:
         non_negative_int,
         "drop daily partitions older than this many days; 0 keeps everything",
     )
+    stale_s: float = setting(
+        f"{DEFAULT_STALE_S:g}",
+        non_negative_float,
+        "a contract's Greeks older than this many seconds are `stale`; a link up this long "
+        "with no fresh Greeks is `degraded` (see Coverage), and the risk timeline counts it "
+        "`missing`; 0 turns staleness off",
+    )
     brokers: tuple[str, ...] = setting(
         "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"
-    )
-    stale_s: float = setting(
-        "120",
-        non_negative_float,
-        "a contract's Greeks count as stale when none arrived for this many seconds "
-        "(coverage, the risk timeline's `missing`); 0 disables staleness",
     )
     per_broker: Mapping[str, Any] = field(
         default_factory=dict, metadata={NOT_A_ROW: "each broker's spec (greeksd.brokers)"}

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from greeksd.coverage import Coverage
 
 _OCC_ROOT = re.compile(r"[A-Z0-9]{1,6}")
 
@@ -269,6 +272,11 @@ class StreamStatus:
     counters: Any = None
     """The broker's own typed counters and facts (a dataclass its Connection updates,
     e.g. trades seen, channel retries, contracts left out); shown flat in `as_json`."""
+    coverage: Coverage | None = None
+    """Which subscribed contracts receive Greeks (greeksd.coverage), kept across links
+    and restarts; made by the supervisor with the service's `GREEKSD_STALE_S`."""
+    coverage_reason: str | None = None
+    """What coverage names as missing (also while the state stays `connected`)."""
     details: dict[str, Any] = field(default_factory=dict)
 
     def set_state(self, state: StreamState, reason: str | None = None, *, now: datetime) -> None:
@@ -277,7 +285,10 @@ class StreamStatus:
         self.state = state
         self.reason = reason
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, now: datetime | None = None) -> dict[str, Any]:
+        """The status as JSON; `coverage` is counted at `now` (None: no coverage block,
+        for callers without a clock)."""
+
         def iso(value: datetime | None) -> str | None:
             return value.isoformat() if value else None
 
@@ -294,6 +305,8 @@ class StreamStatus:
             "ticks": self.ticks,
             "rejected_frames": self.rejected_frames,
             "reachability_probes": self.reachability_probes,
+            "coverage": (self.coverage.summary(now) if self.coverage is not None and now else None),
+            "coverage_reason": self.coverage_reason,
             **(_plain(self.counters) if self.counters is not None else {}),
             **self.details,
         }

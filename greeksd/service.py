@@ -241,7 +241,7 @@ async def open_service(
         ):
             if unreachable is not None:
                 pipeline.writer.waiting_for_database(unreachable)
-            supervisor = Supervisor(pipeline.sink)
+            supervisor = Supervisor(pipeline.sink, stale_s=settings.stale_s)
             for source in sources:
                 supervisor.add(source)
             state = ServiceState(

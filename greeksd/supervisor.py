@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import trio
 
 from greeksd.backoff import Backoff
+from greeksd.coverage import DEFAULT_STALE_S, Coverage
 from greeksd.logs import get_logger, log_context
 from greeksd.model import SnapshotSink, Source, StreamState, StreamStatus
 
@@ -43,8 +44,10 @@ class Supervisor:
         sink: SnapshotSink,
         *,
         backoff_factory: Callable[[], Backoff] = lambda: Backoff(initial=1.0, maximum=60.0),
+        stale_s: float = DEFAULT_STALE_S,
     ) -> None:
         self._sink = sink
+        self._stale_s = stale_s
         self._backoff_factory = backoff_factory
         self._sources: dict[str, Source] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
@@ -53,7 +56,8 @@ class Supervisor:
 
     def add(self, source: Source) -> None:
         self._sources[source.name] = source
-        self.registry[source.name] = StreamStatus(source.name)
+        coverage = Coverage(source.name, self._stale_s)
+        self.registry[source.name] = StreamStatus(source.name, coverage=coverage)
 
     @property
     def names(self) -> list[str]:

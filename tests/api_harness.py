@@ -78,7 +78,7 @@ async def open_api(
         ) as reads,
         open_pipeline(db_url, flush_rows=1000, flush_ms=flush_ms) as pipeline,
     ):
-        supervisor = Supervisor(pipeline.sink)
+        supervisor = Supervisor(pipeline.sink, stale_s=settings.stale_s)
         for source in sources:
             supervisor.add(source)
         state = ServiceState(settings, db_url, supervisor, pipeline.writer, pipeline.sink, reads)

@@ -515,6 +515,7 @@ async def test_probe_writes_coverage_and_succeeds(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "ibkr-probe-coverage.csv").open()))
     assert code == 0, summary
     assert summary["contracts_with_greeks"] == summary["contracts"] == 8
+    assert (summary["coverage"]["subscribed"], summary["coverage"]["fresh"]) == (8, 8)
     assert summary["connect_ms"] > 0 and summary["first_message_ms"] > 0
     assert {r["contract_key"] for r in rows} == {str(k) for k in sim.conids}
     assert all(r["delta"] == "True" and r["implied_volatility"] == "True" for r in rows)
@@ -555,4 +556,5 @@ async def test_probe_zero_coverage_exits_1_with_a_hint(
     summary = json.loads((tmp_path / "ibkr-probe.json").read_text())
     assert code == 1
     assert summary["contracts_with_greeks"] == 0
+    assert summary["coverage"]["fresh"] == 0
     assert any(hint in h for h in summary["hints"]), summary["hints"]

@@ -364,6 +364,7 @@ async def test_probe_reports_coverage_and_exits_zero(tmp_path: Path) -> None:
     assert code == 0
     summary = json.loads((tmp_path / "tastytrade-probe.json").read_text())
     assert summary["contracts_with_greeks"] == 2 and summary["hints"] == []
+    assert (summary["coverage"]["subscribed"], summary["coverage"]["fresh"]) == (2, 2)
     assert 0 < summary["connect_ms"] <= summary["first_message_ms"] < 1000
     with (tmp_path / "tastytrade-probe-coverage.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -380,4 +381,5 @@ async def test_probe_exits_one_with_a_hint_when_no_greeks_arrive(tmp_path: Path)
     assert code == 1
     summary = json.loads((tmp_path / "tastytrade-probe.json").read_text())
     assert summary["contracts_with_greeks"] == 0
+    assert summary["coverage"]["fresh"] == 0
     assert "refused the quote token" in summary["hints"][0]

@@ -32,13 +32,13 @@ from quart import Request, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from greeksd.api import dashboard, greeks, metrics, risk, streaming, trades
+from greeksd.api import coverage, dashboard, greeks, metrics, risk, streaming, trades
 from greeksd.api.errors import RETRY_AFTER_BUSY_S, install_error_handlers
 from greeksd.api.openapi import openapi_blueprint
 from greeksd.api.params import MAX_BODY_BYTES
 from greeksd.api.state import HTTP_GATE_SIZE, HTTP_GATE_WAIT_S, UNGATED_PATHS, ServiceState
 
-ROUTE_MODULES = (streaming, greeks, risk, trades, metrics, dashboard)
+ROUTE_MODULES = (streaming, coverage, greeks, risk, trades, metrics, dashboard)
 
 
 class _ShieldedSends(TrioASGIHTTPConnection):

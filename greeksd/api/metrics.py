@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from itertools import accumulate
 from typing import Any
 
 from quart import Blueprint, Response
 
 from greeksd.api.state import ServiceState, current_state
+from greeksd.coverage import STATES
 from greeksd.latency import PROMETHEUS_BOUNDS_S
 from greeksd.model import StreamState
 from greeksd.store.writer_stats import SPOOL_STATES
@@ -67,6 +69,18 @@ def render(state: ServiceState) -> str:
             ({"broker": n, "state": st.value}, float(s.state is st))
             for n, s in streams.items()
             for st in StreamState
+        ),
+    )
+    now = datetime.now(UTC)
+    counts = {n: s.coverage.summary(now) for n, s in streams.items() if s.coverage is not None}
+    lines += _family(
+        "greeksd_contracts",
+        "gauge",
+        "Subscribed contracts by coverage state (fresh, stale, never, delayed).",
+        (
+            ({"broker": n, "state": st}, float(summary[st]))
+            for n, summary in counts.items()
+            for st in STATES
         ),
     )
     writer: tuple[tuple[str, str, str, float], ...] = (

@@ -25,7 +25,9 @@ NO_NUL = "^[^\\u0000]*$"
 TEXT = {"type": "string", "minLength": 1, "pattern": NO_NUL}
 
 
-def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def query_param(
+    name: str, description: str, schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "name": name,
         "in": "query",
@@ -37,21 +39,21 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
 
 TIME = {"type": "string", "format": "date-time", "minLength": 1}
 FILTERS: list[dict[str, Any]] = [
-    _query("broker", "Only this broker.", {"type": "string", "enum": list(registry.names())}),
-    _query("account", "Only this account id."),
-    _query("contract_key", "Only this contract, e.g. 'AAPL 2025-06-20 C 190'."),
-    _query("underlying", "Only this underlying."),
-    _query("start", "Inclusive lower bound (ISO 8601; no offset means UTC).", TIME),
-    _query("end", "Exclusive upper bound (ISO 8601; no offset means UTC).", TIME),
+    query_param("broker", "Only this broker.", {"type": "string", "enum": list(registry.names())}),
+    query_param("account", "Only this account id."),
+    query_param("contract_key", "Only this contract, e.g. 'AAPL 2025-06-20 C 190'."),
+    query_param("underlying", "Only this underlying."),
+    query_param("start", "Inclusive lower bound (ISO 8601; no offset means UTC).", TIME),
+    query_param("end", "Exclusive upper bound (ISO 8601; no offset means UTC).", TIME),
 ]
-FORMAT = _query("format", "Body format (streamed).", {"type": "string", "enum": list(FORMATS)})
+FORMAT = query_param("format", "Body format (streamed).", {"type": "string", "enum": list(FORMATS)})
 LIMIT_AND_CURSOR: list[dict[str, Any]] = [
-    _query(
+    query_param(
         "limit",
         f"Rows per page (default {DEFAULT_LIMIT}).",
         {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
     ),
-    _query("cursor", "Opaque `next` value from the previous page."),
+    query_param("cursor", "Opaque `next` value from the previous page."),
 ]
 ERROR = {
     "description": "Error",

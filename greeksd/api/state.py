@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -110,11 +111,12 @@ class ServiceState:
         return await call_on_loop(self.service_token, fn, *args)
 
     def status_json(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
         writer = self.writer.stats.as_json(queue_depth=self.sink.queue_depth)
         writer["accepted"] = self.sink.accepted
         writer["conflated"] = self.sink.conflated
         status = {
-            "streams": {name: s.as_json() for name, s in self.supervisor.registry.items()},
+            "streams": {name: s.as_json(now) for name, s in self.supervisor.registry.items()},
             "writer": writer,
         }
         if self.trade_writer is not None:

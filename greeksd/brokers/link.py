@@ -256,6 +256,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+COVERAGE_CHECK_S = 1.0
+"""How often a link's coverage is judged (more often when `stale_s` is shorter)."""
+
+
+def _check_interval(stale_s: float) -> float:
+    return min(COVERAGE_CHECK_S, stale_s / 4) if stale_s > 0 else math.inf
+
+
 class _Attempt:
     """One websocket link: the Connection, its socket's tasks, and how it ended."""
 
@@ -273,8 +281,12 @@ class _Attempt:
         self.sink = sink
         self.status = status
         self.failure: LinkFailed | None = None
-        self.problem = False
-        self.up = False
+        self.problem: str | None = None  # what the Connection's last Degraded said
+        self.up_since: datetime | None = None  # when LinkUp came (wall clock)
+        self.covered = True  # False while coverage degrades the stream
+        coverage = status.coverage
+        self.check_every = _check_interval(coverage.stale_s if coverage else 0.0)
+        self.check_at = math.inf
         self.outbox_in, self.outbox_out = trio.open_memory_channel[str](math.inf)
         self.wake = trio.Event()
         self.sleeping_until = math.inf  # the deadline the timer task sleeps until
@@ -312,20 +324,21 @@ class _Attempt:
                 if stream.recorder is not None:
                     stream.recorder.positions(stream.name, event.positions, at, **event.details)
             elif isinstance(event, LinkUp):
-                self.up = True
-                self.problem = False
+                self.up_since = at
+                self.problem = None
+                self.check_at = trio.current_time() + self.check_every
                 stream.backoff.reset()
-                status.set_state(StreamState.CONNECTED, now=at)
+                self.settle(at)
                 log.info("link_up", subscriptions=status.subscriptions)
             elif isinstance(event, Degraded):
-                self.problem = True
+                self.problem = event.reason
                 status.last_error = event.reason
-                status.set_state(StreamState.DEGRADED, event.reason, now=at)
+                self.settle(at)
                 log.warning("link_degraded", reason=event.reason)
             elif isinstance(event, Recovered):
-                if self.problem:
-                    self.problem = False
-                    status.set_state(StreamState.CONNECTED, now=at)
+                if self.problem is not None:
+                    self.problem = None
+                    self.settle(at)
                     log.info("link_recovered")
             elif isinstance(event, LinkFailed):
                 self.fail(event)
@@ -333,8 +346,41 @@ class _Attempt:
                 getattr(log, event.level)(event.event, **event.fields)
         # Wake the timer task only for an earlier deadline: most frames move one later
         # (a silence watchdog), and a later one is found when the timer wakes anyway.
-        if self.conn.next_deadline() < self.sleeping_until:
+        if min(self.conn.next_deadline(), self.check_at) < self.sleeping_until:
             self.wake.set()
+
+    def settle(self, at: datetime) -> None:
+        """The state the link's problems add up to: the Connection's own (a refused
+        channel, a penalty box) first, then what coverage says is missing."""
+        status = self.status
+        reason = "; ".join(
+            r for r in (self.problem, None if self.covered else status.coverage_reason) if r
+        )
+        if reason:
+            status.set_state(StreamState.DEGRADED, reason, now=at)
+        elif self.up_since is not None:
+            status.set_state(StreamState.CONNECTED, now=at)
+
+    def check_coverage(self, now: float, at: datetime) -> None:
+        """Coverage is judged on a timer, not per tick: the state changes only when no
+        contract at all is fresh (or is again), the reason names partial gaps."""
+        self.check_at = now + self.check_every
+        status = self.status
+        coverage = status.coverage
+        if coverage is None:
+            return
+        verdict = coverage.assess(at, self.up_since, status.last_message_at)
+        covered = not verdict.degraded
+        if covered == self.covered and verdict.reason == status.coverage_reason:
+            return
+        status.coverage_reason = verdict.reason
+        if covered != self.covered:
+            self.covered = covered
+            if covered:
+                log.info("coverage_recovered")
+            else:
+                log.warning("coverage_degraded", reason=verdict.reason)
+        self.settle(at)
 
     async def run(self, target: LinkTarget) -> None:
         stream = self.stream
@@ -379,7 +425,7 @@ class _Attempt:
     async def timer_loop(self) -> None:
         conn = self.conn
         while True:
-            self.sleeping_until = conn.next_deadline()
+            self.sleeping_until = min(conn.next_deadline(), self.check_at)
             with trio.move_on_at(self.sleeping_until):
                 await self.wake.wait()
             self.wake = trio.Event()
@@ -387,6 +433,8 @@ class _Attempt:
             if now >= conn.next_deadline():
                 at = _now()
                 self.perform(conn.on_timer(now, at), at)
+            if now >= self.check_at:
+                self.check_coverage(now, _now())
 
     async def send_loop(self, ws: Any) -> None:
         async for data in self.outbox_out:

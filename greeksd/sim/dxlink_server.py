@@ -24,6 +24,8 @@ Switches for what real servers do on their own (see "What the spec allows" in th
 without AUTH, as dxFeed's demo feed does), `integer_timeouts`, and the actions
 `reorder_fields`
 (FEED_CONFIG again, one event type, new order), `send_error`, `drop`, `close_channels`.
+`greeks_withheld` (contract keys) stops the Greeks of those contracts while the
+underlyings' Quote and Trade go on.
 `sent_events` records every Greeks event that left the socket, so tests can compare
 stored rows with it.
 """
@@ -166,6 +168,7 @@ class DxLinkServer:
         self.auth_state_first = False
         self.open_access = False
         self.integer_timeouts = False
+        self.greeks_withheld: set[str] = set()  # contract keys whose Greeks are not sent
 
     # ------------------------------------------------------------------ serving
 
@@ -384,7 +387,8 @@ class DxLinkServer:
             time_ms = max(int(time.time() * 1000), self._last_time_ms + 1)
             self._last_time_ms = time_ms
             quotes[tick.contract.underlying] = self._quote(tick, time_ms)
-            greeks.append((tick, self._greeks(tick, time_ms)))
+            if str(tick.contract.key) not in self.greeks_withheld:
+                greeks.append((tick, self._greeks(tick, time_ms)))
         events = {
             "Quote": list(quotes.values()),
             "Trade": [self._trade(q) for q in quotes.values()],

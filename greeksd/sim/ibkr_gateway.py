@@ -17,7 +17,9 @@ including what real gateways do on their own: `sts` split into partial frames
 (`split_sts`), a competing login, a logged-out gateway (401 everywhere), no brokerage
 bridge (400 "no bridge" on /iserver), several `tic` replies per `tic` (`tic_replies`),
 the first market-data image twice (`duplicate_first_image`), delayed or frozen data
-(`availability`, field 6509) and numbers as JSON numbers (`numeric_values`).
+(`availability`, field 6509), numbers as JSON numbers (`numeric_values`), Greeks that
+stop for some contracts while their prices go on (`withhold_greeks`), and a lower lines
+limit (`line_limit`: subscriptions past it are ignored, silently, as the gateway does).
 
 With `pacing` on it also enforces IBKR's documented REST pacing (`PACING_LIMITS`): a
 request over a limit gets 429 and puts the caller in the penalty box for `penalty_s`
@@ -58,6 +60,7 @@ log = get_logger("greeksd.sim.ibkr")
 
 UNDERLYING_CONIDS = {"AAPL": 265598, "SPY": 756733, "SPX": 416904, "MSFT": 272093, "QQQ": 320227}
 PRICE_FIELDS = frozenset({w.LAST, w.BID, w.ASK, w.MARK})
+GREEK_FIELDS = frozenset({w.DELTA, w.GAMMA, w.THETA, w.VEGA, w.IV})
 MALFORMED_FRAMES: tuple[str | bytes, ...] = (
     "not json {",
     "[1, 2, 3]",
@@ -94,6 +97,8 @@ FAULTS = (
     "frozen",
     "numeric_values",
     "pacing",
+    "withhold_greeks",
+    "line_limit",
     "restore",
 )
 
@@ -236,6 +241,7 @@ class IbkrGatewaySim:
         self._refuse_ws = False
         self._rest_delay = 0.0
         self._throttle = 0
+        self.greeks_withheld: set[int] = set()  # option conids whose ticks lose their Greeks
         for contract in self.market.contracts:
             self._assign_conid(contract)
         self.app = self._build_app()
@@ -399,6 +405,12 @@ class IbkrGatewaySim:
         self._bridge = False
         self._broadcast_sts()
 
+    def withhold_greeks(self, count: int | None = None) -> None:
+        """From now on the first `count` option contracts (all: None) get prices but no
+        Greeks, as an expired or half-served smd stream does."""
+        conids = [self.conids[c.key] for c in self.market.contracts]
+        self.greeks_withheld = set(conids if count is None else conids[:count])
+
     def restore(self) -> None:
         """Clear every fault (not the dialect options such as `split_sts`); a
         re-authenticated session has a new token and needs /iserver/accounts again."""
@@ -412,6 +424,7 @@ class IbkrGatewaySim:
             self._broadcast_sts()
         self._stalled = self._refuse_ws = False
         self._rest_delay, self._throttle = 0.0, 0
+        self.greeks_withheld = set()
         self._penalty_until = None
 
     def apply_fault(self, name: str, value: float | None = None) -> None:
@@ -437,6 +450,8 @@ class IbkrGatewaySim:
             "frozen": lambda: setattr(self, "availability", w.FROZEN if on else w.REALTIME),
             "numeric_values": lambda: setattr(self, "numeric_values", on),
             "pacing": lambda: setattr(self, "pacing", on),
+            "withhold_greeks": lambda: self.withhold_greeks(None if value is None else int(value)),
+            "line_limit": lambda: setattr(self, "max_lines", int(value or 0)),
         }
         if name not in actions:
             raise ValueError(f"unknown fault {name!r}; use one of {', '.join(FAULTS)}")
@@ -608,6 +623,8 @@ class IbkrGatewaySim:
         self._deliver(conid, values, raw=True)
 
     def _deliver(self, conid: int, values: dict[str, str], *, raw: bool = False) -> None:
+        if conid in self.greeks_withheld and not raw:
+            values = {k: v for k, v in values.items() if k not in GREEK_FIELDS}
         self._latest.setdefault(conid, {}).update(values)
         if not self._session_ok() or self._competing or self._stalled:
             return

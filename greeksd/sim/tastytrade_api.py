@@ -391,6 +391,11 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
             "never-open-channels": lambda on: setattr(
                 dxlink, "channel_refusal", "silent" if on else None
             ),
+            "withhold-greeks": lambda on: setattr(
+                dxlink,
+                "greeks_withheld",
+                {str(c.key) for c in dxlink.market.contracts} if on else set(),
+            ),
         }
         if name in actions:
             await actions[name]()

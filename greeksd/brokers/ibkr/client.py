@@ -18,6 +18,7 @@ from greeksd.brokers.ibkr.connection import IbkrConnection, IbkrCounters, LinkSe
 from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError, GatewayUnavailable, PenaltyBox
 from greeksd.brokers.ibkr.protocol import PositionScan
 from greeksd.brokers.link import Call, CallFailed, LinkDown, LinkTarget
+from greeksd.coverage import Coverage
 from greeksd.model import ContractKey, StreamStatus
 from greeksd.redact import register_secret
 
@@ -78,10 +79,15 @@ class IbkrClient:
         except GatewayError as exc:  # unreachable: probe it; answered: back off
             address = self.address() if isinstance(exc, GatewayUnavailable) else None
             raise LinkDown(str(exc), address=address) from exc
-        return self.target(info.session, self.connection(info.session, scan, counters))
+        connection = self.connection(info.session, scan, counters, status.coverage)
+        return self.target(info.session, connection)
 
     def connection(
-        self, session: str, scan: PositionScan, counters: IbkrCounters
+        self,
+        session: str,
+        scan: PositionScan,
+        counters: IbkrCounters,
+        coverage: Coverage | None = None,
     ) -> IbkrConnection:
         return IbkrConnection(
             session,
@@ -89,6 +95,7 @@ class IbkrClient:
             settings=self.settings,
             option_keys=self.option_keys,
             counters=counters,
+            coverage=coverage,
         )
 
     def target(self, session: str, connection: IbkrConnection) -> LinkTarget:

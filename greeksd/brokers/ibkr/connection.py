@@ -44,6 +44,7 @@ from greeksd.brokers.link import (
     Send,
     Tracked,
 )
+from greeksd.coverage import Coverage
 from greeksd.model import ContractKey
 
 DEFAULT_MAX_LINES = 100
@@ -115,7 +116,8 @@ class IbkrConnection:
     `scan` is what the positions call answered before the socket opened (its options are
     planned and tracked at once, so the probe can read `plan` before connecting);
     `option_keys` outlives links (a closing fill arrives after its position is gone, and
-    names its option only by conid); `counters` is the status's `IbkrCounters`."""
+    names its option only by conid); `counters` is the status's `IbkrCounters`, and
+    `coverage` the status's `Coverage`, fed with what each smd update itself carried."""
 
     def __init__(
         self,
@@ -125,8 +127,11 @@ class IbkrConnection:
         settings: LinkSettings | None = None,
         option_keys: dict[int, ContractKey] | None = None,
         counters: IbkrCounters | None = None,
+        coverage: Coverage | None = None,
     ) -> None:
         self.session = session
+        self.coverage = coverage or Coverage("ibkr")
+        self.coverage.data = "smd data"
         self.settings = settings or LinkSettings()
         self.option_keys = {} if option_keys is None else option_keys
         self.counters = counters or IbkrCounters()
@@ -162,7 +167,12 @@ class IbkrConnection:
         if isinstance(event, p.MarketData):
             self.market_frames += 1
             row = self.book.apply(event, at)
-            if p.AVAILABILITY in event.fields:  # bookkeeping fields: rare
+            fields = event.fields
+            self.coverage.update(
+                event.conid, at, _carries(fields, _GREEK), _carries(fields, _PRICES)
+            )
+            if p.AVAILABILITY in fields:  # bookkeeping fields: rare
+                self.coverage.quality(event.conid, self.book.market_data(event.conid))
                 quality = self._quality()
                 return quality if row is None else [row, *quality]
             return _NOTHING if row is None else [row]
@@ -281,6 +291,8 @@ class IbkrConnection:
                 Note("ibkr_lines_left_out", {**fields, "contracts": ",".join(left_out)}, "warning")
             )
         counters.left_out = left_out
+        self.coverage.track((o.conid, o.contract) for o in plan.options)
+        self.coverage.left_out = len(left_out)
         return (events + self._subscribe()) if self.ready else events
 
     def _subscribe(self) -> list[Event]:
@@ -394,6 +406,19 @@ class IbkrConnection:
         """The link is over; inside a penalty box the next one waits for its end."""
         left = self._penalty_until - now
         return LinkFailed(reason, wait_s=left if left > 0 else None)
+
+
+_GREEK = (p.DELTA,)
+_PRICES = (p.LAST, p.BID, p.ASK, p.MARK)
+
+
+def _carries(fields: Mapping[str, str], ids: tuple[str, ...]) -> bool:
+    """Whether an update itself carried a value (not a clear) for one of these fields."""
+    for field_id in ids:
+        value = fields.get(field_id)
+        if value is not None and value.strip() not in p.CLEARED:
+            return True
+    return False
 
 
 _FAILURE_KINDS = frozenset(f.value for f in Failure)

@@ -97,6 +97,8 @@ async def probe_ibkr(
         "contracts_with_greeks": covered,
         "market_data_messages": conn.market_frames,
         "market_data": {k: quality.count(k) for k in (p.LIVE, p.DELAYED, p.FROZEN, "unknown")},
+        # the service's definitions (greeksd.coverage), from what each update carried
+        "coverage": conn.coverage.summary(datetime.now(UTC)),
     }
     if covered == 0:
         found.hints += _zero_coverage_hints(conn, found)

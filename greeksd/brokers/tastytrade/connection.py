@@ -37,6 +37,7 @@ from greeksd.brokers.link import (
     Tracked,
 )
 from greeksd.brokers.tastytrade import protocol as dx
+from greeksd.coverage import Coverage
 from greeksd.model import Contract
 
 CHANNEL_OPEN_TIMEOUT_S = 10.0
@@ -314,13 +315,17 @@ class DxlinkConnection:
         positions: dx.Positions | None = None,
         mapper: dx.SnapshotMapper | None = None,
         counters: TastytradeCounters | None = None,
+        coverage: Coverage | None = None,
     ) -> None:
         """`positions`: what the client found before opening the link (tracked from
-        `start`); None leaves the mapper's contracts as they are (replay)."""
+        `start`); None leaves the mapper's contracts as they are (replay). `coverage`:
+        the status's tracker, fed with which held options' Greeks events arrive."""
         options = options or DxlinkOptions()
         self.options = options
         self.mapper = mapper if mapper is not None else dx.SnapshotMapper()
         self.counters = counters if counters is not None else TastytradeCounters()
+        self.coverage = coverage if coverage is not None else Coverage("tastytrade")
+        self.coverage.data = "feed data"
         self.timer = dx.KeepaliveTimer(
             options.keepalive_timeout / 2, options.keepalive_timeout, 0.0, 0.0
         )
@@ -420,6 +425,9 @@ class DxlinkConnection:
         mapper = self.mapper
         rows, mapping_problems = mapper.map(events, at)
         self.counters.removed_events = mapper.removed_events
+        update = self.coverage.update
+        for row in rows:  # option rows come from Greeks events only: delta, mark (price)
+            update(row.contract_key, at, row.delta is not None, row.mark is not None)
         if problems or mapping_problems:
             out: list[Event] = [*rows]
             for reason in (*problems, *mapping_problems):
@@ -542,6 +550,7 @@ class DxlinkConnection:
         """Greeks of every held symbol, Quote and Trade of every underlying (their prices
         go into the rows); the open channel follows at once."""
         by_symbol = self.mapper.set_contracts(contracts)
+        self.coverage.track((c.key_text, c) for c in contracts)
         underlyings = {c.underlying for held in by_symbol.values() for c in held}
         self._wanted = {("Greeks", symbol) for symbol in by_symbol} | {
             (kind, u) for u in underlyings for kind in ("Quote", "Trade")

@@ -117,7 +117,8 @@ async def _session(
     """One link through the link runner, for `duration_s` once it is open (or until it
     fails)."""
     listening = trio.CancelScope()
-    watch = _Watch(client.connection(token, positions), found, elapsed_ms, listening, duration_s)
+    conn = client.connection(token, positions)
+    watch = _Watch(conn, found, elapsed_ms, listening, duration_s)
     link = _OneLink(client, client.link_target(token, watch))
     stream = BrokerStream("tastytrade", lambda: nullcontext(link))
     status = StreamStatus("tastytrade")
@@ -127,6 +128,8 @@ async def _session(
             found.summary["error"] = failure.reason
             found.hints.append(f"session failed: {failure.reason}")
     found.feed_frames = watch.conn.feed_frames
+    # the service's definitions (greeksd.coverage), from the Greeks events that arrived
+    found.summary["coverage"] = conn.coverage.summary(datetime.now(UTC))
 
 
 @dataclass

@@ -47,6 +47,7 @@ from greeksd.brokers.tastytrade.session import (
     TastytradeAuthError,
 )
 from greeksd.brokers.tastytrade.spec import TastytradeSettings
+from greeksd.coverage import Coverage
 from greeksd.model import Recorder, StreamStatus
 
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -89,7 +90,7 @@ class TastytradeClient:
         async with self._rest_errors():
             positions = await self.positions()
             token = await self.quote_token()
-        return self.link_target(token, self.connection(token, positions))
+        return self.link_target(token, self.connection(token, positions, status.coverage))
 
     async def positions(self) -> dx.Positions:
         await self._login()
@@ -103,14 +104,18 @@ class TastytradeClient:
             self.counters.token_fetches += 1
         return self._token
 
-    def connection(self, token: QuoteToken, positions: dx.Positions) -> DxlinkConnection:
-        """The Connection of the next link (this client's mapper and counters)."""
+    def connection(
+        self, token: QuoteToken, positions: dx.Positions, coverage: Coverage | None = None
+    ) -> DxlinkConnection:
+        """The Connection of the next link (this client's mapper and counters, the
+        status's coverage tracker)."""
         return DxlinkConnection(
             token.token,
             self.options,
             positions=positions,
             mapper=self.mapper,
             counters=self.counters,
+            coverage=coverage,
         )
 
     def link_target(self, token: QuoteToken, connection: Connection) -> LinkTarget:
