@@ -141,7 +141,7 @@ async def measure(url: str, duration_s: float, work_dir: Path) -> dict[str, Any]
             env |= instance_env(member, sim, url, data_dir)
             with logs[member].open("wb") as log_file:
                 processes[member] = await nursery.start(
-                    partial_process([sys.executable, "-m", "greeksd.cli", "run"], env, log_file)
+                    process_task([sys.executable, "-m", "greeksd.cli", "run"], env, log_file)
                 )
         try:
             with trio.fail_after(60.0):
@@ -188,7 +188,7 @@ async def measure(url: str, duration_s: float, work_dir: Path) -> dict[str, Any]
     return result
 
 
-def partial_process(command: list[str], env: dict[str, str], log_file: Any) -> Any:
+def process_task(command: list[str], env: dict[str, str], log_file: Any) -> Any:
     """A nursery.start target running `command` (stdout and stderr to `log_file`)."""
 
     async def run(task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
