@@ -158,7 +158,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
     url = _database_url_option(args.database_url) or settings.database_url
-    return run_benchmarks(url, Path(args.out), quick=args.quick)
+    return run_benchmarks(url, Path(args.out), quick=args.quick, scale=args.scale)
 
 
 def _add_duration(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +270,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default="bench-results/latest.json", help="JSON output path")
     bench.add_argument("--quick", action="store_true", help="small sizes and short runs")
+    bench.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the scale-out case: three `greeksd run` instances into one new database",
+    )
     bench.set_defaults(handler=_cmd_bench)
     return parser
 

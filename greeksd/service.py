@@ -89,8 +89,10 @@ def _maintain_partitions_sync(
     today = datetime.now(UTC).date()
     link = watch.open(partial(psycopg.connect, autocommit=True), url, timeout_s)
     try:
-        ensure_partitions(link.conn, today, days_ahead)
-        drop_expired(link.conn, today, retention_days)
+        # another instance's partition DDL is waited for half the statement timeout, so
+        # a stuck one ends this round with SchemaLockBusy (naming it) well within bounds
+        ensure_partitions(link.conn, today, days_ahead, timeout_s / 2)
+        drop_expired(link.conn, today, retention_days, timeout_s / 2)
     finally:
         link.close()
 
@@ -138,8 +140,11 @@ async def keep_partitions(
 async def prepare_database(url: str, settings: Settings) -> None:
     """Migrations, then today's (and the next days') partitions. Migrations run without a
     statement timeout (one may legitimately take long); connecting is still bounded by
-    the connect/TCP timeouts in `url`."""
-    await trio.to_thread.run_sync(migrate, url, abandon_on_cancel=True)
+    the connect/TCP timeouts in `url`, and waiting for another instance's migration by
+    the DB timeout (then SchemaLockBusy: started anyway, retried like an outage)."""
+    await trio.to_thread.run_sync(
+        partial(migrate, url, lock_wait_s=settings.db_timeout_s), abandon_on_cancel=True
+    )
     await maintain_partitions(
         url,
         settings.partition_days_ahead,

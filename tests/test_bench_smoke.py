@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios
+from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios, scale
 
 
 def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> None:
@@ -32,3 +32,13 @@ async def test_e2e_loses_nothing_at_a_low_rate(db_url: str) -> None:
     assert result["lost"] == 0
     assert result["p50_ms"] is not None and result["p50_ms"] <= result["max_ms"]
     assert result["peak_rss_mb"] > 0
+
+
+def test_scale_case_stores_every_source_s_ticks_once(server_url: str) -> None:
+    """`bench --scale`, short: three `greeksd run` processes on one new database."""
+    rows = scale.run(server_url, 2.0)
+    assert [r["instance"] for r in rows] == [m.name for m in scale.FLEET]
+    for row in rows:
+        assert row["sent"] > 0 and row["stored"] == row["sent"], row
+        assert row["lost"] == row["doubled"] == 0 and row["exit"] == 0, row
+        assert row["p50_ms"] is not None and row["p50_ms"] <= row["max_ms"]

@@ -28,10 +28,13 @@ class Sizes:
     e2e_duration_s: float
     writer_rows: int
     api_reads_s: float  # each phase of the API-reads-vs-writer case
+    scale_s: float  # the scale-out case (--scale)
 
 
-FULL = Sizes(100_000, 20_000, 100_000, (50, 500, 5_000, 20_000), (500, 5_000), 10.0, 20_000, 10.0)
-QUICK = Sizes(10_000, 2_000, 10_000, (50, 500), (500,), 2.0, 2_000, 3.0)
+FULL = Sizes(
+    100_000, 20_000, 100_000, (50, 500, 5_000, 20_000), (500, 5_000), 10.0, 20_000, 10.0, 60.0
+)
+QUICK = Sizes(10_000, 2_000, 10_000, (50, 500), (500,), 2.0, 2_000, 3.0, 5.0)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -45,16 +48,19 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def run_benchmarks(database_url: str | None, out: Path, *, quick: bool = False) -> int:
+def run_benchmarks(
+    database_url: str | None, out: Path, *, quick: bool = False, scale: bool = False
+) -> int:
     sizes = QUICK if quick else FULL
+    suite = run_scale if scale else run_all
     configure_logging("ERROR")  # the tables are the output; errors still show
     logging.getLogger("hypercorn.error").setLevel(logging.ERROR)  # the simulators' servers
     with tempfile.TemporaryDirectory(prefix="greeksd-bench-") as tmp:
         if database_url:
-            results = run_all(database_url, Path(tmp), sizes)
+            results = suite(database_url, Path(tmp), sizes)
         else:
             with embedded_postgres(Path(tmp) / "pg") as server:
-                results = run_all(server.url, Path(tmp), sizes)
+                results = suite(server.url, Path(tmp), sizes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
@@ -99,6 +105,18 @@ def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
     results["api_reads"] = api_reads.run(url, sizes.api_reads_s)
     print_table(results["api_reads"])
     return results
+
+
+def run_scale(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    from greeksd.bench import scale
+
+    print(f"== scale out: {len(scale.FLEET)} `greeksd run` instances (two IBKR gateways, one")
+    print("   Tastytrade login), started together on one brand-new database;")
+    print(f"   {scale.TICKS_PER_S} ticks/s per source, {scale.CONTRACTS} contracts each, for")
+    print(f"   {sizes.scale_s:g} s; latency = persisted_at - send time")
+    rows = scale.run(url, sizes.scale_s)
+    print_table(rows)
+    return {"sizes": sizes.__dict__, "scale": rows}
 
 
 def ratios(

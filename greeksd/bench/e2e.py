@@ -39,13 +39,13 @@ BURST_S = 0.01
 SETTLE_QUIET_S = 3.0
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
+def percentile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _offer(sims: Mapping[str, BenchSim[Any]], rate: float, duration_s: float) -> float:
+async def offer(sims: Mapping[str, BenchSim[Any]], rate: float, duration_s: float) -> float:
     """Offer `rate` ticks/s (split evenly over the brokers) in 10 ms bursts. Returns the
     elapsed time."""
     per_broker = rate / len(sims)
@@ -125,7 +125,7 @@ async def measure(
             assert process.stdin is not None and process.stdout is not None
             with trio.fail_after(60.0):
                 await wait_subscribed(list(sims.values()), [c.key for c in book])
-            elapsed = await _offer(sims, rate, duration_s)
+            elapsed = await offer(sims, rate, duration_s)
             sent = {name: sim.sent() for name, sim in sims.items()}
             dropped = sum(sim.dropped() for sim in sims.values())
             await _settle(url, sum(sent.values()))
@@ -153,14 +153,14 @@ async def measure(
         "lost": sum(sent.values()) - stored,
     }
     for q, name in ((0.5, "p50_ms"), (0.95, "p95_ms"), (0.99, "p99_ms"), (1.0, "max_ms")):
-        value = _percentile(everything, q)
+        value = percentile(everything, q)
         result[name] = None if value is None else round(value, 1)
     result["peak_rss_mb"] = worker.get("peak_rss_mb")
     result["by_broker"] = {
         broker: {
             "sent": sent[broker],
-            "p95_ms": _round(_percentile(sorted(values), 0.95)),
-            "p99_ms": _round(_percentile(sorted(values), 0.99)),
+            "p95_ms": _round(percentile(sorted(values), 0.95)),
+            "p99_ms": _round(percentile(sorted(values), 0.99)),
         }
         for broker, values in latencies.items()
     }

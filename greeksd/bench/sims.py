@@ -35,6 +35,9 @@ class IbkrBenchSim:
     def subscribed(self, keys: Collection[ContractKey]) -> bool:
         return self.sim.subscribed(keys)
 
+    def use_account(self, account: str) -> None:
+        self.sim.account = account
+
     async def offer(self, count: int) -> None:
         for _ in range(count):
             self.sim.tick()
@@ -70,6 +73,9 @@ class DxlinkBenchSim:
 
     def subscribed(self, keys: Collection[ContractKey]) -> bool:
         return self.sim.subscribed(keys)
+
+    def use_account(self, account: str) -> None:
+        self.sim.account = account
 
     async def offer(self, count: int) -> None:
         ticks = [self.sim.market.next_tick() for _ in range(count)]

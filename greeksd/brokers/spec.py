@@ -81,6 +81,11 @@ class BenchSim(Protocol[S_co]):
         """The client streams every one of these contracts."""
         ...
 
+    def use_account(self, account: str) -> None:
+        """Serve the login as account `account` (its rows' account_id), so several
+        simulators of one broker write distinguishable rows; before the client connects."""
+        ...
+
     async def offer(self, count: int) -> None:
         """Send `count` ticks now."""
         ...

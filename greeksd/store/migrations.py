@@ -1,5 +1,9 @@
 """Plain-SQL migrations from `schema/`, applied in file-name order, each in its own
-transaction, recorded in `schema_migrations`. Re-running is a no-op."""
+transaction, recorded in `schema_migrations`. Re-running is a no-op.
+
+Several instances may start together on one database: each migration's transaction
+holds the schema lock (greeksd.store.ddl_lock) and re-reads what is applied under it,
+so each migration is applied once, by whichever instance gets there first."""
 
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ from pathlib import Path
 import psycopg
 
 from greeksd.logs import get_logger
+from greeksd.store.ddl_lock import LOCK_WAIT_S, schema_transaction
 
 log = get_logger("greeksd.store")
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
-# Any constant shared by all greeksd processes: serializes concurrent start-ups.
-_MIGRATION_LOCK_ID = 0x67726B73
 
 
 class MigrationError(RuntimeError):
@@ -51,20 +54,25 @@ def applied(conn: psycopg.Connection) -> dict[str, str]:
     return {version: checksum for version, checksum in rows}
 
 
-def migrate(url: str, schema_dir: Path = SCHEMA_DIR) -> list[str]:
-    """Apply pending migrations; return the versions applied now."""
+def migrate(
+    url: str, schema_dir: Path = SCHEMA_DIR, *, lock_wait_s: float = LOCK_WAIT_S
+) -> list[str]:
+    """Apply pending migrations; return the versions applied now (by this call: another
+    instance may have applied the rest). Waits at most `lock_wait_s` for another
+    instance's migration (SchemaLockBusy after that); the migrations themselves have no
+    time limit (one may legitimately take long)."""
     migrations = discover(schema_dir)
     done_now: list[str] = []
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
-        try:
+        with schema_transaction(conn, lock_wait_s, "migrations"):
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, checksum text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            have = applied(conn)
-            for migration in migrations:
+        for migration in migrations:
+            with schema_transaction(conn, lock_wait_s, f"migration {migration.version}"):
+                have = applied(conn)
                 if migration.version in have:
                     if have[migration.version] != migration.checksum:
                         raise MigrationError(
@@ -72,16 +80,13 @@ def migrate(url: str, schema_dir: Path = SCHEMA_DIR) -> list[str]:
                             "add a new migration file instead of editing an applied one"
                         )
                     continue
-                with conn.transaction():
-                    conn.execute(migration.sql.encode())
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
-                        (migration.version, migration.checksum),
-                    )
-                log.info("migration_applied", version=migration.version)
-                done_now.append(migration.version)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
+                    (migration.version, migration.checksum),
+                )
+            log.info("migration_applied", version=migration.version)
+            done_now.append(migration.version)
     return done_now
 
 
