@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -59,14 +60,29 @@ def server_url(embedded_server: EmbeddedPostgres | None) -> str:
     return admin
 
 
+@pytest.fixture(scope="session")
+def migrated_pgdata() -> Iterator[Path]:
+    """An initialised, migrated and stopped data directory for `own_server` to copy:
+    starting a copy takes a tenth of the second initdb and the migrations take."""
+    data_dir = Path(tempfile.mkdtemp(prefix="greeksd-test-pgdata-"))
+    try:
+        with embedded_postgres(data_dir) as server:
+            migrate(server.url)
+        yield data_dir / "pg"
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 @pytest.fixture
-def own_server() -> Iterator[EmbeddedPostgres]:
+def own_server(migrated_pgdata: Path) -> Iterator[EmbeddedPostgres]:
     """A migrated server of this test's own, so stopping or freezing it cannot disturb
     any other test."""
     data_dir = Path(tempfile.mkdtemp(prefix="greeksd-own-pg-"))
     try:
+        # cp -a keeps the owner and modes PostgreSQL insists on (run as root, the
+        # embedded server runs as a user of its own).
+        subprocess.run(["cp", "-a", str(migrated_pgdata), str(data_dir / "pg")], check=True)
         with embedded_postgres(data_dir) as server:
-            migrate(server.url)
             yield server
             if not server.is_running():
                 server.start()
