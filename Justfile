@@ -27,9 +27,9 @@ setup:
 demo *ARGS: setup
     {{bin}}/greeksd demo {{ARGS}}
 
-# Run the test suite (real PostgreSQL: embedded, or GREEKSD_TEST_DATABASE_URL)
+# Run the test suite on 4 workers (real PostgreSQL: embedded, or GREEKSD_TEST_DATABASE_URL); `-n 0` runs it in one process
 test *ARGS: setup
-    {{bin}}/python -m pytest -m "not slow" {{ARGS}}
+    {{bin}}/python -m pytest -m "not slow" -n 4 --dist worksteal {{ARGS}}
 
 # The ten-minute soak (200 contracts, 50 ticks/s per broker); report in artifacts/
 soak *ARGS: setup

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -27,7 +27,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_logs_of_a_run_with_secrets_contain_none_of_them(db_url: str) -> None:
+async def test_logs_of_a_run_with_secrets_contain_none_of_them(db_url: str, tmp_path: Path) -> None:
     port = _free_port()
     url_with_password = psycopg.conninfo.make_conninfo(db_url, password=DB_PASSWORD)
     async with open_ibkr_sim(tick_interval=0.05) as ibkr, open_tastytrade_sim() as tt:
@@ -38,7 +38,7 @@ async def test_logs_of_a_run_with_secrets_contain_none_of_them(db_url: str) -> N
             GREEKSD_API_TOKEN=API_TOKEN,
             GREEKSD_API_PORT=str(port),
             GREEKSD_LOG_LEVEL="DEBUG",
-            GREEKSD_DATA_DIR=tempfile.mkdtemp(prefix="greeksd-secrets-"),
+            GREEKSD_DATA_DIR=str(tmp_path),
             GREEKSD_BROKERS="ibkr,tastytrade",
             GREEKSD_IBKR_URL=ibkr.url,
             GREEKSD_TT_API_URL=tt.api_url,
