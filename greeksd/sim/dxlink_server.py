@@ -521,10 +521,10 @@ class DxLinkServer:
     async def inject_greeks(self, event: Mapping[str, Any], *, times: int = 1) -> None:
         """Send one Greeks event (built with `greeks_event`, any values: "NaN", an old
         time...) `times` times to every channel subscribed to its symbol, in each
-        channel's own layout: the fixture generator's duplicates and late events. Not
-        recorded in `sent_events`."""
-        for _ in range(times):
-            await self._deliver({"Greeks": [dict(event)]})
+        channel's own layout: the fixture generator's duplicates and late events. The
+        copies go in one FEED_DATA, so no Quote can come between them and make the
+        second row differ (its underlying price). Not recorded in `sent_events`."""
+        await self._deliver({"Greeks": [dict(event) for _ in range(times)]})
 
     async def send_error(self, error: str = "UNKNOWN", message: str = "simulated error") -> None:
         """An ERROR to every client; the spec makes it informational (the link and the
