@@ -53,12 +53,12 @@ SNAPSHOT_FILTERS: list[dict[str, Any]] = [
         "source",
         "Only rows this source received: a broker's default source ('ibkr') or a named "
         "one ('ibkr:alice').",
-        {"type": "string", "pattern": source_pattern()},
+        {"type": "string", "minLength": 1, "pattern": source_pattern()},
     ),
     query_param(
         "instance",
         "Only rows this instance (GREEKSD_INSTANCE) wrote.",
-        {"type": "string", "pattern": f"^{INSTANCE.pattern}$"},
+        {"type": "string", "minLength": 1, "pattern": f"^{INSTANCE.pattern}$"},
     ),
 ]
 FORMAT = query_param("format", "Body format (streamed).", {"type": "string", "enum": list(FORMATS)})
