@@ -1,4 +1,4 @@
-"""`greeksd` command line: run, demo, record, replay, db, sim, probe, bench."""
+"""`greeksd` command line: run, demo, record, replay, db, sim, probe, config, bench."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from greeksd.brokers import registry
-from greeksd.config import Settings, load_settings, parse_brokers, parse_database_url
+from greeksd.config import Settings, load_settings, parse_database_url
 from greeksd.logs import configure_logging, get_logger
 from greeksd.model import Recorder, Source
 from greeksd.redact import database_passwords, register_secret
@@ -23,6 +23,7 @@ from greeksd.service import (
     run_until_signal,
 )
 from greeksd.settings_table import ConfigError
+from greeksd.sources import broker_of, parse_source
 from greeksd.store.database import DatabaseUnavailable
 from greeksd.store.migrations import MigrationError, migrate, status
 
@@ -32,12 +33,22 @@ EXIT_CONFIG = 2
 
 
 def build_sources(settings: Settings, recorder: Recorder | None = None) -> list[Source]:
-    """One source per configured broker, built by its spec from its own settings (and
-    recording to `recorder`, for `greeksd record`)."""
+    """One stream per configured source (greeksd.sources), built by its broker's spec
+    from the source's settings (and recording to `recorder`, for `greeksd record`)."""
     return [
-        spec.stream(settings.broker(spec), recorder)
-        for spec in (registry.SPECS[name] for name in settings.brokers)
+        source.spec.stream(source.name, source.settings, recorder) for source in settings.sources()
     ]
+
+
+def _only(settings: Settings, option: str | None) -> Settings:
+    """`--brokers`: only these sources (a broker's name is its default source)."""
+    if not option:
+        return settings
+    names = tuple(part.strip() for part in option.split(",") if part.strip())
+    try:
+        return settings.select(names)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid --brokers={option!r}: {exc}") from None
 
 
 def _database_url_option(value: str | None) -> str | None:
@@ -55,12 +66,7 @@ def _database_url_option(value: str | None) -> str | None:
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.brokers:
-        try:
-            brokers = parse_brokers(args.brokers)
-        except ValueError as exc:
-            raise ConfigError(f"invalid --brokers={args.brokers!r}: {exc}") from None
-        settings = replace(settings, brokers=brokers)
+    settings = _only(settings, args.brokers)
     check_api_exposure(settings)
     return trio.run(partial(run_until_signal, settings, build_sources(settings)))
 
@@ -83,24 +89,21 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.recording import record_session
 
-    if args.brokers:
-        try:
-            settings = replace(settings, brokers=parse_brokers(args.brokers))
-        except ValueError as exc:
-            raise ConfigError(f"invalid --brokers={args.brokers!r}: {exc}") from None
-    for name in settings.brokers:
-        if registry.SPECS[name].replayer is None:  # nothing could read its frames back
-            raise ConfigError(f"broker {name!r} has no raw frames to record")
+    settings = _only(settings, args.brokers)
+    names = [source.name for source in settings.sources()]
+    for source in settings.sources():
+        if source.spec.replayer is None:  # nothing could read its frames back
+            raise ConfigError(f"broker {source.spec.name!r} has no raw frames to record")
     for secret in settings.secrets():
         register_secret(secret)
     out = Path(args.out)
-    print(f"recording {', '.join(settings.brokers)} to {out} (Ctrl-C to stop)", flush=True)
+    print(f"recording {', '.join(names)} to {out} (Ctrl-C to stop)", flush=True)
     counts, statuses = trio.run(
         partial(
             record_session,
             partial(build_sources, settings),
             out,
-            settings.brokers,
+            names,
             duration_s=args.duration,
         )
     )
@@ -121,7 +124,15 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     with database_url(settings) as url:
         migrate(url)
         try:
-            stats = trio.run(partial(replay_fixture, url, Path(args.fixture), speed=args.speed))
+            stats = trio.run(
+                partial(
+                    replay_fixture,
+                    url,
+                    Path(args.fixture),
+                    speed=args.speed,
+                    instance=settings.instance,
+                )
+            )
         except (FixtureError, OSError) as exc:
             print(f"greeksd replay: {exc}", file=sys.stderr)
             return 1
@@ -147,11 +158,34 @@ def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
-    spec = registry.SPECS[args.broker]
-    assert spec.probe is not None  # the parser offers only brokers with a probe
-    code = int(trio.run(spec.probe, settings.broker(spec), args.duration, Path(args.out)))
-    print(f"probe {args.broker}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
+    source = settings.source(args.source)
+    for secret in settings.secrets():
+        register_secret(secret)
+    probe = source.spec.probe
+    assert probe is not None  # the parser accepts only brokers with a probe
+    code = int(trio.run(probe, source.settings, args.duration, Path(args.out)))
+    print(f"probe {args.source}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
     return code
+
+
+def _probe_target(text: str) -> str:
+    """A source name whose broker has a probe (whether a named one is configured is
+    checked against the settings)."""
+    try:
+        parse_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    spec = registry.SPECS[broker_of(text)]
+    if spec.probe is None:
+        raise argparse.ArgumentTypeError(f"broker {spec.name!r} has no probe")
+    return text
+
+
+def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    from greeksd.settings_show import show_settings
+
+    print(show_settings(settings), end="")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -181,7 +215,9 @@ def make_parser() -> argparse.ArgumentParser:
         "PostgreSQL and serve the HTTP API until SIGINT/SIGTERM.",
     )
     run.add_argument(
-        "--brokers", help="comma-separated subset, e.g. ibkr (default: GREEKSD_BROKERS)"
+        "--brokers",
+        help="comma-separated sources, e.g. ibkr or ibkr:alice,tastytrade "
+        "(default: every configured source)",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -205,7 +241,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     record.add_argument("--out", required=True, help="fixture file (.jsonl or .jsonl.gz)")
     record.add_argument(
-        "--brokers", help="comma-separated subset, e.g. ibkr (default: GREEKSD_BROKERS)"
+        "--brokers",
+        help="comma-separated sources, e.g. ibkr or ibkr:alice (default: every configured source)",
     )
     _add_duration(record)
     record.set_defaults(handler=_cmd_record)
@@ -256,12 +293,24 @@ def make_parser() -> argparse.ArgumentParser:
         "bounded time, write a JSON summary and a per-contract coverage "
         "CSV; exit 1 when no Greeks arrived.",
     )
+    probable = ", ".join(spec.name for spec in registry.specs() if spec.probe is not None)
     probe.add_argument(
-        "broker", choices=[spec.name for spec in registry.specs() if spec.probe is not None]
+        "source",
+        metavar="SOURCE",
+        type=_probe_target,
+        help=f"a broker's default source ({probable}) or a named one from the settings "
+        "file, e.g. ibkr:alice",
     )
     probe.add_argument("--duration", type=float, default=30.0, help="seconds to listen")
     probe.add_argument("--out", default="probe-results", help="directory for the reports")
     probe.set_defaults(handler=_cmd_probe)
+
+    commands.add_parser(
+        "config",
+        help="show the settings in effect and the sources, secrets masked",
+        description="Print every setting as greeksd reads it (environment, .env, settings "
+        "file, defaults) and each source `greeksd run` would start; secrets are masked.",
+    ).set_defaults(handler=_cmd_config)
 
     bench = commands.add_parser("bench", help="run the benchmarks, print tables, write JSON")
     bench.add_argument(
@@ -287,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"greeksd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level)
+    for warning in settings.warnings:
+        log.warning("settings_warning", warning=warning)
     try:
         return int(args.handler(args, settings))
     except ConfigError as exc:

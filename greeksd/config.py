@@ -1,4 +1,5 @@
-"""All settings, from the environment (prefix GREEKSD_) and an optional `.env`.
+"""All settings, from the environment (prefix GREEKSD_), an optional `.env` and an
+optional settings file (greeksd.settings_file: top-level settings and named sources).
 
 One list drives parsing, validation, defaults, typed attribute access and the README's
 table: the service's own variables are the fields of `Settings` (each carrying its
@@ -6,12 +7,18 @@ table row, greeksd.settings_table), and each registered broker brings its own se
 dataclass (`GREEKSD_<prefix>*`, greeksd.brokers.registry), held in `Settings.per_broker`.
 So a setting cannot exist in one place and be missing from another, and adding a broker
 adds its variables without touching this module.
+
+Precedence: the process environment, then `.env`, then the settings file, then the
+defaults. The environment reaches the service's settings and each broker's default
+source (`GREEKSD_<prefix>*`); a named source (`ibkr:alice`) is configured by its file
+entry alone, so one variable cannot silently apply to every login of a broker.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,11 +33,15 @@ from greeksd.brokers import registry
 from greeksd.brokers.spec import BrokerSpec
 from greeksd.coverage import DEFAULT_STALE_S
 from greeksd.redact import database_passwords, mask_quoted
+from greeksd.settings_file import SettingsFile, read_settings_file, settings_file_path
 from greeksd.settings_table import (
     NOT_A_ROW,
+    PREFIX,
+    ConfigError,
     Setting,
     non_negative_float,
     non_negative_int,
+    optional_path,
     optional_str,
     port,
     positive_float,
@@ -41,6 +52,7 @@ from greeksd.settings_table import (
     settings_table,
     table_secrets,
 )
+from greeksd.sources import SourceConfig, broker_of, parse_instance, parse_source, source_name
 
 S = TypeVar("S")
 
@@ -89,6 +101,10 @@ def parse_database_url(text: str) -> str | None:
     return text
 
 
+def _host_name() -> str:
+    return socket.gethostname() or "greeksd"
+
+
 def _default_data_dir() -> str:
     return platformdirs.user_data_dir("greeksd")
 
@@ -109,6 +125,18 @@ class Settings:
     setting cannot exist in the table and not here (or the other way round), and
     attributes stay typed. Each broker's own settings are in `per_broker`."""
 
+    config_file: Path | None = setting(
+        "",
+        optional_path,
+        "settings file (TOML: top-level settings and `[[sources]]`, see Named sources); "
+        "unset reads `./greeksd.toml` if it exists",
+    )
+    instance: str = setting(
+        _host_name,
+        parse_instance,
+        "this instance's name: status shows it, every row it writes carries it "
+        "(default: the host name)",
+    )
     database_url: str | None = setting(
         "",
         parse_database_url,
@@ -173,12 +201,21 @@ class Settings:
         "`missing`; 0 turns staleness off",
     )
     brokers: tuple[str, ...] = setting(
-        "ibkr,tastytrade", parse_brokers, "streams `greeksd run` starts"
+        "ibkr,tastytrade",
+        parse_brokers,
+        "brokers whose default source `greeksd run` starts (default when the settings "
+        "file has `[[sources]]`: its default sources only)",
     )
     per_broker: Mapping[str, Any] = field(
         default_factory=dict, metadata={NOT_A_ROW: "each broker's spec (greeksd.brokers)"}
     )
-    """Each registered broker's own settings, by name (see `broker`)."""
+    """Each registered broker's default source's settings, by name (see `broker`)."""
+    named: tuple[SourceConfig, ...] = field(
+        default=(), metadata={NOT_A_ROW: "the settings file's named sources"}
+    )
+    """The settings file's named sources (`<broker>:<name>`), in file order."""
+    warnings: tuple[str, ...] = field(default=(), metadata={NOT_A_ROW: "not a setting"})
+    """What reading the settings showed that is worth a warning (logged at start)."""
 
     def broker(self, spec: BrokerSpec[S]) -> S:
         """`spec`'s settings (its `GREEKSD_<prefix>*` variables)."""
@@ -186,16 +223,54 @@ class Settings:
         return value
 
     def with_broker(self, spec: BrokerSpec[S], value: S) -> Settings:
-        """These settings with `spec`'s replaced by `value` (the demo points brokers at
-        its simulators this way)."""
+        """These settings with `spec`'s default source's replaced by `value` (the demo
+        points brokers at its simulators this way)."""
         return replace(self, per_broker={**self.per_broker, spec.name: value})
+
+    def sources(self) -> tuple[SourceConfig, ...]:
+        """The streams `greeksd run` starts: each of `brokers`' default source, then the
+        named ones."""
+        defaults = tuple(
+            SourceConfig(name, spec, self.per_broker[name])
+            for name, spec in ((name, registry.SPECS[name]) for name in self.brokers)
+        )
+        return defaults + self.named
+
+    def source(self, name: str) -> SourceConfig:
+        """A source by name: a named one, or any broker's default source (configured or
+        not, so `greeksd probe ibkr` works whatever GREEKSD_BROKERS says). Raises
+        ConfigError naming the ones there are."""
+        try:
+            parse_source(name)
+        except ValueError as exc:
+            raise ConfigError(f"source {name!r}: {exc}") from None
+        if name == broker_of(name):
+            return SourceConfig(name, registry.SPECS[name], self.per_broker[name])
+        for source in self.named:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.named) or "none"
+        raise ConfigError(f"source {name!r} is not configured (named sources: {known})")
+
+    def select(self, names: tuple[str, ...]) -> Settings:
+        """Only these sources (`greeksd run --brokers`): a broker's name is its default
+        source, `<broker>:<name>` a named one from the settings file."""
+        chosen = [self.source(n) for n in names]
+        return replace(
+            self,
+            brokers=tuple(s.name for s in chosen if s.name == s.spec.name),
+            named=tuple(s for s in chosen if s.name != s.spec.name),
+        )
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, a status payload or an error: every
-        secret row's value (the brokers' too) and the database URL's passwords."""
+        secret row's value (the brokers' and every source's too) and the database URL's
+        passwords."""
         values = [v for v in table_secrets(self) if v != self.database_url]
         for broker_settings in self.per_broker.values():
             values.extend(table_secrets(broker_settings))
+        for source in self.named:
+            values.extend(table_secrets(source.settings))
         if self.database_url:
             values.extend(database_passwords(self.database_url))
         return values
@@ -214,17 +289,48 @@ def all_settings() -> tuple[Setting, ...]:
     return tuple(rows)
 
 
+def _prefixed(values: Mapping[str, str], prefix: str = "") -> dict[str, str]:
+    """A settings file's values (by field name) as the variables they stand for."""
+    return {PREFIX + (prefix + key).upper(): text for key, text in values.items()}
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, *, dotenv_path: Path | None = None
 ) -> Settings:
-    """Read settings; the process environment wins over `.env`. Raises ConfigError."""
+    """Read settings: the process environment wins over `.env`, which wins over the
+    settings file. Raises ConfigError."""
     env: dict[str, str] = {}
     dotenv_file = dotenv_path or Path.cwd() / ".env"
     if dotenv_file.is_file():
         env.update({k: v for k, v in dotenv_values(dotenv_file).items() if v is not None})
     env.update(os.environ if environ is None else environ)
-    values = read_values(Settings, env)
+    path = settings_file_path(env.get(PREFIX + "CONFIG_FILE", "").strip())
+    file = (
+        read_settings_file(path, Settings, not_in_file=frozenset({"config_file"}))
+        if path is not None
+        else SettingsFile()
+    )
+    values = read_values(Settings, {**_prefixed(file.top), **env})
+    values["config_file"] = path
+    brokers_given = PREFIX + "BROKERS" in env or "brokers" in file.top
+    if file.sources and not brokers_given:
+        values["brokers"] = tuple(s.spec.name for s in file.sources if s.name is None)
+    defaults = {s.spec.name: s.values for s in file.sources if s.name is None}
     per_broker = {
-        spec.name: read_table(spec.settings, env, spec.prefix) for spec in registry.specs()
+        spec.name: read_table(
+            spec.settings,
+            {**_prefixed(defaults.get(spec.name, {}), spec.prefix), **env},
+            spec.prefix,
+        )
+        for spec in registry.specs()
     }
-    return Settings(**values, per_broker=per_broker)
+    named = tuple(
+        SourceConfig(
+            source_name(s.spec.name, s.name),
+            s.spec,
+            read_table(s.spec.settings, _prefixed(s.values, s.spec.prefix), s.spec.prefix),
+        )
+        for s in file.sources
+        if s.name is not None
+    )
+    return Settings(**values, per_broker=per_broker, named=named, warnings=file.warnings)

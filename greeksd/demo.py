@@ -60,6 +60,7 @@ async def run_demo(
         settings = replace(
             settings,
             brokers=tuple(brokers),
+            named=(),  # the demo's sources are its simulators, not the settings file's
             # at ~25 rows/s a 1 s flush interval alone would be the latency; a live page
             # wants rows within a fraction of a second
             flush_ms=min(settings.flush_ms, 200),

@@ -171,6 +171,10 @@ class Snapshot:
     #: 'live', 'delayed' or 'frozen' when the broker says (IBKR field 6509), None when it
     #: does not: delayed or frozen values must never pass for live ones.
     market_data: str | None = None
+    #: The source (stream) that received it: `ibkr`, `ibkr:alice` (greeksd.sources).
+    #: Stamped by the link runner (or replay), not by the Connections, which know
+    #: their broker but not which of its logins they serve.
+    source: str | None = None
 
     @classmethod
     def for_contract(

@@ -45,6 +45,7 @@ async def open_pipeline(
     schema_ready: trio.Event | None = None,
     backoff: Backoff | None = None,
     connect: Callable[[str], psycopg.Connection] | None = None,
+    instance: str | None = None,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
@@ -58,6 +59,7 @@ async def open_pipeline(
         schema_ready=schema_ready,
         backoff=backoff,
         connect=connect,
+        instance=instance,
     )
     sink = ChannelSink(send, trade_send, on_conflate=writer.note_conflated)
     trade_writer = TradeWriter(url, timeout_s=db_timeout_s, schema_ready=schema_ready)

@@ -257,7 +257,8 @@ class CountingSink:
         self.trades = 0
 
     def put(self, snapshot: Snapshot) -> None:
-        self.rows[snapshot.broker] = self.rows.get(snapshot.broker, 0) + 1
+        source = snapshot.source or snapshot.broker
+        self.rows[source] = self.rows.get(source, 0) + 1
 
     def put_trade(self, trade: Trade) -> None:
         self.trades += 1

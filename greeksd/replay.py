@@ -39,6 +39,7 @@ from greeksd.recording import (
     Record,
     read_fixture,
 )
+from greeksd.sources import broker_of
 from greeksd.store.partitions import ensure_partitions
 
 log = get_logger("greeksd.replay")
@@ -124,8 +125,11 @@ def _clock(record: Record) -> float:
 
 
 class Replayers:
-    """Each broker's protocol state, rebuilt record by record; one place that knows what
-    a record kind means, for replay and for the benchmarks that decode fixtures."""
+    """Each source's protocol state, rebuilt record by record; one place that knows what
+    a record kind means, for replay and for the benchmarks that decode fixtures. A
+    record's `broker` is the stream that recorded it (a source name, greeksd.sources:
+    `ibkr`, or `ibkr:alice` when one instance ran several IBKR logins), so each source
+    gets its own replayer and its rows their `source`, as live."""
 
     def __init__(self) -> None:
         self._by_broker: dict[str, Replayer] = {}
@@ -134,7 +138,7 @@ class Replayers:
         """Apply one record (counted in `stats`); returns the rows a frame yields."""
         replayer = self._by_broker.get(record.broker)
         if replayer is None:
-            spec = registry.get(record.broker)
+            spec = registry.get(broker_of(record.broker))
             if spec is None or spec.replayer is None:
                 stats.skipped_records += 1
                 log.warning("replay_unknown_broker", broker=record.broker)
@@ -143,7 +147,10 @@ class Replayers:
         if record.kind == "frame":
             stats.frames += 1
             stats.frames_by_broker[record.broker] = stats.frames_by_broker.get(record.broker, 0) + 1
-            return replayer.frame(record, stats)
+            rows = replayer.frame(record, stats)
+            for row in rows:
+                row.source = record.broker
+            return rows
         if record.kind == "positions":
             stats.position_updates += 1
             replayer.positions(record)
@@ -170,10 +177,11 @@ async def replay_fixture(
     speed: float = 0.0,
     flush_rows: int = config.FLUSH_ROWS,
     flush_ms: int = config.FLUSH_MS,
+    instance: str | None = None,
 ) -> ReplayStats:
     """Replay `path` into the database at `url` (migrated). `speed` 0 = as fast as
-    possible, 1 = the recorded pacing, 2 = twice as fast. Returns once every row is
-    committed."""
+    possible, 1 = the recorded pacing, 2 = twice as fast. Rows name `instance` as the
+    instance that wrote them. Returns once every row is committed."""
     _, fixture = read_fixture(path)
     records = iter(fixture)
     first = next(records, None)
@@ -190,6 +198,7 @@ async def replay_fixture(
         # rows keep their recorded receive time, so "write latency" is the fixture's
         # age: no SLO to check
         slo_ms=sys.maxsize,
+        instance=instance,
     ) as pipeline:
         await _feed(itertools.chain([first], records), pipeline, stats, speed)
     writer = pipeline.writer.stats

@@ -242,6 +242,7 @@ async def open_service(
                 ),
                 db_timeout_s=settings.db_timeout_s,
                 schema_ready=schema_ready,
+                instance=settings.instance,
             ) as pipeline,
         ):
             if unreachable is not None:
@@ -269,6 +270,7 @@ async def open_service(
                     "service_started",
                     api=api_url,
                     sources=",".join(supervisor.names),
+                    instance=settings.instance,
                     database="embedded" if not settings.database_url else "url",
                 )
                 yield RunningService(state, api_url, inner.cancel_scope)

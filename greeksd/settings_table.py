@@ -114,12 +114,13 @@ def table_env(value: Any, prefix: str = "") -> dict[str, str]:
     (to hand a broker's settings to another process, e.g. the benchmark's worker)."""
     rows = settings_table(type(value), prefix)
     return {
-        PREFIX + row.name: _as_text(getattr(value, f.name))
+        PREFIX + row.name: as_text(getattr(value, f.name))
         for f, row in zip(fields(value), rows, strict=True)
     }
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A setting's value as the text an environment variable would hold."""
     if value is None:
         return ""
     if isinstance(value, bool):

@@ -14,9 +14,11 @@ from greeksd.store.columns import (
     COLUMNS,
     COPY_COLUMNS,
     COPY_TYPES,
+    FINGERPRINTED,
     SNAPSHOT_COLUMNS,
     snapshot_from_dict,
     snapshot_row,
+    snapshot_to_dict,
 )
 from tests.factories import make_snapshot
 
@@ -83,7 +85,21 @@ def test_a_record_spooled_by_the_previous_version_still_reads() -> None:
     )
     assert (s.delta, s.gamma, s.mark) == (-0.4, None, 1.05)
     assert s.event_time == datetime(2026, 11, 25, 15, 30, tzinfo=UTC)
-    assert s.source_payload == {"31": "1.05"} and s.market_data is None
+    assert s.source_payload == {"31": "1.05"} and s.market_data is None and s.source is None
+
+
+def test_source_travels_in_spool_records_and_instance_comes_from_the_writer() -> None:
+    """The source is the row's (it was received by it); the instance is whoever writes
+    the row, so it is not in a spool record, and neither is in the fingerprint."""
+    snapshot = make_snapshot(0, source="ibkr:alice")
+    assert snapshot_from_dict(snapshot_to_dict(snapshot)).source == "ibkr:alice"
+    assert "instance" not in snapshot_to_dict(snapshot)
+    row = snapshot_row(snapshot, "desk-1")
+    assert row[COPY_COLUMNS.index("source")] == "ibkr:alice"
+    assert row[COPY_COLUMNS.index("instance")] == "desk-1"
+    other = snapshot_row(replace(snapshot, source="ibkr:bob"), "desk-2")
+    assert other[-1] == row[-1]  # the same values: the same fingerprint
+    assert {"source", "instance"} & set(FINGERPRINTED) == set()
 
 
 def test_the_fingerprint_is_the_one_stored_rows_carry() -> None:

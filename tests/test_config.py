@@ -12,7 +12,7 @@ from greeksd.brokers import registry
 from greeksd.brokers.ibkr.spec import SPEC as IBKR
 from greeksd.brokers.tastytrade.spec import SPEC as TASTYTRADE
 from greeksd.config import SETTINGS, Settings, all_settings, load_settings
-from greeksd.settings_table import ConfigError, Setting, setting, settings_table
+from greeksd.settings_table import NOT_A_ROW, ConfigError, Setting, setting, settings_table
 from tests.test_service import _env, _greeksd
 
 
@@ -75,7 +75,7 @@ def test_a_setting_cannot_exist_in_the_table_and_not_in_settings() -> None:
     """The tables are read off the dataclasses' fields: same names, same order, and a
     field declared without its table row stops the import instead of going unlisted."""
     assert [s.name for s in SETTINGS] == [
-        f.name.upper() for f in fields(Settings) if f.name != "per_broker"
+        f.name.upper() for f in fields(Settings) if NOT_A_ROW not in f.metadata
     ]
     assert [s.name for s in all_settings()] == [s.name for s in SETTINGS] + [
         (spec.prefix + f.name).upper() for spec in registry.specs() for f in fields(spec.settings)

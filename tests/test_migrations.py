@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -11,12 +11,17 @@ import pytest
 from greeksd.store.migrations import SCHEMA_DIR, MigrationError, migrate, status
 from greeksd.store.partitions import create_partition, drop_expired, ensure_partitions
 from greeksd.store.writer import Writer
-from tests.factories import make_snapshot
+from tests.factories import BASE_TIME, make_snapshot
 from tests.helpers import fetch_rows
 
 
 def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
-    assert migrate(empty_db_url) == ["001_init", "002_persisted_at_default", "003_data_quality"]
+    assert migrate(empty_db_url) == [
+        "001_init",
+        "002_persisted_at_default",
+        "003_data_quality",
+        "004_sources",
+    ]
     tables = {
         r[0]
         for r in fetch_rows(
@@ -40,6 +45,7 @@ def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
         ("001_init", True),
         ("002_persisted_at_default", True),
         ("003_data_quality", True),
+        ("004_sources", True),
     ]
 
 
@@ -89,7 +95,7 @@ async def test_data_quality_column_reaches_existing_partitions_and_refuses_other
         ensure_partitions(conn, date(2026, 11, 25), 0)
         conn.execute(old, (datetime(2026, 11, 25, 15, tzinfo=UTC),))
         conn.execute(old, (datetime(2031, 1, 1, tzinfo=UTC),))  # the default partition
-    assert migrate(empty_db_url) == ["003_data_quality"]
+    assert migrate(empty_db_url) == ["003_data_quality", "004_sources"]
     columns = fetch_rows(
         empty_db_url,
         "SELECT table_name FROM information_schema.columns WHERE column_name = 'market_data'",
@@ -115,6 +121,36 @@ async def test_data_quality_column_reaches_existing_partitions_and_refuses_other
             old.replace("fingerprint)", "fingerprint, market_data)").replace("1)", "2, 'stale')"),
             (datetime(2026, 11, 25, 16, tzinfo=UTC),),
         )
+
+
+async def test_source_and_instance_columns_reach_existing_rows_and_stay_out_of_the_key(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """004 on a database that already holds a row: the row stays, with no source or
+    instance (NULL: not known); new rows carry both; and the same values received by two
+    sources on two instances are stored once (neither column is in the unique key)."""
+    before = tmp_path / "schema"
+    before.mkdir()
+    for path in sorted(SCHEMA_DIR.glob("00[1-3]_*.sql")):
+        (before / path.name).write_bytes(path.read_bytes())
+    migrate(empty_db_url, before)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        ensure_partitions(conn, BASE_TIME.date(), 0)
+        conn.execute(
+            "INSERT INTO greek_snapshots (broker, account_id, contract_key, underlying,"
+            " expiration, strike, option_type, event_time, received_at, fingerprint)"
+            " VALUES ('ibkr', 'U1', 'AAPL 2026-12-18 C 190', 'AAPL', '2026-12-18', 190,"
+            " 'C', %s, now(), 1)",
+            (BASE_TIME - timedelta(seconds=1),),
+        )
+    assert migrate(empty_db_url) == ["004_sources"]
+    alice, bob = make_snapshot(1, source="ibkr:alice"), make_snapshot(1, source="ibkr:bob")
+    await Writer(empty_db_url, instance="desk-1").write_batch([alice])
+    await Writer(empty_db_url, instance="desk-2").write_batch([bob])
+    rows = fetch_rows(
+        empty_db_url, "SELECT source, instance FROM greek_snapshots ORDER BY event_time"
+    )
+    assert rows == [(None, None), ("ibkr:alice", "desk-1")]
 
 
 async def test_far_future_row_lands_in_default_partition_and_moves_later(db_url: str) -> None:

@@ -168,17 +168,21 @@ class ToyClient:
 
 
 def toy_stream(
-    client: BrokerClient, recorder: Recorder | None = None, backoff: Backoff | None = None
+    client: BrokerClient,
+    recorder: Recorder | None = None,
+    backoff: Backoff | None = None,
+    *,
+    name: str = NAME,
 ) -> BrokerStream:
     @asynccontextmanager
     async def open_client() -> AsyncIterator[BrokerClient]:
         yield client
 
-    return BrokerStream(NAME, open_client, backoff=backoff, probe_interval_s=0.2, recorder=recorder)
+    return BrokerStream(name, open_client, backoff=backoff, probe_interval_s=0.2, recorder=recorder)
 
 
-def _stream(settings: ToySettings, recorder: Recorder | None) -> Source:
-    return toy_stream(ToyClient(settings), recorder)
+def _stream(name: str, settings: ToySettings, recorder: Recorder | None) -> Source:
+    return toy_stream(ToyClient(settings), recorder, name=name)
 
 
 def _replayer() -> Replayer:

@@ -7,9 +7,9 @@ from typing import Any
 from quart import Blueprint, Response
 
 from greeksd.api.errors import bad_request
-from greeksd.api.openapi import FILTERS, FORMAT, LIMIT_AND_CURSOR, ROWS_RESPONSES
+from greeksd.api.openapi import FORMAT, LIMIT_AND_CURSOR, ROWS_RESPONSES, SNAPSHOT_FILTERS
 from greeksd.api.output import stream_response
-from greeksd.api.params import FILTER_PARAMS, FORMATS, Args
+from greeksd.api.params import FORMATS, SNAPSHOT_FILTER_PARAMS, Args
 from greeksd.api.state import current_state
 from greeksd.store.queries import (
     SNAPSHOTS,
@@ -47,12 +47,12 @@ async def paged(table: Table, args: Args) -> Response:
 
 @bp.get("/v1/greeks/snapshots")
 async def snapshots() -> Response:
-    return await paged(SNAPSHOTS, Args(*FILTER_PARAMS, "limit", "cursor", "format"))
+    return await paged(SNAPSHOTS, Args(*SNAPSHOT_FILTER_PARAMS, "limit", "cursor", "format"))
 
 
 @bp.get("/v1/greeks/latest")
 async def latest() -> Response:
-    args = Args(*FILTER_PARAMS, "format")
+    args = Args(*SNAPSHOT_FILTER_PARAMS, "format")
     f = args.filter()
     fmt = args.choice("format", FORMATS, "json")
     stream = await open_rows(current_state().reads, latest_query(f))
@@ -64,14 +64,14 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "Snapshots in (event_time, broker, account_id, contract_key, "
             "fingerprint) order, one page at a time; follow `next` / X-Next-Cursor.",
-            "parameters": [*FILTERS, *LIMIT_AND_CURSOR, FORMAT],
+            "parameters": [*SNAPSHOT_FILTERS, *LIMIT_AND_CURSOR, FORMAT],
             "responses": ROWS_RESPONSES,
         }
     },
     "/v1/greeks/latest": {
         "get": {
             "summary": "The newest snapshot per (broker, account, contract) within the filters.",
-            "parameters": [*FILTERS, FORMAT],
+            "parameters": [*SNAPSHOT_FILTERS, FORMAT],
             "responses": ROWS_RESPONSES,
         }
     },

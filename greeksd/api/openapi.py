@@ -18,6 +18,7 @@ from quart import Blueprint
 from greeksd.api.params import DEFAULT_LIMIT, FORMATS, MAX_LIMIT
 from greeksd.api.state import UNGATED_PATHS
 from greeksd.brokers import registry
+from greeksd.sources import INSTANCE, source_pattern
 
 # PostgreSQL text cannot hold NUL; the handlers refuse it (400).
 NO_NUL = "^[^\\u0000]*$"
@@ -45,6 +46,20 @@ FILTERS: list[dict[str, Any]] = [
     query_param("underlying", "Only this underlying."),
     query_param("start", "Inclusive lower bound (ISO 8601; no offset means UTC).", TIME),
     query_param("end", "Exclusive upper bound (ISO 8601; no offset means UTC).", TIME),
+]
+SNAPSHOT_FILTERS: list[dict[str, Any]] = [
+    *FILTERS,
+    query_param(
+        "source",
+        "Only rows this source received: a broker's default source ('ibkr') or a named "
+        "one ('ibkr:alice').",
+        {"type": "string", "minLength": 1, "pattern": source_pattern()},
+    ),
+    query_param(
+        "instance",
+        "Only rows this instance (GREEKSD_INSTANCE) wrote.",
+        {"type": "string", "minLength": 1, "pattern": f"^{INSTANCE.pattern}$"},
+    ),
 ]
 FORMAT = query_param("format", "Body format (streamed).", {"type": "string", "enum": list(FORMATS)})
 LIMIT_AND_CURSOR: list[dict[str, Any]] = [

@@ -14,7 +14,7 @@ An empty query parameter (`?broker=`) is refused too (the OpenAPI document says
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,12 +24,16 @@ from quart import request
 from greeksd.api.errors import ApiError, bad_request
 from greeksd.brokers import registry
 from greeksd.model import ContractKey
+from greeksd.sources import parse_instance, parse_source
 from greeksd.store.queries import Filter
 
 FORMATS: tuple[str, ...] = ("json", "ndjson", "csv")
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 50_000
 FILTER_PARAMS: tuple[str, ...] = ("broker", "account", "contract_key", "underlying", "start", "end")
+SNAPSHOT_FILTER_PARAMS: tuple[str, ...] = (*FILTER_PARAMS, "source", "instance")
+"""The snapshot routes also filter on which source received a row and which instance
+wrote it (greek_snapshots' `source` and `instance` columns)."""
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -83,6 +87,14 @@ def parse_broker(text: str, allowed: Iterable[str] | None = None) -> str:
     return text
 
 
+def parse_checked(name: str, text: str, check: Callable[[str], str]) -> str:
+    """`text` as `check` accepts it, else a 400 `bad_<name>` saying why."""
+    try:
+        return check(text)
+    except ValueError as exc:
+        raise bad_request(f"bad_{name}", f"{name}={text!r}: {exc}") from None
+
+
 class Args:
     """The request's query string, restricted to `allowed` names (a typo such as
     `acount=` is an error, not a silently ignored filter)."""
@@ -127,11 +139,17 @@ class Args:
     def filter(self) -> Filter:
         broker = self.text("broker")
         contract = self.text("contract_key")
+        source = self.text("source")
+        instance = self.text("instance")
         f = Filter(
             broker=None if broker is None else parse_broker(broker),
             account_id=self.text("account"),
             contract_key=None if contract is None else parse_contract_key("contract_key", contract),
             underlying=self.text("underlying"),
+            source=None if source is None else parse_checked("source", source, parse_source),
+            instance=None
+            if instance is None
+            else parse_checked("instance", instance, parse_instance),
             start=self.time("start"),
             end=self.time("end"),
         )

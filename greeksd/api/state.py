@@ -115,7 +115,8 @@ class ServiceState:
         writer = self.writer.stats.as_json(queue_depth=self.sink.queue_depth)
         writer["accepted"] = self.sink.accepted
         writer["conflated"] = self.sink.conflated
-        status = {
+        status: dict[str, Any] = {
+            "instance": self.settings.instance,
             "streams": {name: s.as_json(now) for name, s in self.supervisor.registry.items()},
             "writer": writer,
         }

@@ -53,7 +53,8 @@ async def serve(config: dict[str, Any]) -> dict[str, Any]:
         trio.open_nursery() as nursery,
     ):
         for spec in specs:
-            stream = spec.stream(read_table(spec.settings, config["env"], spec.prefix), None)
+            settings = read_table(spec.settings, config["env"], spec.prefix)
+            stream = spec.stream(spec.name, settings, None)
             nursery.start_soon(stream.run, pipeline.sink, statuses[spec.name])
         await _until_stdin_closes()
         nursery.cancel_scope.cancel()

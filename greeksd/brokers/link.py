@@ -301,10 +301,11 @@ class _Attempt:
     def perform(self, events: list[Event], at: datetime) -> None:
         """Do what the Connection asked, in order, without awaiting."""
         status, stream = self.status, self.stream
-        put = self.sink.put
+        put, source = self.sink.put, stream.name
         for event in events:
             cls = event.__class__
             if cls is Snapshot:
+                event.source = source  # type: ignore[union-attr,misc]
                 put(event)  # type: ignore[arg-type]
                 status.ticks += 1
             elif cls is Send:

@@ -124,8 +124,9 @@ class BrokerSpec(Generic[S]):
     """Its settings: a frozen dataclass whose fields carry `settings_table.setting` rows."""
     prefix: str
     """Its variables are `GREEKSD_<prefix><FIELD>` (e.g. `IBKR_` -> GREEKSD_IBKR_URL)."""
-    stream: Callable[[S, Recorder | None], Source]
-    """The `Source` that `greeksd run` supervises (recording to the recorder, if any)."""
+    stream: Callable[[str, S, Recorder | None], Source]
+    """The `Source` that `greeksd run` supervises: `stream(source_name, settings,
+    recorder)`, named `source_name` (greeksd.sources), recording to the recorder if any."""
     replayer: Callable[[], Replayer] | None = None
     """`greeksd replay`; also what makes the broker recordable (`greeksd record`)."""
     probe: Callable[[S, float, Path], Awaitable[int]] | None = None

@@ -11,9 +11,9 @@ from greeksd.sim.market import SyntheticMarket, default_contracts
 from greeksd.sim.synthetic import SyntheticSource
 
 
-def _stream(settings: NoSettings, recorder: Recorder | None) -> Source:
+def _stream(name: str, settings: NoSettings, recorder: Recorder | None) -> Source:
     today = datetime.now(UTC).date()
-    return SyntheticSource(SyntheticMarket(default_contracts(today), as_of=today))
+    return SyntheticSource(SyntheticMarket(default_contracts(today), as_of=today), name=name)
 
 
 SPEC = BrokerSpec(name="synthetic", settings=NoSettings, prefix="SYNTHETIC_", stream=_stream)

@@ -49,7 +49,7 @@ class SyntheticSource:
         contract = Contract(c.key, c.underlying, c.multiplier, c.quantity, self.account_id)
         now = datetime.now(UTC)
         g = tick.greeks
-        return Snapshot.for_contract(
+        row = Snapshot.for_contract(
             Broker.SYNTHETIC,
             contract,
             event_time=now,
@@ -66,6 +66,8 @@ class SyntheticSource:
             mark=g.price,
             source_payload={"seq": tick.seq, "source": self.name},
         )
+        row.source = self.name
+        return row
 
     async def run(self, sink: SnapshotSink, status: StreamStatus) -> None:
         status.subscriptions = len(self.market.contracts)

@@ -6,7 +6,8 @@ whether the API's queries return it, and whether it is part of the values' finge
 From it, once at import:
 
 - `COPY_COLUMNS` / `COPY_TYPES`: what the writer's binary COPY sends, and as which types;
-- `snapshot_row`: a Snapshot as the tuple COPY writes (fingerprint last);
+- `snapshot_row`: a Snapshot (and the writer's instance name) as the tuple COPY writes
+  (fingerprint last);
 - `snapshot_to_dict` / `snapshot_from_dict`: a Snapshot as a spool (or rejected-batch)
   record and back;
 - `SNAPSHOT_COLUMNS`: what the read queries return;
@@ -68,9 +69,12 @@ class Column:
     """One column of `greek_snapshots`.
 
     `pg_type` is its binary COPY type (None: the writer does not send it, the server
-    fills it). `attribute` is False for a column not read off the Snapshot (the
-    fingerprint). `absent_before` names the migration that added a column a spool
-    record written by an older greeksd may lack (read as None)."""
+    fills it). `attribute` is False for a column not read off the Snapshot: the
+    fingerprint, computed, and a `parameter`, which `snapshot_row` takes as an argument
+    of the same name (the writer's `instance`: whoever writes the row, not whoever
+    received it, so it is not in spool records either). `absent_before` names the
+    migration that added a column a spool record written by an older greeksd may lack
+    (read as None)."""
 
     name: str
     pg_type: str | None
@@ -78,6 +82,7 @@ class Column:
     returned: bool = True
     fingerprinted: bool = False
     attribute: bool = True
+    parameter: bool = False
     absent_before: str | None = None
 
 
@@ -110,6 +115,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("event_time", "timestamptz", DATETIME),
     Column("received_at", "timestamptz", DATETIME),
     Column("market_data", "text", absent_before="003"),
+    Column("source", "text", absent_before="004"),
+    Column("instance", "text", attribute=False, parameter=True),
     Column("source_payload", "jsonb", JSONB, returned=False),
     Column("persisted_at", None, DATETIME),
     Column("fingerprint", "int8", attribute=False),
@@ -117,6 +124,7 @@ COLUMNS: tuple[Column, ...] = (
 
 _WRITTEN = tuple(c for c in COLUMNS if c.pg_type is not None)
 _ATTRIBUTES = tuple(c for c in COLUMNS if c.attribute and c.pg_type is not None)
+_PARAMETERS = tuple(c.name for c in COLUMNS if c.parameter)
 COPY_COLUMNS: tuple[str, ...] = tuple(c.name for c in _WRITTEN)
 COPY_TYPES: tuple[str, ...] = tuple(c.pg_type for c in _WRITTEN if c.pg_type is not None)
 SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.returned)
@@ -152,7 +160,7 @@ _NAMES: dict[str, Any] = {
 
 
 def _row_source() -> str:
-    lines = ["def snapshot_row(s):"]
+    lines = [f"def snapshot_row(s, {', '.join(f'{p}=None' for p in _PARAMETERS)}):"]
     for c in _ATTRIBUTES:
         if c.codec.copy.count("{v}") == 1:  # read the attribute once either way
             lines.append(f"    {c.name} = {c.codec.copy.format(v='s.' + c.name)}")
@@ -165,7 +173,10 @@ def _row_source() -> str:
         if c.fingerprinted and c.codec.fingerprint is not None
     ]
     assert len(prints) == len(FINGERPRINTED), "a fingerprinted column needs a codec for it"
-    values = [c.name if c.attribute else f"_fingerprint(({', '.join(prints)},))" for c in _WRITTEN]
+    values = [
+        c.name if c.attribute or c.parameter else f"_fingerprint(({', '.join(prints)},))"
+        for c in _WRITTEN
+    ]
     lines.append(f"    return ({', '.join(values)},)")
     return "\n".join(lines)
 
@@ -195,8 +206,11 @@ ENCODER_SOURCE = "\n\n".join((_row_source(), _to_dict_source(), _from_dict_sourc
 _compiled: dict[str, Any] = dict(_NAMES)
 exec(compile(ENCODER_SOURCE, f"<{__name__} generated>", "exec"), _compiled)
 
-snapshot_row: Callable[[Snapshot], tuple[Any, ...]] = _compiled["snapshot_row"]
-snapshot_row.__doc__ = "A Snapshot as the tuple binary COPY writes (`COPY_COLUMNS` order)."
+snapshot_row: Callable[..., tuple[Any, ...]] = _compiled["snapshot_row"]
+snapshot_row.__doc__ = (
+    "A Snapshot as the tuple binary COPY writes (`COPY_COLUMNS` order); `instance=`: "
+    "the writing instance's name (None: not known, e.g. a benchmark)."
+)
 snapshot_to_dict: Callable[[Snapshot], dict[str, Any]] = _compiled["snapshot_to_dict"]
 snapshot_to_dict.__doc__ = (
     "A spool record: exact and typed (Decimals and dates as strings, datetimes with "

@@ -62,6 +62,8 @@ class Filter:
     account_id: str | None = None
     contract_key: str | None = None
     underlying: str | None = None
+    source: str | None = None
+    instance: str | None = None
     start: datetime | None = None
     end: datetime | None = None
 
@@ -119,6 +121,8 @@ def _where(f: Filter, time_column: str) -> tuple[list[sql.Composable], list[Any]
         ("account_id", f.account_id),
         ("contract_key", f.contract_key),
         ("underlying", f.underlying),
+        ("source", f.source),
+        ("instance", f.instance),
     )
     for column, value in equal:
         if value is not None:

@@ -58,8 +58,12 @@ class Writer:
         spool: Spool | None = None,
         timeout_s: float = config.DB_TIMEOUT_S,
         schema_ready: trio.Event | None = None,
+        instance: str | None = None,
     ) -> None:
         self.flush_rows = flush_rows
+        # Every row this writer stores names it (GREEKSD_INSTANCE), spooled rows too:
+        # the instance that writes a row is the one whose spool held it.
+        self.instance = instance
         self.flush_s = flush_ms / 1000.0
         self.slo_ms = slo_ms
         self._backoff = backoff or Backoff(initial=0.2, maximum=5.0)
@@ -176,7 +180,8 @@ class Writer:
         `holding_reason`, and retry both until one does."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
-        rows = [snapshot_row(s) for s in batch]
+        instance = self.instance
+        rows = [snapshot_row(s, instance) for s in batch]
         while True:
             held_off = self._held_off()
             if self._spool is not None and (held_off or self.spool_pending):
@@ -243,7 +248,7 @@ class Writer:
             batch, end = item
             started = time.perf_counter()
             try:
-                inserted = await self._table.write([snapshot_row(s) for s in batch])
+                inserted = await self._table.write([snapshot_row(s, self.instance) for s in batch])
             except UNREACHABLE as exc:
                 self._on_failure(exc, len(batch))
                 return False

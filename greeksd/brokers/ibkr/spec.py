@@ -45,10 +45,10 @@ class IbkrSettings:
     )
 
 
-def _stream(settings: IbkrSettings, recorder: Recorder | None) -> Source:
+def _stream(name: str, settings: IbkrSettings, recorder: Recorder | None) -> Source:
     from greeksd.brokers.ibkr.stream import IbkrStream
 
-    return IbkrStream.from_settings(settings, recorder)
+    return IbkrStream.from_settings(settings, recorder, name=name)
 
 
 def _replayer() -> Replayer:

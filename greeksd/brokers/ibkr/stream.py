@@ -33,6 +33,7 @@ class IbkrStream(BrokerStream):
         backoff: Backoff | None = None,
         probe_interval_s: float = 2.0,
         recorder: Recorder | None = None,
+        name: str = "ibkr",
     ) -> None:
         settings = LinkSettings(
             heartbeat_s, tickle_s, watchdog_s, positions_refresh_s, smd_refresh_s, max_lines
@@ -49,7 +50,7 @@ class IbkrStream(BrokerStream):
             return IbkrClient(gw, settings, self.option_keys)
 
         super().__init__(
-            "ibkr",
+            name,
             open_client,
             backoff=backoff,
             probe_interval_s=probe_interval_s,
@@ -57,7 +58,9 @@ class IbkrStream(BrokerStream):
         )
 
     @classmethod
-    def from_settings(cls, settings: IbkrSettings, recorder: Recorder | None) -> IbkrStream:
+    def from_settings(
+        cls, settings: IbkrSettings, recorder: Recorder | None, *, name: str = "ibkr"
+    ) -> IbkrStream:
         return cls(
             settings.url,
             ca_file=settings.ca_file,
@@ -66,4 +69,5 @@ class IbkrStream(BrokerStream):
             positions_refresh_s=settings.positions_refresh_s,
             max_lines=settings.max_lines,
             recorder=recorder,
+            name=name,
         )

@@ -40,10 +40,10 @@ class TastytradeSettings:
     )
 
 
-def _stream(settings: TastytradeSettings, recorder: Recorder | None) -> Source:
+def _stream(name: str, settings: TastytradeSettings, recorder: Recorder | None) -> Source:
     from greeksd.brokers.tastytrade.stream import TastytradeStream
 
-    return TastytradeStream.from_settings(settings, recorder)
+    return TastytradeStream.from_settings(settings, recorder, name=name)
 
 
 def _replayer() -> Replayer:

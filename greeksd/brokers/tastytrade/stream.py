@@ -180,6 +180,7 @@ class TastytradeStream(BrokerStream):
         subscription_chunk_bytes: int = dx.SUBSCRIPTION_CHUNK_BYTES,
         channel_open_timeout: float = CHANNEL_OPEN_TIMEOUT_S,
         recorder: Recorder | None = None,
+        name: str = "tastytrade",
     ) -> None:
         """`rest_url`: see `TastytradeClient`. `channel_open_timeout`: how long a
         CHANNEL_REQUEST may go unanswered before it counts as refused and is retried."""
@@ -194,7 +195,7 @@ class TastytradeStream(BrokerStream):
         )
         self.client = TastytradeClient(api, options, rest_url=rest_url)
         super().__init__(
-            "tastytrade",
+            name,
             self.client.open,
             backoff=backoff,
             probe_interval_s=probe_interval_s,
@@ -203,7 +204,7 @@ class TastytradeStream(BrokerStream):
 
     @classmethod
     def from_settings(
-        cls, settings: TastytradeSettings, recorder: Recorder | None
+        cls, settings: TastytradeSettings, recorder: Recorder | None, *, name: str = "tastytrade"
     ) -> TastytradeStream:
         """The stream `greeksd run` starts, from the `GREEKSD_TT_*` settings."""
         api = TastytradeApi(
@@ -217,4 +218,5 @@ class TastytradeStream(BrokerStream):
             positions_refresh_s=settings.positions_refresh_s,
             rest_url=settings.api_url or API_URL,
             recorder=recorder,
+            name=name,
         )
