@@ -1,4 +1,5 @@
-"""`greeksd` command line: run, demo, record, replay, db, sim, probe, config, bench."""
+"""`greeksd` command line: run, demo, record, replay, archive, db, sim, probe, config,
+bench."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -140,6 +142,35 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_archive_frames(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from greeksd.archive_frames import find_frames
+    from greeksd.model import ContractKey
+
+    try:
+        parse_source(args.source)
+        key = str(ContractKey.parse(args.contract))
+        at = datetime.fromisoformat(args.at)
+    except ValueError as exc:
+        raise ConfigError(f"greeksd archive frames: {exc}") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    root = Path(args.archive_dir) if args.archive_dir else settings.data_dir / "archive"
+    exact = 0
+    for match in find_frames(root, args.source, key, at, args.window_s):
+        exact += match.exact
+        sys.stdout.write(orjson.dumps(match.as_json()).decode() + "\n")
+    if not exact:
+        print(
+            f"greeksd archive frames: no frame of {args.source} received at {at.isoformat()} "
+            f"yielded a row for {key} (archive: {root})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     with database_url(settings) as url:
         if args.db_command == "migrate":
@@ -163,13 +194,8 @@ def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
         register_secret(secret)
     probe = source.spec.probe
     assert probe is not None  # the parser accepts only brokers with a probe
-    # a named source's reports go into a folder of its own, so probing two logins of
-    # one broker into the same --out keeps both (the files are named by broker)
-    out = Path(args.out)
-    if args.source != source.spec.name:
-        out = out / args.source.replace(":", "-")
-    code = int(trio.run(probe, source.settings, args.duration, out))
-    print(f"probe {args.source}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {out}/")
+    code = int(trio.run(probe, source.settings, args.duration, Path(args.out)))
+    print(f"probe {args.source}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
     return code
 
 
@@ -270,6 +296,32 @@ def make_parser() -> argparse.ArgumentParser:
         help="replay into this database (default: GREEKSD_DATABASE_URL, else embedded)",
     )
     replay.set_defaults(handler=_cmd_replay)
+
+    archive = commands.add_parser("archive", help="read the raw-frame archive")
+    archive_commands = archive.add_subparsers(dest="archive_command", required=True)
+    frames = archive_commands.add_parser(
+        "frames",
+        help="the raw frames that produced a stored row",
+        description="Replay the source's archived frames around --at through its protocol "
+        "code and print, one JSON line each, the frames that yielded a row for the contract "
+        "(the connection's link record as context); `exact` marks the frame received at "
+        "--at, the row's received_at. Exit 1 when no frame received at --at did.",
+    )
+    frames.add_argument("--source", required=True, help="the row's source, e.g. ibkr:alice")
+    frames.add_argument("--contract", required=True, help="the row's contract_key")
+    frames.add_argument(
+        "--at", required=True, help="the row's received_at (ISO 8601; UTC if naive)"
+    )
+    frames.add_argument(
+        "--window-s",
+        type=float,
+        default=5.0,
+        help="also print the contract's frames received this many seconds around --at",
+    )
+    frames.add_argument(
+        "--archive-dir", help="the archive to read (default: $GREEKSD_DATA_DIR/archive)"
+    )
+    frames.set_defaults(handler=_cmd_archive_frames)
 
     db = commands.add_parser("db", help="database schema commands")
     db_commands = db.add_subparsers(dest="db_command", required=True)

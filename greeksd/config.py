@@ -39,6 +39,7 @@ from greeksd.settings_table import (
     PREFIX,
     ConfigError,
     Setting,
+    boolean,
     non_negative_float,
     non_negative_int,
     optional_path,
@@ -116,6 +117,8 @@ FLUSH_MS = 25
 QUEUE_SIZE = 100_000
 DB_TIMEOUT_S = 5.0
 LATENCY_SLO_MS = 500
+ARCHIVE_FLUSH_MS = 1000
+ARCHIVE_RETENTION_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ class Settings:
     data_dir: Path = setting(
         _default_data_dir,
         lambda t: Path(t).expanduser(),
-        "where the embedded database (`pg/`) and the disk spool (`spool/`) live",
+        "where the embedded database (`pg/`), the disk spool (`spool/`) and the raw-frame "
+        "archive (`archive/`) live",
     )
     api_host: str = setting("127.0.0.1", str, "HTTP bind address")
     api_port: int = setting("8765", port, "HTTP port (0 = pick a free one)")
@@ -172,6 +176,23 @@ class Settings:
         "1024",
         positive_int,
         "cap of the disk spool that holds batches while the database is unreachable",
+    )
+    archive: bool = setting(
+        "1",
+        boolean,
+        "keep every inbound frame of every source in hourly compressed files under "
+        "DATA_DIR/archive (see Raw-frame archive); 0 turns it off",
+    )
+    archive_retention_days: int = setting(
+        str(ARCHIVE_RETENTION_DAYS),
+        non_negative_int,
+        "delete archive files whose hour ended more than this many days ago; 0 keeps everything",
+    )
+    archive_flush_ms: int = setting(
+        str(ARCHIVE_FLUSH_MS),
+        positive_int,
+        "the archive writes and fsyncs a compressed member this often (or at 10,000 "
+        "frames): what a crash can lose at most",
     )
     db_timeout_s: float = setting(
         f"{DB_TIMEOUT_S:g}",

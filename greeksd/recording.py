@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import gzip
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -126,6 +126,29 @@ def fixture_header(brokers: Sequence[str], recorded_at: datetime) -> dict[str, A
     }
 
 
+def link_record(broker: str, at: datetime, details: Mapping[str, Any]) -> dict[str, Any]:
+    """A `link` line: a new connection of `broker` (the stream's source name)."""
+    return {"t": at.isoformat(), "b": broker, "k": "link", **details}
+
+
+def positions_record(
+    broker: str, positions: Sequence[Any], at: datetime, details: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A `positions` line: what the stream tracks from now on."""
+    record = {"t": at.isoformat(), "b": broker, "k": "positions"}
+    return record | {"positions": [position_json(p) for p in positions], **details}
+
+
+def frame_record(broker: str, data: str | bytes, received_at: datetime) -> dict[str, Any]:
+    """A `frame` line: text scrubbed of secrets, binary as base64."""
+    record: dict[str, Any] = {"t": received_at.isoformat(), "b": broker, "k": "frame"}
+    if isinstance(data, str):
+        record["d"] = scrub(data)
+    else:
+        record["bin"] = base64.b64encode(data).decode("ascii")
+    return record
+
+
 class FixtureWriter:
     """A `Recorder` writing a fixture file; use as a context manager."""
 
@@ -156,23 +179,39 @@ class FixtureWriter:
 
     def link(self, broker: str, at: datetime, **details: Any) -> None:
         self._count("link")
-        self._write({"t": at.isoformat(), "b": broker, "k": "link", **details})
+        self._write(link_record(broker, at, details))
 
     def positions(
         self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
     ) -> None:
         self._count("positions")
-        record = {"t": at.isoformat(), "b": broker, "k": "positions"}
-        self._write(record | {"positions": [position_json(p) for p in positions], **details})
+        self._write(positions_record(broker, positions, at, details))
 
     def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None:
         self._count("frame")
-        record: dict[str, Any] = {"t": received_at.isoformat(), "b": broker, "k": "frame"}
-        if isinstance(data, str):
-            record["d"] = scrub(data)
-        else:
-            record["bin"] = base64.b64encode(data).decode("ascii")
-        self._write(record)
+        self._write(frame_record(broker, data, received_at))
+
+
+class FanOut:
+    """A `Recorder` telling several: the service's archive and, on the same stream, a
+    fixture being recorded. Each is called in order, synchronously, like one recorder."""
+
+    def __init__(self, *recorders: Recorder) -> None:
+        self.recorders = recorders
+
+    def link(self, broker: str, at: datetime, **details: Any) -> None:
+        for recorder in self.recorders:
+            recorder.link(broker, at, **details)
+
+    def positions(
+        self, broker: str, positions: Sequence[Any], at: datetime, **details: Any
+    ) -> None:
+        for recorder in self.recorders:
+            recorder.positions(broker, positions, at, **details)
+
+    def frame(self, broker: str, data: str | bytes, received_at: datetime) -> None:
+        for recorder in self.recorders:
+            recorder.frame(broker, data, received_at)
 
 
 # ---- reading -------------------------------------------------------------------------
@@ -198,20 +237,38 @@ class Record:
 class FixtureRecords:
     """The records of a fixture in file order, read lazily (fixtures may be large). A line
     that cannot be read is logged with its line number and reason, counted in
-    `rejected`, and skipped: one damaged line must not cost the rest of a recording."""
+    `rejected`, and skipped: one damaged line must not cost the rest of a recording.
+
+    Two things an archive file (greeksd.archive) may hold are read as such: another
+    header line (fixtures concatenated with `cat`, e.g. consecutive hour files) is
+    skipped, and a compressed tail cut short by a crash ends the records with a
+    `fixture_truncated` warning (counted in `rejected`) instead of an error."""
 
     def __init__(self, path: Path, f: IO[str]) -> None:
         self.path = path
         self._f = f
         self.rejected = 0
 
+    def _lines(self) -> Iterator[str]:
+        try:
+            yield from self._f
+        except (EOFError, OSError) as exc:  # gzip: a member cut short, or garbage after it
+            self.rejected += 1
+            log.warning(
+                "fixture_truncated",
+                fixture=str(self.path),
+                reason=f"{type(exc).__name__}: {exc}"[:200],
+            )
+
     def __iter__(self) -> Iterator[Record]:
         with self._f:
-            for number, line in enumerate(self._f, start=2):
+            for number, line in enumerate(self._lines(), start=2):
                 if not line.strip():
                     continue
                 try:
                     obj = orjson.loads(line)
+                    if isinstance(obj, dict) and obj.get("fixture") == FORMAT:
+                        continue  # the header of a fixture concatenated to this one
                     at = datetime.fromisoformat(obj["t"])
                     if at.tzinfo is None or not isinstance(obj["b"], str):
                         raise ValueError("needs an aware time and a broker name")

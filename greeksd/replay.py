@@ -129,10 +129,16 @@ class Replayers:
     a record kind means, for replay and for the benchmarks that decode fixtures. A
     record's `broker` is the stream that recorded it (a source name, greeksd.sources:
     `ibkr`, or `ibkr:alice` when one instance ran several IBKR logins), so each source
-    gets its own replayer and its rows their `source`, as live."""
+    gets its own replayer and its rows their `source`, as live.
+
+    A `link` or `positions` record marked `resumed` restates, at the top of an archive
+    hour file (greeksd.archive), a connection that was already open: it is applied only
+    when the replay starts there (no link of that source seen yet), and ignored when the
+    replay has read the connection's real start, whose state it already holds."""
 
     def __init__(self) -> None:
         self._by_broker: dict[str, Replayer] = {}
+        self._linked: set[str] = set()
 
     def apply(self, record: Record, stats: ReplayStats) -> list[Snapshot]:
         """Apply one record (counted in `stats`); returns the rows a frame yields."""
@@ -151,11 +157,14 @@ class Replayers:
             for row in rows:
                 row.source = record.broker
             return rows
+        if record.body.get("resumed") and record.broker in self._linked:
+            return []
         if record.kind == "positions":
             stats.position_updates += 1
             replayer.positions(record)
         elif record.kind == "link":
             stats.links += 1
+            self._linked.add(record.broker)
             replayer.link(record)
         else:
             stats.skipped_records += 1

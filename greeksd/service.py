@@ -2,7 +2,8 @@
 
     trio.run
     └── signal watcher + service scope
-        └── pipeline (writer + overflow pump)      ← closed last, so it drains
+        └── raw-frame archive (worker thread)       ← closed last: writes the last frames
+          └── pipeline (writer + overflow pump)     ← closed after the streams, so it drains
             └── inner nursery: supervisor (one scope per broker), partition keeper, HTTP
 
 HTTP is a task that owns a thread running its own trio loop (greeksd.api.loop), so
@@ -35,7 +36,9 @@ from hypercorn.config import Config as HypercornConfig
 from greeksd.api.app import create_app
 from greeksd.api.loop import serve_in_own_loop
 from greeksd.api.state import ServiceState, open_read_pool
+from greeksd.archive import Archive, open_archive, with_recorder
 from greeksd.backoff import Backoff
+from greeksd.brokers.link import BrokerStream
 from greeksd.config import Settings
 from greeksd.logs import get_logger
 from greeksd.model import Source
@@ -214,6 +217,38 @@ async def open_service(
     check_api_exposure(settings)
     for secret in settings.secrets():
         register_secret(secret)
+    async with (
+        archiving(settings, sources) as archive,
+        _open_service(settings, sources, archive) as service,
+    ):
+        yield service
+
+
+@contextlib.asynccontextmanager
+async def archiving(settings: Settings, sources: Sequence[Source]) -> AsyncIterator[Archive | None]:
+    """Unless GREEKSD_ARCHIVE=0: an archive every broker stream records to (next to a
+    recorder it may already have), whose worker runs until after the streams stopped
+    and the pipeline drained, so the last frames are written too."""
+    if not settings.archive:
+        log.info("archive_off")
+        yield None
+        return
+    archive = Archive(
+        settings.data_dir / "archive",
+        retention_days=settings.archive_retention_days,
+        flush_ms=settings.archive_flush_ms,
+    )
+    for source in sources:
+        if isinstance(source, BrokerStream):
+            source.recorder = with_recorder(source.recorder, archive)
+    async with open_archive(archive):
+        yield archive
+
+
+@contextlib.asynccontextmanager
+async def _open_service(
+    settings: Settings, sources: Sequence[Source], archive: Archive | None
+) -> AsyncIterator[RunningService]:
     with database_url(settings) as url:
         bounded_url = with_timeouts(url, settings.db_timeout_s)
         schema_ready = trio.Event()
@@ -259,6 +294,7 @@ async def open_service(
                 reads,
                 pipeline.trade_writer,
                 service_token=trio.lowlevel.current_trio_token(),
+                archive=archive,
             )
             async with trio.open_nursery() as inner:
                 inner.start_soon(

@@ -10,6 +10,8 @@ from typing import Any
 from quart import Blueprint, Response
 
 from greeksd.api.state import ServiceState, current_state
+from greeksd.archive import STATES as ARCHIVE_STATES
+from greeksd.archive import ArchiveStats
 from greeksd.coverage import STATES
 from greeksd.latency import PROMETHEUS_BOUNDS_S
 from greeksd.model import StreamState
@@ -186,6 +188,8 @@ def render(state: ServiceState) -> str:
         "Conflated rows by the reason the channel was full.",
         (({"reason": r}, float(n)) for r, n in sorted(stats.conflated_by_reason.items())),
     )
+    if state.archive is not None:
+        lines += _archive_families(state.archive.stats)
     latency = stats.latency
     cumulative = list(accumulate(latency.prometheus_counts))
     buckets: list[Sample] = [
@@ -225,3 +229,30 @@ PATHS: dict[str, Any] = {
         }
     }
 }
+
+
+def _archive_families(stats: ArchiveStats) -> list[str]:
+    """The raw-frame archive (greeksd.archive): what it wrote, what it lost, its state."""
+    lines: list[str] = []
+    for name, help_text, value in (
+        ("greeksd_archive_records_total", "Records written to the archive.", stats.records),
+        ("greeksd_archive_bytes_total", "Compressed bytes written to the archive.", stats.bytes),
+        (
+            "greeksd_archive_dropped_total",
+            "Records not archived: the disk refused them or the backlog was full.",
+            stats.dropped,
+        ),
+        (
+            "greeksd_archive_errors_total",
+            "Archive disk operations refused (full, read-only, I/O error).",
+            stats.errors,
+        ),
+    ):
+        lines += _family(name, "counter", help_text, [({}, float(value))])
+    lines += _family(
+        "greeksd_archive_state",
+        "gauge",
+        "1 for the archive's current state, else 0.",
+        (({"state": st}, float(stats.state == st)) for st in ARCHIVE_STATES),
+    )
+    return lines

@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 from quart import current_app
 
 from greeksd.api.loop import call_on_loop
+from greeksd.archive import Archive
 from greeksd.config import Settings
 from greeksd.sink import ChannelSink
 from greeksd.store.reads import ReadPool, load_out_of_range_times_as_text
@@ -103,6 +104,8 @@ class ServiceState:
     # The loop the service (supervisor, writer) runs on, when HTTP runs on its own loop
     # (greeksd.api.loop); None when both share one loop (the in-process test client).
     service_token: trio.lowlevel.TrioToken | None = None
+    # The raw-frame archive (greeksd.archive); None when GREEKSD_ARCHIVE=0.
+    archive: Archive | None = None
 
     async def on_service_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the service's loop: needed to touch its trio objects (the
@@ -125,6 +128,11 @@ class ServiceState:
             trades["accepted"] = self.sink.trades_accepted
             trades["dropped"] = self.sink.trades_dropped
             status["trades"] = trades
+        status["archive"] = (
+            self.archive.stats.as_json(self.archive.pending)
+            if self.archive is not None
+            else {"state": "off"}
+        )
         return status
 
 
