@@ -39,6 +39,7 @@ from greeksd.settings_table import (
     PREFIX,
     ConfigError,
     Setting,
+    boolean,
     non_negative_float,
     non_negative_int,
     optional_path,
@@ -116,6 +117,7 @@ FLUSH_MS = 25
 QUEUE_SIZE = 100_000
 DB_TIMEOUT_S = 5.0
 LATENCY_SLO_MS = 500
+STORE_PAYLOAD = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,13 @@ class Settings:
     )
     partition_days_ahead: int = setting(
         "3", non_negative_int, "daily partitions created ahead of today"
+    )
+    store_payload: bool = setting(
+        str(int(STORE_PAYLOAD)),
+        boolean,
+        "store each snapshot's raw broker event in `source_payload` (jsonb, about 250 bytes "
+        "a row, more than the rest of the row); off: NULL, and the Connections do not even "
+        "build it",
     )
     retention_days: int = setting(
         "0",

@@ -38,7 +38,7 @@ from greeksd.api.state import ServiceState, open_read_pool
 from greeksd.backoff import Backoff
 from greeksd.config import Settings
 from greeksd.logs import get_logger
-from greeksd.model import Source
+from greeksd.model import Source, keeping_payload
 from greeksd.pipeline import open_pipeline
 from greeksd.redact import register_secret
 from greeksd.settings_table import ConfigError
@@ -214,7 +214,7 @@ async def open_service(
     check_api_exposure(settings)
     for secret in settings.secrets():
         register_secret(secret)
-    with database_url(settings) as url:
+    with database_url(settings) as url, keeping_payload(settings.store_payload):
         bounded_url = with_timeouts(url, settings.db_timeout_s)
         schema_ready = trio.Event()
         unreachable: str | None = None
@@ -243,6 +243,7 @@ async def open_service(
                 db_timeout_s=settings.db_timeout_s,
                 schema_ready=schema_ready,
                 instance=settings.instance,
+                store_payload=settings.store_payload,
             ) as pipeline,
         ):
             if unreachable is not None:
