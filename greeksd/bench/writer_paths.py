@@ -1,7 +1,7 @@
 """Benchmark: the two ways to drive psycopg from trio, on the writer's exact SQL.
 
-(a) psycopg's sync API in a worker thread (trio.to_thread) — what the Writer uses;
-(b) psycopg's asyncio API through trio-asyncio.
+(a) psycopg's sync API in a worker thread (trio.to_thread): the Writer itself;
+(b) psycopg's asyncio API through trio-asyncio: the same binary COPY into the table.
 Same batches, same database, same run, so the ratio holds on a noisy machine.
 """
 
