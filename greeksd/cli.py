@@ -133,6 +133,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                     Path(args.fixture),
                     speed=args.speed,
                     instance=settings.instance,
+                    store_payload=settings.store_payload,
                 )
             )
         except (FixtureError, OSError) as exc:

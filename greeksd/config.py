@@ -119,6 +119,7 @@ DB_TIMEOUT_S = 5.0
 LATENCY_SLO_MS = 500
 ARCHIVE_FLUSH_MS = 1000
 ARCHIVE_RETENTION_DAYS = 7
+STORE_PAYLOAD = False
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,13 @@ class Settings:
     )
     partition_days_ahead: int = setting(
         "3", non_negative_int, "daily partitions created ahead of today"
+    )
+    store_payload: bool = setting(
+        str(int(STORE_PAYLOAD)),
+        boolean,
+        "store each snapshot's raw broker event in `source_payload` (jsonb, about 250 bytes "
+        "a row, more than the rest of the row); off: NULL, and the Connections do not even "
+        "build it",
     )
     retention_days: int = setting(
         "0",

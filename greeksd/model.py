@@ -6,10 +6,12 @@ a slotted dataclass because hundreds of thousands are created per minute under l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -139,6 +141,24 @@ class Contract:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_text", str(self.key))
+
+
+KEEP_PAYLOAD: ContextVar[bool] = ContextVar("greeksd_keep_payload", default=True)
+"""Whether the Connections' mapping code puts the raw event in `Snapshot.source_payload`
+(read as each row is made, in the task that receives the frame). The service and replay set it from
+GREEKSD_STORE_PAYLOAD for their task tree (trio tasks inherit the context they start
+in), so with payloads off no per-row dict is built on the tick path; the writer drops
+any payload that comes anyway. Elsewhere (transcripts, the probe) rows keep it."""
+
+
+@contextlib.contextmanager
+def keeping_payload(keep: bool) -> Iterator[None]:
+    """`KEEP_PAYLOAD` is `keep` inside the block (and in tasks started from it)."""
+    token = KEEP_PAYLOAD.set(keep)
+    try:
+        yield
+    finally:
+        KEEP_PAYLOAD.reset(token)
 
 
 @dataclass(slots=True)

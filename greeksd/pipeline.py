@@ -46,6 +46,7 @@ async def open_pipeline(
     backoff: Backoff | None = None,
     connect: Callable[[str], psycopg.Connection] | None = None,
     instance: str | None = None,
+    store_payload: bool = config.STORE_PAYLOAD,
 ) -> AsyncIterator[Pipeline]:
     send, receive = trio.open_memory_channel[Snapshot](queue_size)
     trade_send, trade_receive = trio.open_memory_channel[Trade](trade_queue_size)
@@ -60,6 +61,7 @@ async def open_pipeline(
         backoff=backoff,
         connect=connect,
         instance=instance,
+        store_payload=store_payload,
     )
     sink = ChannelSink(send, trade_send, on_conflate=writer.note_conflated)
     trade_writer = TradeWriter(url, timeout_s=db_timeout_s, schema_ready=schema_ready)

@@ -33,7 +33,7 @@ from greeksd.brokers import registry
 from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.spec import ReplayCounts, Replayer
 from greeksd.logs import get_logger
-from greeksd.model import Snapshot
+from greeksd.model import Snapshot, keeping_payload
 from greeksd.pipeline import Pipeline, open_pipeline
 from greeksd.recording import (
     Record,
@@ -187,10 +187,12 @@ async def replay_fixture(
     flush_rows: int = config.FLUSH_ROWS,
     flush_ms: int = config.FLUSH_MS,
     instance: str | None = None,
+    store_payload: bool = config.STORE_PAYLOAD,
 ) -> ReplayStats:
     """Replay `path` into the database at `url` (migrated). `speed` 0 = as fast as
     possible, 1 = the recorded pacing, 2 = twice as fast. Rows name `instance` as the
-    instance that wrote them. Returns once every row is committed."""
+    instance that wrote them; `store_payload`: GREEKSD_STORE_PAYLOAD. Returns once every
+    row is committed."""
     _, fixture = read_fixture(path)
     records = iter(fixture)
     first = next(records, None)
@@ -208,8 +210,10 @@ async def replay_fixture(
         # age: no SLO to check
         slo_ms=sys.maxsize,
         instance=instance,
+        store_payload=store_payload,
     ) as pipeline:
-        await _feed(itertools.chain([first], records), pipeline, stats, speed)
+        with keeping_payload(store_payload):
+            await _feed(itertools.chain([first], records), pipeline, stats, speed)
     writer = pipeline.writer.stats
     stats.rows_written, stats.duplicates, stats.late = (
         writer.rows_written,

@@ -41,7 +41,7 @@ from greeksd.backoff import Backoff
 from greeksd.brokers.link import BrokerStream
 from greeksd.config import Settings
 from greeksd.logs import get_logger
-from greeksd.model import Source
+from greeksd.model import Source, keeping_payload
 from greeksd.pipeline import open_pipeline
 from greeksd.redact import register_secret
 from greeksd.settings_table import ConfigError
@@ -249,7 +249,7 @@ async def archiving(settings: Settings, sources: Sequence[Source]) -> AsyncItera
 async def _open_service(
     settings: Settings, sources: Sequence[Source], archive: Archive | None
 ) -> AsyncIterator[RunningService]:
-    with database_url(settings) as url:
+    with database_url(settings) as url, keeping_payload(settings.store_payload):
         bounded_url = with_timeouts(url, settings.db_timeout_s)
         schema_ready = trio.Event()
         unreachable: str | None = None
@@ -278,6 +278,7 @@ async def _open_service(
                 db_timeout_s=settings.db_timeout_s,
                 schema_ready=schema_ready,
                 instance=settings.instance,
+                store_payload=settings.store_payload,
             ) as pipeline,
         ):
             if unreachable is not None:

@@ -100,7 +100,7 @@ async def steady_stream(
     spool = Spool(tmp_path / "snapshots.spool", max_bytes=100 * 1024 * 1024)
     async with (
         open_pipeline(
-            url, flush_rows=50, flush_ms=20, spool=spool, db_timeout_s=TIMEOUT_S
+            url, store_payload=True, flush_rows=50, flush_ms=20, spool=spool, db_timeout_s=TIMEOUT_S
         ) as pipeline,
         trio.open_nursery() as nursery,
     ):
@@ -235,7 +235,7 @@ async def test_writer_sends_nothing_until_the_schema_is_ready(
     ready = trio.Event()
     spool = Spool(path, max_bytes=10_000_000)
     async with open_pipeline(
-        empty_db_url, flush_rows=5, flush_ms=20, spool=spool, schema_ready=ready
+        empty_db_url, store_payload=True, flush_rows=5, flush_ms=20, spool=spool, schema_ready=ready
     ) as pipeline:
         writer, producer = pipeline.writer, Producer(pipeline)
         producer.seq = 5

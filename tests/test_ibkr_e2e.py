@@ -14,7 +14,9 @@ from tests.test_ibkr_stream import sent_state
 
 async def test_simulator_to_greek_snapshots_rows(db_url: str) -> None:
     async with open_ibkr_sim(tick_interval=None) as sim:
-        async with open_pipeline(db_url, flush_rows=20, flush_ms=50) as pipeline:
+        async with open_pipeline(
+            db_url, store_payload=True, flush_rows=20, flush_ms=50
+        ) as pipeline:
             status = StreamStatus("ibkr")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
@@ -59,7 +61,7 @@ async def test_frozen_data_is_stored_flagged_never_as_live(db_url: str) -> None:
     status = StreamStatus("ibkr")
     async with (
         open_ibkr_sim(tick_interval=0.01, availability="ZpB") as sim,
-        open_pipeline(db_url, flush_rows=20, flush_ms=50) as pipeline,
+        open_pipeline(db_url, store_payload=True, flush_rows=20, flush_ms=50) as pipeline,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(IbkrStream(sim.url, rest_min_interval=0.0).run, pipeline.sink, status)

@@ -44,7 +44,9 @@ async def test_thirty_second_outage_loses_and_doubles_nothing(
     async with (
         open_ibkr_sim(book, tick_interval=0.05) as ibkr_sim,
         open_tastytrade_sim(contracts=book, tick_interval=0.05) as tt_sim,
-        open_pipeline(url, flush_rows=20, flush_ms=100, spool=spool) as pipeline,
+        open_pipeline(
+            url, store_payload=True, flush_rows=20, flush_ms=100, spool=spool
+        ) as pipeline,
         trio.open_nursery() as nursery,
     ):
         ibkr = IbkrStream(ibkr_sim.url, rest_min_interval=0.0)
@@ -97,6 +99,7 @@ def _start_service(url: str, data_dir: Path, port: int) -> subprocess.Popen[str]
         GREEKSD_DATA_DIR=str(data_dir),
         GREEKSD_API_PORT=str(port),
         GREEKSD_BROKERS="synthetic",
+        GREEKSD_STORE_PAYLOAD="1",  # rows are told apart by their payload's seq
         GREEKSD_FLUSH_ROWS="20",
         GREEKSD_FLUSH_MS="100",
     )

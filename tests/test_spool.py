@@ -102,7 +102,7 @@ async def test_writer_spools_while_down_and_drains_in_order(
 ) -> None:
     database = SwitchableDatabase()
     spool = Spool(tmp_path / "s.spool", max_bytes=10_000_000)
-    writer = Writer(db_url, spool=spool, connect=database)
+    writer = Writer(db_url, store_payload=True, spool=spool, connect=database)
     await writer.write_batch([make_snapshot(i) for i in range(5)])
     database.up = False
     writer._close()  # the outage also breaks the open connection
@@ -131,7 +131,7 @@ async def test_leftover_spool_is_drained_first_at_start(db_url: str, tmp_path: P
     path = tmp_path / "s.spool"
     Spool(path, max_bytes=10_000_000).append([make_snapshot(i) for i in range(7)])
     send, receive = trio.open_memory_channel(10)
-    writer = Writer(db_url, spool=Spool(path, max_bytes=10_000_000))
+    writer = Writer(db_url, store_payload=True, spool=Spool(path, max_bytes=10_000_000))
     send.close()
     await writer.run(receive)
     assert count_rows(db_url) == 7 and Spool(path, max_bytes=1).size == 0
@@ -143,7 +143,7 @@ async def test_spooled_batch_the_table_refuses_is_set_aside_not_dropped(
     path = tmp_path / "s.spool"
     Spool(path, max_bytes=10_000_000).append([make_snapshot(0, account_id="x\x00y")])
     Spool(path, max_bytes=10_000_000).append([make_snapshot(1)])
-    writer = Writer(db_url, spool=Spool(path, max_bytes=10_000_000))
+    writer = Writer(db_url, store_payload=True, spool=Spool(path, max_bytes=10_000_000))
     send, receive = trio.open_memory_channel(10)
     send.close()
     await writer.run(receive)
@@ -162,7 +162,7 @@ async def test_a_corrupt_record_mid_spool_is_set_aside_and_the_writer_moves_on(
     data[-5] ^= 0xFF  # bit rot in the second record's payload
     path.write_bytes(bytes(data))
     reopened = Spool(path, max_bytes=10_000_000)
-    writer = Writer(db_url, spool=reopened)
+    writer = Writer(db_url, store_payload=True, spool=reopened)
     send, receive = trio.open_memory_channel[Snapshot](10)
     send.close()
     with trio.fail_after(10):

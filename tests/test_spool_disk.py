@@ -170,6 +170,7 @@ async def test_full_disk_and_database_down_degrade_loudly_then_lose_and_double_n
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
         CLOSED_PORT,
+        store_payload=True,
         flush_rows=10,
         flush_ms=20,
         queue_size=30,
@@ -234,6 +235,7 @@ async def test_without_a_spool_a_database_outage_holds_rows_under_its_own_reason
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
         CLOSED_PORT,
+        store_payload=True,
         flush_rows=10,
         flush_ms=20,
         queue_size=30,
@@ -270,6 +272,7 @@ async def test_read_only_spool_at_start_starts_degraded_and_resumes_after_remoun
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
         CLOSED_PORT,
+        store_payload=True,
         flush_rows=10,
         flush_ms=20,
         spool=spool,
@@ -384,6 +387,7 @@ async def test_rows_arriving_while_the_database_is_down_at_start_are_spooled(
     database = Reroutable(CLOSED_PORT)
     async with open_pipeline(
         CLOSED_PORT,
+        store_payload=True,
         flush_rows=10,
         flush_ms=20,
         spool=Spool(path, MAX_BYTES),
@@ -411,7 +415,7 @@ async def test_rows_arriving_during_a_start_up_drain_are_durable_and_stored_in_o
     with psycopg.connect(db_url) as blocker:
         blocker.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
         async with open_pipeline(
-            db_url, flush_rows=10, flush_ms=20, spool=Spool(path, MAX_BYTES)
+            db_url, store_payload=True, flush_rows=10, flush_ms=20, spool=Spool(path, MAX_BYTES)
         ) as pipeline:
             try:
                 for i in range(100, 150):
@@ -447,7 +451,9 @@ async def test_spooled_batch_refused_on_a_full_disk_stays_spooled_until_there_is
     rejected = path.with_suffix(".rejected.jsonl")
 
     async def run_writer() -> Writer:
-        writer = Writer(db_url, spool=Spool(path, MAX_BYTES), backoff=fast_backoff())
+        writer = Writer(
+            db_url, store_payload=True, spool=Spool(path, MAX_BYTES), backoff=fast_backoff()
+        )
         send, receive = trio.open_memory_channel[Snapshot](10)
         send.close()
         await writer.run(receive)

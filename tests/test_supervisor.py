@@ -34,7 +34,7 @@ async def test_failing_source_restarts_while_healthy_source_keeps_writing(db_url
         _market(1), name="flaky", account_id="A", ticks_per_second=200, fail_every=20
     )
     steady = SyntheticSource(_market(2), name="steady", account_id="B", ticks_per_second=200)
-    async with open_pipeline(db_url, flush_rows=10, flush_ms=50) as pipeline:
+    async with open_pipeline(db_url, store_payload=True, flush_rows=10, flush_ms=50) as pipeline:
         supervisor = Supervisor(
             pipeline.sink, backoff_factory=lambda: Backoff(initial=0.01, maximum=0.05)
         )
@@ -66,7 +66,7 @@ async def test_failing_source_restarts_while_healthy_source_keeps_writing(db_url
 async def test_stop_and_start_one_source(db_url: str) -> None:
     one = SyntheticSource(_market(3), name="one", account_id="A", ticks_per_second=500)
     two = SyntheticSource(_market(4), name="two", account_id="B", ticks_per_second=500)
-    async with open_pipeline(db_url, flush_rows=10, flush_ms=20) as pipeline:
+    async with open_pipeline(db_url, store_payload=True, flush_rows=10, flush_ms=20) as pipeline:
         supervisor = Supervisor(pipeline.sink)
         supervisor.add(one)
         supervisor.add(two)

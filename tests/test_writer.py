@@ -20,7 +20,7 @@ from tests.helpers import count_rows, fetch_rows, wait_until
 async def test_flushes_when_batch_reaches_flush_rows(
     db_url: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_pipeline(db_url, flush_rows=5, flush_ms=60_000) as pipeline:
+    async with open_pipeline(db_url, store_payload=True, flush_rows=5, flush_ms=60_000) as pipeline:
         start = trio.current_time()
         for i in range(5):
             pipeline.sink.put(make_snapshot(i))
@@ -33,7 +33,9 @@ async def test_flushes_when_batch_reaches_flush_rows(
 async def test_flushes_partial_batch_after_flush_ms(
     db_url: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_pipeline(db_url, flush_rows=1000, flush_ms=2000) as pipeline:
+    async with open_pipeline(
+        db_url, store_payload=True, flush_rows=1000, flush_ms=2000
+    ) as pipeline:
         start = trio.current_time()
         for i in range(3):
             pipeline.sink.put(make_snapshot(i))
@@ -72,7 +74,7 @@ async def test_every_column_round_trips_exactly(db_url: str) -> None:
         source_payload=None,
     )
     nan = make_snapshot(3, rho=float("nan"), vega=float("inf"))
-    async with open_pipeline(db_url, flush_rows=3) as pipeline:
+    async with open_pipeline(db_url, store_payload=True, flush_rows=3) as pipeline:
         for snapshot in (full, sparse, nan):
             pipeline.sink.put(snapshot)
     rows = fetch_rows(
@@ -125,7 +127,7 @@ async def test_every_column_round_trips_exactly(db_url: str) -> None:
 
 async def test_the_market_data_flag_is_stored_as_given(db_url: str) -> None:
     flags = ("live", "delayed", "frozen", None)
-    writer = Writer(db_url)
+    writer = Writer(db_url, store_payload=True)
     await writer.write_batch([make_snapshot(i, market_data=f) for i, f in enumerate(flags)])
     rows = fetch_rows(
         db_url, "SELECT (source_payload->>'seq')::int, market_data FROM greek_snapshots"
@@ -135,7 +137,7 @@ async def test_the_market_data_flag_is_stored_as_given(db_url: str) -> None:
 
 async def test_same_batch_twice_is_stored_once(db_url: str) -> None:
     batch = [make_snapshot(i) for i in range(10)]
-    writer = Writer(db_url)
+    writer = Writer(db_url, store_payload=True)
     await writer.write_batch(batch)
     await writer.write_batch(batch)
     assert count_rows(db_url) == 10
@@ -145,7 +147,7 @@ async def test_same_batch_twice_is_stored_once(db_url: str) -> None:
 async def test_same_time_different_values_are_both_kept(db_url: str) -> None:
     first = make_snapshot(0)
     second = make_snapshot(0, delta=0.61)
-    writer = Writer(db_url)
+    writer = Writer(db_url, store_payload=True)
     await writer.write_batch([first, second])
     assert count_rows(db_url) == 2
 
@@ -154,7 +156,7 @@ async def test_batch_killed_mid_write_is_retried_without_loss_or_duplicates(db_u
     """Hold a lock so the writer's INSERT blocks, kill its backend, release: the batch
     must be retried on a new connection and land exactly once."""
     batch = [make_snapshot(i) for i in range(50)]
-    writer = Writer(db_url)
+    writer = Writer(db_url, store_payload=True)
     await writer.write_batch(batch[:10])  # connection up, staging table created
     blocker = psycopg.connect(db_url)
     blocker.execute("LOCK TABLE greek_snapshots IN EXCLUSIVE MODE")
@@ -194,7 +196,7 @@ async def test_writer_reports_degraded_while_database_refuses(db_url: str) -> No
             raise psycopg.OperationalError("connection refused (simulated by the test)")
         return psycopg.connect(url)
 
-    writer = Writer(db_url, connect=flaky_connect)
+    writer = Writer(db_url, store_payload=True, connect=flaky_connect)
     states = []
 
     async def watch() -> None:
@@ -214,14 +216,16 @@ async def test_writer_reports_degraded_while_database_refuses(db_url: str) -> No
 
 @pytest.mark.parametrize("n", [0, 1])
 async def test_closing_the_channel_flushes_everything(db_url: str, n: int) -> None:
-    async with open_pipeline(db_url, flush_rows=50, flush_ms=600_000) as pipeline:
+    async with open_pipeline(
+        db_url, store_payload=True, flush_rows=50, flush_ms=600_000
+    ) as pipeline:
         for i in range(n * 7):
             pipeline.sink.put(make_snapshot(i))
     assert count_rows(db_url) == n * 7
 
 
 async def test_out_of_order_events_are_stored_and_counted_late(db_url: str) -> None:
-    writer = Writer(db_url)
+    writer = Writer(db_url, store_payload=True)
     # Same contract (i % 5 == 0), event_time = base + i ms.
     newer, older, newest = make_snapshot(10), make_snapshot(5), make_snapshot(15)
     await writer.write_batch([newer, older])

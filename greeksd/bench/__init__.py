@@ -68,7 +68,15 @@ def run_benchmarks(
 
 
 def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
-    from greeksd.bench import api_reads, baselines, dxlink_decode, e2e, pipeline, writer_paths
+    from greeksd.bench import (
+        api_reads,
+        baselines,
+        dxlink_decode,
+        e2e,
+        pipeline,
+        storage,
+        writer_paths,
+    )
 
     migrate(url)
     results: dict[str, Any] = {"sizes": sizes.__dict__}
@@ -83,6 +91,10 @@ def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
     print_table(results["baselines"])
     results["ratios"] = ratios(results["pipeline"], results["baselines"])
     print_table([results["ratios"]])
+
+    print("\n== 2b. storage: bytes on disk per row (heap + TOAST + indexes), mixed fixture")
+    results["storage"] = storage.run(url, fixtures["mixed"])
+    print_table(results["storage"])
 
     print("\n== 2c. DXLink FEED_DATA decoding, same frames (10 Greeks events each)")
     results["dxlink_decode"] = dxlink_decode.run(sizes.decode_events)

@@ -1,7 +1,7 @@
 """Benchmark: the two ways to drive psycopg from trio, on the writer's exact SQL.
 
-(a) psycopg's sync API in a worker thread (trio.to_thread) — what the Writer uses;
-(b) psycopg's asyncio API through trio-asyncio.
+(a) psycopg's sync API in a worker thread (trio.to_thread): the Writer itself;
+(b) psycopg's asyncio API through trio-asyncio: the same binary COPY into the table.
 Same batches, same database, same run, so the ratio holds on a noisy machine.
 """
 
@@ -20,7 +20,7 @@ import trio
 
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
 from greeksd.store.columns import COPY_TYPES, snapshot_row
-from greeksd.store.snapshot_table import COPY_STAGING, CREATE_STAGING, INSERT_FROM_STAGING
+from greeksd.store.snapshot_table import COPY_DIRECT
 from greeksd.store.writer import Writer
 
 
@@ -64,17 +64,15 @@ async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
     import trio_asyncio
 
     async def write_all() -> None:
+        # The writer's common case: one binary COPY straight into the table per batch
+        # (greeksd/store/snapshot_table.py; staging is only for a batch with a duplicate).
         conn = await psycopg.AsyncConnection.connect(url)
-        await conn.execute(CREATE_STAGING)
-        await conn.commit()
         for batch in batches:
             rows = [snapshot_row(s) for s in batch]
-            async with conn.cursor() as cur:
-                async with cur.copy(COPY_STAGING) as copy:
-                    copy.set_types(COPY_TYPES)
-                    for row in rows:
-                        await copy.write_row(row)
-                await cur.execute(INSERT_FROM_STAGING)
+            async with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
+                copy.set_types(COPY_TYPES)
+                for row in rows:
+                    await copy.write_row(row)
             await conn.commit()
         await conn.close()
 

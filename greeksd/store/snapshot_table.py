@@ -8,8 +8,9 @@ staging table with `INSERT … SELECT … ON CONFLICT DO NOTHING`, which stores 
 rows. So the common case costs one COPY, and any batch can be retried after any failure
 without asking whether the previous attempt committed.
 
-psycopg's sync API runs in a worker thread (trio.to_thread): measured faster than the
-asyncio API through trio-asyncio (see greeksd/bench/writer_paths.py and the README). The
+psycopg's sync API runs in a worker thread (trio.to_thread): measured as fast as the
+asyncio API through trio-asyncio on the same COPY (greeksd/bench/writer_paths.py, the
+README), and a thread is what lets a hung call be bounded and abandoned. The
 threads take their own `CapacityLimiter(1)`, never trio's default one that the API's
 reads share. Every call is bounded (greeksd/store/deadline.py).
 """

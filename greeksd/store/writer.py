@@ -59,8 +59,13 @@ class Writer:
         timeout_s: float = config.DB_TIMEOUT_S,
         schema_ready: trio.Event | None = None,
         instance: str | None = None,
+        store_payload: bool = config.STORE_PAYLOAD,
     ) -> None:
         self.flush_rows = flush_rows
+        # GREEKSD_STORE_PAYLOAD: off, a row's raw event is not stored (NULL), nor
+        # spooled. The Connections skip building it then (greeksd.model.KEEP_PAYLOAD);
+        # this is the guarantee for any row that comes with one anyway.
+        self.store_payload = store_payload
         # Every row this writer stores names it (GREEKSD_INSTANCE), spooled rows too:
         # the instance that writes a row is the one whose spool held it.
         self.instance = instance
@@ -180,6 +185,9 @@ class Writer:
         `holding_reason`, and retry both until one does."""
         self.stats.rows_received += len(batch)
         self._count_late(batch)
+        if not self.store_payload:
+            for s in batch:
+                s.source_payload = None
         instance = self.instance
         rows = [snapshot_row(s, instance) for s in batch]
         while True:

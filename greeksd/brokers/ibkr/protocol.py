@@ -19,7 +19,15 @@ from typing import Any
 
 import orjson
 
-from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, Trade
+from greeksd.model import (
+    KEEP_PAYLOAD,
+    Broker,
+    Contract,
+    ContractKey,
+    OptionRight,
+    Snapshot,
+    Trade,
+)
 
 LAST, BID, ASK, MARK = "31", "84", "86", "7635"
 DELTA, GAMMA, THETA, VEGA, IV = "7308", "7309", "7310", "7311", "7633"
@@ -529,6 +537,6 @@ class MarketDataBook:
             ask=parse_value(merged.get(ASK)),
             last=parse_value(merged.get(LAST)),
             mark=parse_value(merged.get(MARK)),
-            source_payload=dict(merged),
+            source_payload=dict(merged) if KEEP_PAYLOAD.get() else None,
             market_data=market_data_quality(merged.get(AVAILABILITY)),
         )

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from greeksd.model import (
+    KEEP_PAYLOAD,
     Broker,
     Contract,
     ContractKey,
@@ -818,6 +819,7 @@ class SnapshotMapper:
         if stamp.__class__ is not int or stamp <= 0:
             stamp = get("eventTime")
         event_time = _ms_time(stamp) if stamp.__class__ is int else None
+        payload = event if KEEP_PAYLOAD.get() else None  # the raw event, if stored
         for contract in contracts:
             underlying = contract.underlying
             mid = self._mid.get(underlying)
@@ -835,7 +837,7 @@ class SnapshotMapper:
                     implied_volatility=vol,
                     mark=price,
                     underlying_price=mid if mid is not None else self._last.get(underlying),
-                    source_payload=event,
+                    source_payload=payload,
                 )
             )
 
