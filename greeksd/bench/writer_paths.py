@@ -19,7 +19,7 @@ import psycopg.waiting
 import trio
 
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
-from greeksd.store.columns import COPY_TYPES, snapshot_row
+from greeksd.store.columns import COPY_SIGNATURE, COPY_TRAILER, encode_row
 from greeksd.store.snapshot_table import COPY_STAGING, CREATE_STAGING, INSERT_FROM_STAGING
 from greeksd.store.writer import Writer
 
@@ -68,12 +68,10 @@ async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
         await conn.execute(CREATE_STAGING)
         await conn.commit()
         for batch in batches:
-            rows = [snapshot_row(s) for s in batch]
+            rows = b"".join([encode_row(s) for s in batch])  # as the writer encodes
             async with conn.cursor() as cur:
                 async with cur.copy(COPY_STAGING) as copy:
-                    copy.set_types(COPY_TYPES)
-                    for row in rows:
-                        await copy.write_row(row)
+                    await copy.write(COPY_SIGNATURE + rows + COPY_TRAILER)
                 await cur.execute(INSERT_FROM_STAGING)
             await conn.commit()
         await conn.close()
