@@ -138,9 +138,19 @@ class Contract:
     account_id: str
     #: `str(key)`, rendered once: every Snapshot row carries it (~1.2 µs saved per row).
     key_text: str = field(init=False, repr=False, compare=False)
+    #: A Snapshot's fields from `account_id` to `quantity`, in order: the hot paths build
+    #: rows positionally, `Snapshot(broker, *contract.row_identity, delta, ...)`.
+    row_identity: tuple[str, str, str, date, Decimal, OptionRight, Decimal, Decimal] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key_text", str(self.key))
+        key = self.key
+        object.__setattr__(self, "key_text", str(key))
+        identity = (self.account_id, self.key_text, self.underlying, key.expiration, key.strike)
+        object.__setattr__(
+            self, "row_identity", (*identity, key.right, self.multiplier, self.quantity)
+        )
 
 
 KEEP_PAYLOAD: ContextVar[bool] = ContextVar("greeksd_keep_payload", default=True)
@@ -219,32 +229,24 @@ class Snapshot:
         market_data: str | None = None,
     ) -> Snapshot:
         """Build a row from a discovered position, so identity fields never diverge."""
-        key = contract.key
         return cls(
-            broker=broker,
-            account_id=contract.account_id,
-            contract_key=contract.key_text,
-            underlying=contract.underlying,
-            expiration=key.expiration,
-            strike=key.strike,
-            option_type=key.right,
-            multiplier=contract.multiplier,
-            quantity=contract.quantity,
-            delta=delta,
-            gamma=gamma,
-            theta=theta,
-            vega=vega,
-            rho=rho,
-            implied_volatility=implied_volatility,
-            underlying_price=underlying_price,
-            bid=bid,
-            ask=ask,
-            last=last,
-            mark=mark,
-            event_time=event_time,
-            received_at=received_at,
-            source_payload=source_payload,
-            market_data=market_data,
+            broker,
+            *contract.row_identity,
+            delta,
+            gamma,
+            theta,
+            vega,
+            rho,
+            implied_volatility,
+            underlying_price,
+            bid,
+            ask,
+            last,
+            mark,
+            event_time,
+            received_at,
+            source_payload,
+            market_data,
         )
 
     def conflation_key(self) -> tuple[str, str, str]:

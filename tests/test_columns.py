@@ -4,7 +4,7 @@ the spool records earlier versions wrote, and the fingerprint stored rows carry.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
@@ -16,10 +16,12 @@ from greeksd.store.columns import (
     COPY_TYPES,
     FINGERPRINTED,
     SNAPSHOT_COLUMNS,
+    encode_row,
     snapshot_from_dict,
     snapshot_row,
     snapshot_to_dict,
 )
+from greeksd.store.snapshot_table import copy_rows
 from tests.factories import make_snapshot
 
 # what format_type() calls the binary COPY types the table lists
@@ -109,3 +111,48 @@ def test_the_fingerprint_is_the_one_stored_rows_carry() -> None:
     row = snapshot_row(snapshot)
     assert row[-1] == -4632478493408616509
     assert row[COPY_COLUMNS.index("bid")] is None and row[COPY_COLUMNS.index("rho")] is None
+
+
+def _stored(conn: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
+    columns = ", ".join(f"{c}::text" for c in COPY_COLUMNS)
+    return conn.execute(f"SELECT {columns} FROM {table} ORDER BY {columns}").fetchall()
+
+
+def test_encode_row_stores_what_psycopg_stores_from_snapshot_row(db_url: str) -> None:
+    """The writer's own binary rows and psycopg's COPY of the same snapshots' tuples
+    leave the same text in every column: NULLs, non-finite floats, numerics equal but
+    written differently (1 and 1.0, both in one batch), other time zones, dates before
+    2000, payloads and none."""
+    east = timezone(timedelta(hours=5, minutes=30))
+    one, one_point_oh = Decimal("1"), Decimal("1.0")
+    snapshots = [
+        make_snapshot(0),
+        make_snapshot(1, rho=None, bid=float("nan"), ask=float("inf"), source_payload=None),
+        make_snapshot(2, multiplier=one, quantity=one_point_oh, market_data="delayed"),
+        make_snapshot(3, multiplier=one_point_oh, quantity=one, source="ibkr:alice"),
+        make_snapshot(
+            4,
+            event_time=datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=east),
+            expiration=date(1999, 1, 15),
+            quantity=None,
+            source_payload={"7308": "0.5", "nested": [1, None, "é"]},
+        ),
+    ]
+    with psycopg.connect(db_url) as conn:
+        for table in ("by_psycopg", "by_greeksd"):
+            conn.execute(f"CREATE TEMP TABLE {table} (LIKE greek_snapshots INCLUDING DEFAULTS)")
+        with conn.cursor() as cur:
+            copy_rows(
+                cur,
+                f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
+                [encode_row(s, "desk-1") for s in snapshots * 2],
+            )
+            with cur.copy(
+                f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(COPY_TYPES)
+                for s in snapshots * 2:
+                    copy.write_row(snapshot_row(s, "desk-1"))
+        expected = _stored(conn, "by_psycopg")
+        assert len(expected) == 10
+        assert _stored(conn, "by_greeksd") == expected

@@ -2,8 +2,9 @@
 
 (a) the seed's original design: `executemany` INSERT, 50-row batches, a commit each;
 (b) the raw limit: one bare binary COPY of the rows, no pipeline around it.
-Both start from ready row tuples (the writer's own `snapshot_row`), so they time only the
-database path; the pipeline has to do everything else on top.
+Both start from ready rows (tuples from `snapshot_row` for INSERT, the writer's own
+`encode_row` bytes for COPY), so they time only the database path; the pipeline has to
+do everything else on top, encoding included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from greeksd.bench.pipeline import truncate
 from greeksd.model import Snapshot
 from greeksd.recording import read_fixture
 from greeksd.replay import Replayers, ReplayStats
-from greeksd.store.columns import COPY_COLUMNS, snapshot_row
+from greeksd.store.columns import COPY_COLUMNS, encode_row, snapshot_row
 from greeksd.store.snapshot_table import COPY_DIRECT, copy_rows
 
 INSERT = (
@@ -34,7 +35,8 @@ def decode_fixture(path: Path) -> list[Snapshot]:
     return [row for record in records for row in replayers.apply(record, stats)]
 
 
-def executemany_insert(url: str, rows: list[tuple[Any, ...]], batch: int = 50) -> float:
+def executemany_insert(url: str, snapshots: list[Snapshot], batch: int = 50) -> float:
+    rows = [snapshot_row(s) for s in snapshots]
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         with conn.cursor() as cur:
@@ -44,7 +46,8 @@ def executemany_insert(url: str, rows: list[tuple[Any, ...]], batch: int = 50) -
         return time.perf_counter() - started
 
 
-def bare_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
+def bare_copy(url: str, snapshots: list[Snapshot]) -> float:
+    rows = [encode_row(s) for s in snapshots]
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         with conn.cursor() as cur:
@@ -55,7 +58,7 @@ def bare_copy(url: str, rows: list[tuple[Any, ...]]) -> float:
 
 def run(url: str, path: Path, insert_rows: int) -> list[dict[str, Any]]:
     """`insert_rows`: how many rows (a) inserts (it is slow; its rate is what counts)."""
-    rows = [snapshot_row(s) for s in decode_fixture(path)]
+    rows = decode_fixture(path)
     results = []
     for name, subset, load in (
         ("(a) executemany INSERT, 50-row batches", rows[:insert_rows], executemany_insert),

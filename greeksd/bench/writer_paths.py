@@ -19,7 +19,7 @@ import psycopg.waiting
 import trio
 
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot
-from greeksd.store.columns import COPY_TYPES, snapshot_row
+from greeksd.store.columns import COPY_SIGNATURE, COPY_TRAILER, encode_row
 from greeksd.store.snapshot_table import COPY_DIRECT
 from greeksd.store.writer import Writer
 
@@ -68,11 +68,9 @@ async def _trio_asyncio_path(url: str, batches: list[list[Snapshot]]) -> None:
         # (greeksd/store/snapshot_table.py; staging is only for a batch with a duplicate).
         conn = await psycopg.AsyncConnection.connect(url)
         for batch in batches:
-            rows = [snapshot_row(s) for s in batch]
+            rows = b"".join([encode_row(s) for s in batch])  # as the writer encodes
             async with conn.cursor() as cur, cur.copy(COPY_DIRECT) as copy:
-                copy.set_types(COPY_TYPES)
-                for row in rows:
-                    await copy.write_row(row)
+                await copy.write(COPY_SIGNATURE + rows + COPY_TRAILER)
             await conn.commit()
         await conn.close()
 

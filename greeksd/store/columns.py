@@ -6,17 +6,27 @@ whether the API's queries return it, and whether it is part of the values' finge
 From it, once at import:
 
 - `COPY_COLUMNS` / `COPY_TYPES`: what the writer's binary COPY sends, and as which types;
-- `snapshot_row`: a Snapshot (and the writer's instance name) as the tuple COPY writes
-  (fingerprint last);
+- `snapshot_row`: a Snapshot (and the writer's instance name) as the tuple psycopg's
+  COPY would write (fingerprint last);
+- `encode_row`: the same row already in COPY's binary format (the writer's hot path);
 - `snapshot_to_dict` / `snapshot_from_dict`: a Snapshot as a spool (or rejected-batch)
   record and back;
 - `SNAPSHOT_COLUMNS`: what the read queries return;
 - `FINGERPRINTED`: the value columns the fingerprint covers.
 
-`snapshot_row` runs once per row on the writer's hot path, so the three functions are
-generated as plain Python source from the table (each column's encoding is an expression
-template over a local `{v}`) and compiled once: per row they cost what the hand-written
-versions did, with no loop over column objects. `ENCODER_SOURCE` holds that source.
+The row functions run once per row, so they are generated as plain Python source from
+the table (each column's encoding is an expression template over a local `{v}`) and
+compiled once: per row they cost what hand-written versions would, with no loop over
+column objects. `ENCODER_SOURCE` holds that source.
+
+`encode_row` is what the writer COPYs. Handing psycopg a tuple cost ~10 µs a row (a
+dumper call per value, Decimals to numeric digit by digit), more than decoding the tick.
+So it writes each field itself: floats, timestamps, the fingerprint and the payload with
+`struct` (the same bytes as psycopg's binary dumpers, checked in tests/test_columns.py),
+and the values that repeat row after row (text, dates, numerics: the contract's identity,
+broker, source, instance) through psycopg's own dumper once per distinct object,
+remembered by identity (never by equality: `Decimal('1')` and `Decimal('1.0')` are equal
+but are different numerics).
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
+import psycopg
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
 from greeksd.model import OptionRight, Snapshot
@@ -138,7 +151,11 @@ def fingerprint(values: Sequence[float | None]) -> int:
     """A stable 64-bit hash of the `FINGERPRINTED` values (None and NaN alike). Defined
     by bytes, not by Python's hash(), so it is the same in every process and Python
     version, and a fixture replayed next year still recognises its rows."""
-    packed = _FINGERPRINT_LAYOUT.pack(*[_NAN if v is None else v for v in values])
+    return _fingerprint_of(_FINGERPRINT_LAYOUT.pack(*[_NAN if v is None else v for v in values]))
+
+
+def _fingerprint_of(packed: bytes) -> int:
+    """`fingerprint` of the values already packed (the row functions pack them inline)."""
     return ((zlib.crc32(packed) << 32) | zlib.adler32(packed)) - (1 << 63)
 
 
@@ -155,13 +172,19 @@ _NAMES: dict[str, Any] = {
     "_Jsonb": Jsonb,
     "_dumps": _dumps,
     "_Snapshot": Snapshot,
-    "_fingerprint": fingerprint,
+    "_fingerprint_of": _fingerprint_of,
+    "_pack_fp": _FINGERPRINT_LAYOUT.pack,
+    "_NAN": _NAN,
 }
 
 
-def _row_source() -> str:
-    lines = [f"def snapshot_row(s, {', '.join(f'{p}=None' for p in _PARAMETERS)}):"]
+def _row_body(raw: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """The lines that compute each written column's COPY value into a local of its name
+    (the columns in `raw` are left to the caller), and each column's value expression."""
+    lines = []
     for c in _ATTRIBUTES:
+        if c.name in raw:
+            continue
         if c.codec.copy.count("{v}") == 1:  # read the attribute once either way
             lines.append(f"    {c.name} = {c.codec.copy.format(v='s.' + c.name)}")
         else:
@@ -173,12 +196,18 @@ def _row_source() -> str:
         if c.fingerprinted and c.codec.fingerprint is not None
     ]
     assert len(prints) == len(FINGERPRINTED), "a fingerprinted column needs a codec for it"
-    values = [
-        c.name if c.attribute or c.parameter else f"_fingerprint(({', '.join(prints)},))"
+    packed = ", ".join(f"_NAN if ({p}) is None else {p}" for p in prints)
+    values = {
+        c.name: c.name if c.attribute or c.parameter else f"_fingerprint_of(_pack_fp({packed}))"
         for c in _WRITTEN
-    ]
-    lines.append(f"    return ({', '.join(values)},)")
-    return "\n".join(lines)
+    }
+    return lines, values
+
+
+def _row_source() -> str:
+    lines, values = _row_body()
+    signature = f"def snapshot_row(s, {', '.join(f'{p}=None' for p in _PARAMETERS)}):"
+    return "\n".join([signature, *lines, f"    return ({', '.join(values.values())},)"])
 
 
 def _to_dict_source() -> str:
@@ -202,14 +231,127 @@ def _from_dict_source() -> str:
     return "\n".join(lines)
 
 
-ENCODER_SOURCE = "\n\n".join((_row_source(), _to_dict_source(), _from_dict_source()))
-_compiled: dict[str, Any] = dict(_NAMES)
+# ---- binary COPY rows ----------------------------------------------------------------
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)  # header: no flags, no extension
+COPY_TRAILER = b"\xff\xff"
+_NULL = b"\xff\xff\xff\xff"
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MEMO_LIMIT = 4096  # distinct objects per column before its memo starts over
+# The column types whose values repeat from row to row: dumped once per value, or per
+# object where equal values may differ in bytes (numeric: 1 and 1.0).
+_MEMO_TYPES = frozenset({"text", "date", "numeric"})
+_BY_VALUE = frozenset({"text", "date"})
+
+
+def _dumper(pg_type: str) -> Callable[[Any], Any]:
+    """psycopg's binary dump of one value as `pg_type`, the way its COPY picks it after
+    `set_types`."""
+    transformer = Transformer()
+    transformer.set_dumper_types([psycopg.adapters.types[pg_type].oid], Format.BINARY)
+    formats = [PyFormat.BINARY]
+    return lambda v: transformer.dump_sequence([v], formats)[0]
+
+
+def _field(data: bytes | None) -> bytes:
+    """A value as one binary COPY field: its length, then its bytes (NULL: -1)."""
+    return _NULL if data is None else _I4(len(data)) + bytes(data)
+
+
+def _remember(memo: dict[Any, Any], dump: Callable[[Any], Any], v: Any, key: Any) -> bytes:
+    """Dump `v` with psycopg and remember it under `key`: `v` itself, or its id (the
+    entry then holds `v` too, to check it and to keep the id from being reused)."""
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()  # more distinct values than any book holds: rows from records
+    field = _field(None if v is None else dump(v))
+    memo[key] = field if key is v else (v, field)
+    return field
+
+
+def _timestamptz(v: datetime) -> bytes:
+    """psycopg's DatetimeBinaryDumper, as a field: microseconds since 2000-01-01 UTC."""
+    d = v - _PG_EPOCH
+    return _F_I8(8, d.microseconds + 1_000_000 * (86_400 * d.days + d.seconds))
+
+
+_I4 = struct.Struct(">i").pack
+_F_F8 = struct.Struct(">id").pack
+_F_I8 = struct.Struct(">iq").pack
+_BINARY: dict[str, str] = {  # each other type as a field: an expression over `{v}`
+    "float8": "(_NULL if {v} is None else _F_F8(8, {v}))",
+    "int8": "_F_I8(8, {v})",
+    "timestamptz": "_timestamptz({v})",
+    # psycopg's JsonbBinaryDumper: format version 1, then the JSON
+    "jsonb": "(_NULL if {v} is None else _field(b'\\x01' + _dumps({v})))",
+}
+_BINARY_NAMES: dict[str, Any] = {
+    "_NULL": _NULL,
+    "_F_F8": _F_F8,
+    "_F_I8": _F_I8,
+    "_timestamptz": _timestamptz,
+    "_field": _field,
+    "_remember": _remember,
+}
+
+
+def _encode_source() -> str:
+    """`encode_row`: snapshot_row's values, each written as a binary COPY field. A
+    remembered column is looked up by its raw value; its codec runs on a miss only."""
+    memo = [c for c in _WRITTEN if c.pg_type in _MEMO_TYPES]
+    assert all(c.codec.copy == "{v}" for c in memo if c.fingerprinted), "fingerprints raw"
+    # jsonb: the dict itself, not the Jsonb wrapper snapshot_row hands psycopg
+    raw = [c for c in _WRITTEN if c.pg_type == "jsonb"]
+    lines, values = _row_body(frozenset(c.name for c in memo + raw))
+    source = [
+        f"def _dump_{c.name}(v):\n    return _psycopg_{c.pg_type}({c.codec.copy.format(v='v')})"
+        for c in memo
+    ]
+    lines.insert(0, f"def encode_row(s, {', '.join(f'{p}=None' for p in _PARAMETERS)}):")
+    for c in _WRITTEN:
+        assert c.pg_type is not None
+        if (c in memo or c in raw) and c.attribute:
+            lines.append(f"    {c.name} = s.{c.name}")
+        if c in memo and c.pg_type in _BY_VALUE:
+            lines.append(
+                f"    f_{c.name} = _memo_{c.name}.get({c.name})"
+                f" or _remember(_memo_{c.name}, _dump_{c.name}, {c.name}, {c.name})"
+            )
+        elif c in memo:
+            lines += [
+                f"    e = _memo_{c.name}.get(id({c.name}))",
+                f"    f_{c.name} = e[1] if e is not None and e[0] is {c.name} else "
+                f"_remember(_memo_{c.name}, _dump_{c.name}, {c.name}, id({c.name}))",
+            ]
+        else:
+            lines.append(f"    f_{c.name} = {_BINARY[c.pg_type].format(v=values[c.name])}")
+    lines.append(f"    return b''.join((_COUNT, {', '.join('f_' + c.name for c in _WRITTEN)}))")
+    return "\n\n".join([*source, "\n".join(lines)])
+
+
+def _binary_names() -> dict[str, Any]:
+    """What `encode_row` uses: psycopg's dumper per remembered type, a memo per column."""
+    names: dict[str, Any] = {"_COUNT": struct.pack(">h", len(_WRITTEN))}
+    for c in _WRITTEN:
+        if c.pg_type in _MEMO_TYPES:
+            names[f"_memo_{c.name}"] = {}
+            names[f"_psycopg_{c.pg_type}"] = _dumper(c.pg_type)
+    return names
+
+
+ENCODER_SOURCE = "\n\n".join(
+    (_row_source(), _encode_source(), _to_dict_source(), _from_dict_source())
+)
+_compiled: dict[str, Any] = {**_NAMES, **_BINARY_NAMES, **_binary_names()}
 exec(compile(ENCODER_SOURCE, f"<{__name__} generated>", "exec"), _compiled)
 
 snapshot_row: Callable[..., tuple[Any, ...]] = _compiled["snapshot_row"]
 snapshot_row.__doc__ = (
     "A Snapshot as the tuple binary COPY writes (`COPY_COLUMNS` order); `instance=`: "
     "the writing instance's name (None: not known, e.g. a benchmark)."
+)
+encode_row: Callable[..., bytes] = _compiled["encode_row"]
+encode_row.__doc__ = (
+    "`snapshot_row`'s row as one binary COPY tuple (field count, then each field), "
+    "ready to follow `COPY_SIGNATURE` in a `FORMAT BINARY` COPY."
 )
 snapshot_to_dict: Callable[[Snapshot], dict[str, Any]] = _compiled["snapshot_to_dict"]
 snapshot_to_dict.__doc__ = (

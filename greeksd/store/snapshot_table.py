@@ -17,14 +17,14 @@ reads share. Every call is bounded (greeksd/store/deadline.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import psycopg
 import trio
 
-from greeksd.store.columns import COPY_COLUMNS, COPY_TYPES
+from greeksd.store.columns import COPY_COLUMNS, COPY_SIGNATURE, COPY_TRAILER
 from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
 
 _COLUMN_LIST = ", ".join(COPY_COLUMNS)
@@ -42,14 +42,17 @@ INSERT_FROM_STAGING = (
 # A bare `SELECT 1` would call a locked table healthy and send the writer back into the
 # same wait.
 PROBE_WRITE_LOCK = "LOCK TABLE greek_snapshots IN ROW EXCLUSIVE MODE"
+COPY_CHUNK_ROWS = 1000  # rows per buffer handed to psycopg (~0.5 MB with payloads)
 
 
-def copy_rows(cur: psycopg.Cursor[Any], statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Binary COPY of `snapshot_row` tuples through `statement` (COPY_DIRECT/STAGING)."""
+def copy_rows(cur: psycopg.Cursor[Any], statement: str, rows: Sequence[bytes]) -> None:
+    """Binary COPY of `encode_row` rows through `statement` (COPY_DIRECT/STAGING): the
+    rows are already in COPY's format, so psycopg only frames and sends them."""
     with cur.copy(statement) as copy:
-        copy.set_types(COPY_TYPES)
-        for row in rows:
-            copy.write_row(row)
+        copy.write(COPY_SIGNATURE)
+        for start in range(0, len(rows), COPY_CHUNK_ROWS):
+            copy.write(b"".join(rows[start : start + COPY_CHUNK_ROWS]))
+        copy.write(COPY_TRAILER)
 
 
 class SnapshotTable:
@@ -72,7 +75,7 @@ class SnapshotTable:
         self._limiter = trio.CapacityLimiter(1)
         self._link: Link | None = None
 
-    async def write(self, rows: list[tuple[Any, ...]]) -> int:
+    async def write(self, rows: list[bytes]) -> int:
         """One bounded attempt; returns the rows inserted (the rest were duplicates).
         The worker thread owns the connection while it runs; after a timeout it keeps
         it, fails on the severed socket and closes it, and the next attempt connects
@@ -101,9 +104,7 @@ class SnapshotTable:
         finally:
             link.close()
 
-    def _write_sync(
-        self, link: Link | None, rows: list[tuple[Any, ...]], watch: Watch
-    ) -> tuple[Link, int]:
+    def _write_sync(self, link: Link | None, rows: list[bytes], watch: Watch) -> tuple[Link, int]:
         """COPY straight into the table; if a row is already stored, write the batch
         again through staging + ON CONFLICT DO NOTHING. Returns the connection (for the
         next batch) and the rows inserted; on any failure closes the connection."""

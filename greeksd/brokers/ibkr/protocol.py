@@ -166,6 +166,9 @@ def _tri_state(args: Mapping[str, Any], key: str) -> bool | None:
     raise ValueError(f"sts {key} must be a boolean, got {value!r:.40}")
 
 
+_STR_ONLY = frozenset({str})
+
+
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
@@ -173,7 +176,7 @@ def _as_text(value: Any) -> str:
 def parse_frame(data: str | bytes) -> Event:
     """Decode one websocket frame. Never raises: bad input becomes `Malformed`."""
     raw = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) else data
-    if raw.strip() == ECHO_HB:
+    if raw[:1] != "{" and raw.strip() == ECHO_HB:  # a JSON object never is the echo
         return Echo()
     try:
         obj = orjson.loads(raw)
@@ -200,7 +203,7 @@ def _classify(obj: dict[str, Any]) -> Event:
         if conid is None:
             raise ValueError(f"no conid in {topic!r}")
         values = {k: v for k, v in obj.items() if k[:1].isdigit()}
-        if any(not isinstance(v, str) for v in values.values()):
+        if not _STR_ONLY.issuperset(map(type, values.values())):
             values = {k: _as_text(v) for k, v in values.items()}
         return MarketData(conid, values, _int_or_none(obj.get("_updated")))
     args = obj.get("args")
@@ -507,36 +510,56 @@ class MarketDataBook:
         }
 
     def apply(self, event: MarketData, received_at: datetime) -> Snapshot | None:
-        merged = self._fields.setdefault(event.conid, {})
-        changed = False
-        for key, value in event.fields.items():
-            old = merged.get(key)
-            if value.strip() in CLEARED:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-            changed = changed or (key in SNAPSHOT_TRIGGERS and old != merged.get(key))
+        fields = event.fields
+        merged = self._fields.get(event.conid)
+        if merged is None:
+            merged = self._fields[event.conid] = {}
+        if CLEARED.isdisjoint(map(str.strip, fields.values())):  # nothing cleared: C loops
+            news = fields.items() - merged.items()
+            changed = bool(news) and not SNAPSHOT_TRIGGERS.isdisjoint(dict(news))
+            merged.update(fields)
+        else:
+            changed = False
+            for key, value in fields.items():
+                old = merged.get(key)
+                if value.strip() in CLEARED:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+                changed = changed or (key in SNAPSHOT_TRIGGERS and old != merged.get(key))
         position = self._options.get(event.conid)
         if position is None or not changed:
             return None
-        und = self._fields.get(position.und_conid, {}) if position.und_conid else {}
-        event_time = epoch_ms(event.updated_ms) if event.updated_ms else received_at
-        return Snapshot.for_contract(
+        und = self._fields.get(position.und_conid, _NO_FIELDS) if position.und_conid else _NO_FIELDS
+        get = merged.get
+        try:  # plain numbers (the common case): parse_value's own first step, in C
+            values = [
+                v if v - v == 0.0 else None  # absent ('nan') or not finite: None
+                for v in map(float, [get(k, "nan") for k in _FLOAT_FIELDS])
+            ]
+        except ValueError:  # prior close 'C…', '1.2M', '1,234': parse_value knows them
+            values = [parse_value(get(k)) for k in _FLOAT_FIELDS]
+        delta, gamma, theta, vega, bid, ask, last, mark = values
+        return Snapshot(  # positional, in field order: ~1 µs less than for_contract
             Broker.IBKR,
-            position.contract,
-            event_time=event_time,
-            received_at=received_at,
-            delta=parse_value(merged.get(DELTA)),
-            gamma=parse_value(merged.get(GAMMA)),
-            theta=parse_value(merged.get(THETA)),
-            vega=parse_value(merged.get(VEGA)),
-            rho=None,
-            implied_volatility=parse_fraction(merged.get(IV)),
-            underlying_price=parse_value(und.get(LAST)),
-            bid=parse_value(merged.get(BID)),
-            ask=parse_value(merged.get(ASK)),
-            last=parse_value(merged.get(LAST)),
-            mark=parse_value(merged.get(MARK)),
-            source_payload=dict(merged) if KEEP_PAYLOAD.get() else None,
-            market_data=market_data_quality(merged.get(AVAILABILITY)),
+            *position.contract.row_identity,
+            delta,
+            gamma,
+            theta,
+            vega,
+            None,  # rho: IBKR has none
+            parse_fraction(get(IV)),
+            parse_value(und.get(LAST)),
+            bid,
+            ask,
+            last,
+            mark,
+            epoch_ms(event.updated_ms) if event.updated_ms else received_at,
+            received_at,
+            dict(merged) if KEEP_PAYLOAD.get() else None,
+            market_data_quality(get(AVAILABILITY)),
         )
+
+
+_NO_FIELDS: dict[str, str] = {}
+_FLOAT_FIELDS = (DELTA, GAMMA, THETA, VEGA, BID, ASK, LAST, MARK)

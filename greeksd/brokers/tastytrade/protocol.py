@@ -818,26 +818,29 @@ class SnapshotMapper:
         stamp = get("time")
         if stamp.__class__ is not int or stamp <= 0:
             stamp = get("eventTime")
-        event_time = _ms_time(stamp) if stamp.__class__ is int else None
-        payload = event if KEEP_PAYLOAD.get() else None  # the raw event, if stored
+        event_time = (_ms_time(stamp) if stamp.__class__ is int else None) or received_at
+        payload = event if KEEP_PAYLOAD.get() else None
         for contract in contracts:
             underlying = contract.underlying
             mid = self._mid.get(underlying)
             rows.append(
-                Snapshot.for_contract(
+                Snapshot(  # positional, in field order: ~1 µs less than for_contract
                     self._broker,
-                    contract,
-                    event_time=event_time or received_at,
-                    received_at=received_at,
-                    delta=delta,
-                    gamma=gamma,
-                    theta=theta,
-                    vega=vega,
-                    rho=rho,
-                    implied_volatility=vol,
-                    mark=price,
-                    underlying_price=mid if mid is not None else self._last.get(underlying),
-                    source_payload=payload,
+                    *contract.row_identity,
+                    delta,
+                    gamma,
+                    theta,
+                    vega,
+                    rho,
+                    vol,  # implied_volatility
+                    mid if mid is not None else self._last.get(underlying),
+                    None,  # bid, ask, last: the option's are not in Greeks events
+                    None,
+                    None,
+                    price,  # mark: the model price
+                    event_time,
+                    received_at,
+                    payload,
                 )
             )
 
