@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios, scale
+from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios, scale, storage
 
 
 def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> None:
@@ -18,6 +19,16 @@ def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> 
     assert [r["rows"] for r in loads] == [100, 600]
     summary = ratios(rows, loads)
     assert summary["vs_executemany_x"] > 0 and summary["vs_bare_copy_pct"] > 0
+
+
+def test_storage_measures_bytes_per_row_as_json(db_url: str, tmp_path: Path) -> None:
+    """Bytes per row with and without the payload, in the JSON `greeksd bench --out`
+    writes (PostgreSQL's sums are numeric: they must arrive as plain numbers)."""
+    fixtures = pipeline.write_fixtures(tmp_path, 300)
+    rows = json.loads(json.dumps(storage.run(db_url, fixtures["mixed"])))
+    assert [r["rows"] for r in rows] == [600, 600]
+    stored, lean = rows
+    assert lean["total_b"] < stored["total_b"] and lean["heap_b"] < stored["heap_b"]
 
 
 def test_dxlink_decoders_agree_on_event_count() -> None:

@@ -21,17 +21,17 @@ from greeksd.replay import replay_fixture
 TARGET_BYTES = 350
 
 _SIZES = """
-SELECT sum(pg_total_relation_size(relid)), sum(pg_relation_size(relid)),
-       sum(pg_indexes_size(relid))
+SELECT sum(pg_total_relation_size(relid))::bigint, sum(pg_relation_size(relid))::bigint,
+       sum(pg_indexes_size(relid))::bigint
 FROM pg_partition_tree('greek_snapshots') WHERE isleaf"""
 # Each of the parent's indexes, summed over its partitions' indexes.
 _BY_INDEX = """
-SELECT parent.relname, sum(pg_relation_size(leaf.relid))
+SELECT parent.relname, sum(pg_relation_size(leaf.relid))::bigint
 FROM pg_partition_tree('greek_snapshots_time_idx') leaf
 JOIN pg_class parent ON parent.oid = 'greek_snapshots_time_idx'::regclass
 WHERE leaf.isleaf GROUP BY 1
 UNION ALL
-SELECT parent.relname, sum(pg_relation_size(leaf.relid))
+SELECT parent.relname, sum(pg_relation_size(leaf.relid))::bigint
 FROM pg_partition_tree('greek_snapshots_contract_idx') leaf
 JOIN pg_class parent ON parent.oid = 'greek_snapshots_contract_idx'::regclass
 WHERE leaf.isleaf GROUP BY 1"""
