@@ -195,8 +195,13 @@ def _cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
         register_secret(secret)
     probe = source.spec.probe
     assert probe is not None  # the parser accepts only brokers with a probe
-    code = int(trio.run(probe, source.settings, args.duration, Path(args.out)))
-    print(f"probe {args.source}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {args.out}/")
+    # a named source's reports go into a folder of its own, so probing two logins of
+    # one broker into the same --out keeps both (the files are named by broker)
+    out = Path(args.out)
+    if args.source != source.spec.name:
+        out = out / args.source.replace(":", "-")
+    code = int(trio.run(probe, source.settings, args.duration, out))
+    print(f"probe {args.source}: {'ok' if code == 0 else 'NO GREEKS'}; reports in {out}/")
     return code
 
 

@@ -6,6 +6,9 @@ with named sources replays to the same sources."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -204,3 +207,36 @@ async def test_a_recording_with_named_sources_replays_to_the_same_sources(
     assert stats.rows_written == sum(sent.values())
     assert _accounts(db_url) == {"ibkr:alice": "U-ALICE", "ibkr:bob": "U-BOB"}
     assert fetch_rows(db_url, "SELECT DISTINCT instance FROM greek_snapshots") == [("replayer",)]
+
+
+async def test_probing_a_named_source_keeps_its_reports_apart(tmp_path: Path) -> None:
+    """`greeksd probe ibkr:alice` probes alice's gateway and writes into a folder of its
+    own, so probing bob into the same --out does not overwrite alice's report."""
+    book = default_contracts(datetime.now(UTC).date(), 2)
+    async with (
+        open_ibkr_sim(book, tick_interval=0.02, account="U-ALICE") as alice,
+        open_ibkr_sim(book, tick_interval=0.02, account="U-BOB") as bob,
+        open_tastytrade_sim(contracts=book) as tasty,
+    ):
+        config = _settings_file(tmp_path / "greeksd.toml", alice, bob, tasty)
+        config.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GREEKSD_")}
+        env |= {"GREEKSD_CONFIG_FILE": str(config), "GREEKSD_DATA_DIR": str(tmp_path)}
+        out = tmp_path / "reports"
+        for source in ("ibkr:alice", "ibkr:bob"):
+            command = [sys.executable, "-m", "greeksd.cli", "probe", source]
+            done = await trio.run_process(
+                [*command, "--duration", "1", "--out", str(out)],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr.decode()[-2000:]
+    summaries = {
+        name: json.loads((out / name / "ibkr-probe.json").read_text())
+        for name in ("ibkr-alice", "ibkr-bob")
+    }
+    assert summaries["ibkr-alice"]["url"] == alice.url
+    assert summaries["ibkr-bob"]["url"] == bob.url
+    assert not (out / "ibkr-probe.json").exists()

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Generic, Protocol, TypeVar
 
 from greeksd.brokers.ibkr.spec import IbkrSettings
 from greeksd.brokers.tastytrade.spec import TastytradeSettings
@@ -23,13 +24,26 @@ from greeksd.sim.market import SimContract
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 
 
-class IbkrBenchSim:
-    def __init__(self, sim: IbkrGatewaySim, settings: IbkrSettings) -> None:
+class _Simulator(Protocol):
+    account: str
+
+    def subscribed(self, keys: Collection[ContractKey]) -> bool: ...
+
+
+Sim = TypeVar("Sim", bound=_Simulator)
+S = TypeVar("S")
+
+
+class _BenchSim(Generic[Sim, S]):
+    """What both brokers' bench simulators share: the simulator, the settings pointed at
+    it, its subscription check and its account."""
+
+    def __init__(self, sim: Sim, settings: S) -> None:
         self.sim = sim
         self._settings = settings
 
     @property
-    def settings(self) -> IbkrSettings:
+    def settings(self) -> S:
         return self._settings
 
     def subscribed(self, keys: Collection[ContractKey]) -> bool:
@@ -38,6 +52,8 @@ class IbkrBenchSim:
     def use_account(self, account: str) -> None:
         self.sim.account = account
 
+
+class IbkrBenchSim(_BenchSim[IbkrGatewaySim, IbkrSettings]):
     async def offer(self, count: int) -> None:
         for _ in range(count):
             self.sim.tick()
@@ -60,22 +76,11 @@ async def open_ibkr(
         yield IbkrBenchSim(sim, replace(settings, url=sim.url))
 
 
-class DxlinkBenchSim:
+class DxlinkBenchSim(_BenchSim[TastytradeSim, TastytradeSettings]):
     def __init__(self, sim: TastytradeSim, settings: TastytradeSettings) -> None:
-        self.sim = sim
-        self._settings = settings
+        super().__init__(sim, settings)
         self.sent_at: dict[tuple[str, int], float] = {}
         """Send wall time (s) per (contract key, event time ms)."""
-
-    @property
-    def settings(self) -> TastytradeSettings:
-        return self._settings
-
-    def subscribed(self, keys: Collection[ContractKey]) -> bool:
-        return self.sim.subscribed(keys)
-
-    def use_account(self, account: str) -> None:
-        self.sim.account = account
 
     async def offer(self, count: int) -> None:
         ticks = [self.sim.market.next_tick() for _ in range(count)]

@@ -3,22 +3,22 @@ which contracts, how fast, and if not, why" — the question the original implem
 could not answer when it connected fine and never received a Greek.
 
 The REST steps are the probe's own diagnostics (auth status, the market-data snapshot
-preflight); the websocket is spoken by the stream's own `IbkrConnection`, fed from the
-probe's socket, so what the probe sees is what the stream would do. The REST calls the
-Connection asks for (the trades backfill, and tickle and positions refresh a minute in)
-are not made: the probe looks at market data only, for a short while.
+preflight); then the link runner runs one link with the stream's own `IbkrConnection`,
+which the probe only watches (greeksd.brokers.probe_link), so what the probe sees is
+what the stream would do, REST calls included (the trades backfill at once; tickle and
+positions refresh a minute in, if the probe lasts that long).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import open_websocket_url
 
 from greeksd.brokers.ibkr import protocol as p
 from greeksd.brokers.ibkr.client import IbkrClient
@@ -26,12 +26,10 @@ from greeksd.brokers.ibkr.connection import IbkrConnection, IbkrCounters, LinkSe
 from greeksd.brokers.ibkr.gateway import GatewayClient, GatewayError
 from greeksd.brokers.ibkr.session import COMPETING
 from greeksd.brokers.ibkr.spec import IbkrSettings
-from greeksd.brokers.link import TRANSPORT_ERRORS, LinkFailed, LinkUp, Note, Send
+from greeksd.brokers.link import TRANSPORT_ERRORS, Event, LinkUp, Note
+from greeksd.brokers.probe_link import Observed, probe_link
 from greeksd.brokers.probe_report import contracts_covered, finish_report
-from greeksd.logs import get_logger
-from greeksd.model import Snapshot
-
-log = get_logger("greeksd.ibkr.probe")
+from greeksd.model import Snapshot, Trade
 
 COVERAGE = {
     "delta": p.DELTA,
@@ -148,60 +146,58 @@ async def _session(
         summary["preflight"] = {
             str(r.get("conid")): {k: v for k, v in r.items() if k[0].isdigit()} for r in second
         }
+    listening = trio.CancelScope()
     target = client.target(tickle.session, conn)
-    connect_started = elapsed_ms()
-    async with open_websocket_url(
-        target.url,
-        ssl_context=target.ssl_context,
-        extra_headers=list(target.headers),
+    watched = Observed(
+        conn,
+        partial(_notice, conn, found, elapsed_ms),
+        summary,
+        elapsed_ms,
+        listening,
+        duration_s,
         connect_timeout=target.connect_timeout,
-        disconnect_timeout=2.0,
-    ) as ws:
-        summary["connect_ms"] = round(elapsed_ms() - connect_started, 1)
-        with trio.move_on_after(duration_s):
-            await _listen(ws, conn, found, elapsed_ms)
+    )
+    target = replace(target, connection=watched)
+    failure = await probe_link("ibkr", client, target, listening, _NO_ROWS)
+    if failure is not None:
+        found.hints.append(f"websocket status: {failure.reason}")
     if conn.session_state.authenticated is not None:
         summary["sts_authenticated"] = conn.session_state.authenticated
     return conn
 
 
-async def _listen(
-    ws: Any, conn: IbkrConnection, found: _Findings, elapsed_ms: Callable[[], float]
+def _notice(
+    conn: IbkrConnection, found: _Findings, elapsed_ms: Callable[[], float], events: list[Event]
 ) -> None:
-    """The Connection on the probe's socket: frames and timers in; frames it sends go
-    out, and the report notes when it subscribed, each option's first Greek, the
-    gateway's errors and why the link ended, if it did."""
+    """What the Connection decided, noted for the report: when it subscribed, each
+    option's first Greek, the gateway's errors."""
     summary = found.summary
     conids = {o.contract.key_text: o.conid for o in conn.plan.options}
-    events = conn.start(trio.current_time(), datetime.now(UTC))
-    while True:
-        for event in events:
-            if isinstance(event, Snapshot):
-                conid = conids[event.contract_key]
-                merged = conn.book.fields(conid)
-                if conid not in found.first_greeks_ms and any(
-                    f in merged for f in COVERAGE.values()
-                ):
-                    found.first_greeks_ms[conid] = elapsed_ms()
-            elif isinstance(event, Send):
-                await ws.send_message(event.data)
-            elif isinstance(event, LinkUp):
-                summary["subscribed_ms"] = elapsed_ms()
-            elif isinstance(event, LinkFailed):
-                found.hints.append(f"websocket status: {event.reason}")
-                return
-            elif isinstance(event, Note):
-                if event.event == "ibkr_gateway_error":
-                    summary.setdefault("gateway_errors", []).append(event.fields["message"])
-                getattr(log, event.level)(event.event, **event.fields)
-        with trio.move_on_at(conn.next_deadline()) as timer:
-            data = await ws.get_message()
-        now, at = trio.current_time(), datetime.now(UTC)
-        if timer.cancelled_caught:
-            events = conn.on_timer(now, at)
-            continue
-        summary.setdefault("first_message_ms", elapsed_ms())
-        events = conn.receive(data, now, at)
+    for event in events:
+        if isinstance(event, Snapshot):
+            conid = conids.get(event.contract_key)
+            if conid is None or conid in found.first_greeks_ms:
+                continue
+            merged = conn.book.fields(conid)
+            if any(f in merged for f in COVERAGE.values()):
+                found.first_greeks_ms[conid] = elapsed_ms()
+        elif isinstance(event, LinkUp):
+            summary["subscribed_ms"] = elapsed_ms()
+        elif isinstance(event, Note) and event.event == "ibkr_gateway_error":
+            summary.setdefault("gateway_errors", []).append(event.fields["message"])
+
+
+class _NoRows:
+    """The probe's sink: its report comes from the Connection's book, not from rows."""
+
+    def put(self, snapshot: Snapshot) -> None:
+        pass
+
+    def put_trade(self, trade: Trade) -> None:
+        pass
+
+
+_NO_ROWS = _NoRows()
 
 
 def _coverage(conn: IbkrConnection, found: _Findings) -> list[dict[str, Any]]:

@@ -4,31 +4,22 @@ probe, so both brokers can be diagnosed the same way.
 
 The session is the stream's own: `TastytradeClient` does the REST steps (timed one by
 one here), and the link runner runs one link with the same `DxlinkConnection`, which
-the probe only watches (`_Watch`): no handshake or decoding of its own.
+the probe only watches (greeksd.brokers.probe_link): no handshake or decoding of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from greeksd.backoff import Address
-from greeksd.brokers.link import (
-    BrokerStream,
-    Call,
-    Event,
-    LinkFailed,
-    LinkTarget,
-    LinkUp,
-    Note,
-    Rejected,
-)
+from greeksd.brokers.link import Event, LinkFailed, LinkUp, Note, Rejected
+from greeksd.brokers.probe_link import Observed, probe_link
 from greeksd.brokers.probe_report import COVERAGE, contracts_covered, finish_report
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import DxlinkConnection, DxlinkOptions
@@ -41,10 +32,7 @@ from greeksd.brokers.tastytrade.session import (
 )
 from greeksd.brokers.tastytrade.spec import TastytradeSettings
 from greeksd.brokers.tastytrade.stream import TastytradeClient
-from greeksd.logs import get_logger
-from greeksd.model import Snapshot, StreamStatus, Trade
-
-log = get_logger("greeksd.tastytrade.probe")
+from greeksd.model import Snapshot, Trade
 
 
 @dataclass
@@ -115,98 +103,51 @@ async def _session(
     elapsed_ms: Callable[[], float],
 ) -> None:
     """One link through the link runner, for `duration_s` once it is open (or until it
-    fails)."""
+    fails), with the stream's own Connection under watch."""
     listening = trio.CancelScope()
     conn = client.connection(token, positions)
-    watch = _Watch(conn, found, elapsed_ms, listening, duration_s)
-    link = _OneLink(client, client.link_target(token, watch))
-    stream = BrokerStream("tastytrade", lambda: nullcontext(link))
-    status = StreamStatus("tastytrade")
-    with listening:
-        failure = await stream.attempt(link, _Coverage(found, elapsed_ms), status, False)
-        if not failure.fresh_credentials:  # a refused token is reported as auth_state
-            found.summary["error"] = failure.reason
-            found.hints.append(f"session failed: {failure.reason}")
-    found.feed_frames = watch.conn.feed_frames
+    watched = Observed(
+        conn,
+        partial(_notice, conn, found, elapsed_ms),
+        found.summary,
+        elapsed_ms,
+        listening,
+        duration_s,
+        connect_timeout=conn.options.handshake_timeout,
+    )
+    target = client.link_target(token, watched)
+    failure = await probe_link(
+        "tastytrade", client, target, listening, _Coverage(found, elapsed_ms)
+    )
+    if failure is not None and not failure.fresh_credentials:  # a refused token: auth_state
+        found.summary["error"] = failure.reason
+        found.hints.append(f"session failed: {failure.reason}")
+    found.feed_frames = conn.feed_frames
     # the service's definitions (greeksd.coverage), from the Greeks events that arrived
     found.summary["coverage"] = conn.coverage.summary(datetime.now(UTC))
 
 
-@dataclass
-class _OneLink:
-    """The probe's `BrokerClient`: the REST work before the socket is done (and timed)
-    already; calls during the link go to the real client."""
-
-    client: TastytradeClient
-    target: LinkTarget
-
-    def address(self) -> Address | None:
-        return self.client.address()
-
-    async def open_link(self, status: StreamStatus, fresh_credentials: bool) -> LinkTarget:
-        return self.target
-
-    async def call(self, call: Call) -> Any:
-        return await self.client.call(call)
-
-
-@dataclass
-class _Watch:
-    """The stream's Connection, with what it decides noted on the way to the runner.
-    `listening` ends the link `duration_s` after it opened (or failed to open)."""
-
-    conn: DxlinkConnection
-    found: _Findings
-    elapsed_ms: Callable[[], float]
-    listening: trio.CancelScope
-    duration_s: float
-    connect_started: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.connect_started = self.elapsed_ms()
-        connecting = self.conn.options.handshake_timeout  # the connect timeout
-        self.listening.deadline = trio.current_time() + connecting + self.duration_s
-
-    def start(self, now: float, at: datetime) -> list[Event]:
-        self.found.summary["connect_ms"] = round(self.elapsed_ms() - self.connect_started, 1)
-        self.listening.deadline = now + self.duration_s
-        return self._note(self.conn.start(now, at))
-
-    def receive(self, data: str | bytes, now: float, at: datetime) -> list[Event]:
-        self.found.summary.setdefault("first_message_ms", self.elapsed_ms())
-        return self._note(self.conn.receive(data, now, at))
-
-    def set_positions(self, positions: Sequence[Any], now: float, at: datetime) -> list[Event]:
-        return self._note(self.conn.set_positions(positions, now, at))
-
-    def answer(self, call: Call, result: Any, now: float, at: datetime) -> list[Event]:
-        return self._note(self.conn.answer(call, result, now, at))
-
-    def on_timer(self, now: float, at: datetime) -> list[Event]:
-        return self._note(self.conn.on_timer(now, at))
-
-    def next_deadline(self) -> float:
-        return self.conn.next_deadline()
-
-    def _note(self, events: list[Event]) -> list[Event]:
-        found, summary, conn = self.found, self.found.summary, self.conn
-        for event in events:
-            if isinstance(event, Rejected):
-                found.rejected += 1
-            elif isinstance(event, LinkUp):
-                summary |= {"auth_state": "AUTHORIZED", "authorized_ms": self.elapsed_ms()}
-            elif isinstance(event, LinkFailed) and event.fresh_credentials:
-                summary["auth_state"] = "UNAUTHORIZED"
-            elif isinstance(event, Note) and event.event == "dxlink_error":
-                text = f"{event.fields['error']}: {event.fields['message']}"
-                summary.setdefault("server_errors", []).append(text)
-        if conn.handshake.auth_sent:
-            summary["auth_sent"] = True
-        if conn.subscribed and "subscribed_ms" not in summary:
-            summary["subscribed_ms"] = self.elapsed_ms()
-        if conn.feed_config_fields is not None:
-            summary["feed_config_has_fields"] = conn.feed_config_fields
-        return events
+def _notice(
+    conn: DxlinkConnection, found: _Findings, elapsed_ms: Callable[[], float], events: list[Event]
+) -> None:
+    """What the Connection decided, noted for the report."""
+    summary = found.summary
+    for event in events:
+        if isinstance(event, Rejected):
+            found.rejected += 1
+        elif isinstance(event, LinkUp):
+            summary |= {"auth_state": "AUTHORIZED", "authorized_ms": elapsed_ms()}
+        elif isinstance(event, LinkFailed) and event.fresh_credentials:
+            summary["auth_state"] = "UNAUTHORIZED"
+        elif isinstance(event, Note) and event.event == "dxlink_error":
+            text = f"{event.fields['error']}: {event.fields['message']}"
+            summary.setdefault("server_errors", []).append(text)
+    if conn.handshake.auth_sent:
+        summary["auth_sent"] = True
+    if conn.subscribed and "subscribed_ms" not in summary:
+        summary["subscribed_ms"] = elapsed_ms()
+    if conn.feed_config_fields is not None:
+        summary["feed_config_has_fields"] = conn.feed_config_fields
 
 
 class _Coverage:
