@@ -21,24 +21,9 @@ from greeksd.archive import hour_of, source_files
 from greeksd.model import Snapshot
 from greeksd.recording import Record, read_fixture
 from greeksd.replay import Replayers, ReplayStats
+from greeksd.store.columns import MEASURES
 
-ROW_FIELDS = (
-    "contract_key",
-    "account_id",
-    "event_time",
-    "received_at",
-    "delta",
-    "gamma",
-    "theta",
-    "vega",
-    "rho",
-    "implied_volatility",
-    "underlying_price",
-    "bid",
-    "ask",
-    "last",
-    "mark",
-)
+ROW_FIELDS = ("contract_key", "account_id", "event_time", "received_at", *MEASURES)
 
 
 @dataclass(frozen=True)

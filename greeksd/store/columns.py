@@ -99,6 +99,22 @@ class Column:
     absent_before: str | None = None
 
 
+MEASURES: tuple[str, ...] = (
+    "delta",
+    "gamma",
+    "theta",
+    "vega",
+    "rho",
+    "implied_volatility",
+    "underlying_price",
+    "bid",
+    "ask",
+    "last",
+    "mark",
+)
+"""A row's Greeks and prices (float8 columns), in table order."""
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("broker", "text"),
     Column("account_id", "text"),
@@ -109,22 +125,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("option_type", "text", RIGHT),
     Column("multiplier", "numeric", OPTIONAL_DECIMAL),
     Column("quantity", "numeric", OPTIONAL_DECIMAL, fingerprinted=True),
-    *(
-        Column(name, "float8", FLOAT, fingerprinted=True)
-        for name in (
-            "delta",
-            "gamma",
-            "theta",
-            "vega",
-            "rho",
-            "implied_volatility",
-            "underlying_price",
-            "bid",
-            "ask",
-            "last",
-            "mark",
-        )
-    ),
+    *(Column(name, "float8", FLOAT, fingerprinted=True) for name in MEASURES),
     Column("event_time", "timestamptz", DATETIME),
     Column("received_at", "timestamptz", DATETIME),
     Column("market_data", "text", absent_before="003"),
