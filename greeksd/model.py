@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from greeksd.coverage import Coverage
 
 _OCC_ROOT = re.compile(r"[A-Z0-9]{1,6}")
+#: Futures month codes, January to December.
+FUTURE_MONTHS = "FGHJKMNQUVXZ"
+# A future as the brokers print it: optional '/', root, month code, 1-, 2- or 4-digit year,
+# optional ':EXCHANGE' (Tastytrade '/ESZ5', IBKR 'ESZ5', dxFeed '/ESZ25:XCME').
+_FUTURE = re.compile(r"/?([A-Z0-9]{1,5}?)([FGHJKMNQUVXZ])(\d|\d\d|\d{4})(?::[A-Z0-9]+)?")
+_CANONICAL_FUTURE = re.compile(r"[A-Z0-9]{1,5}[FGHJKMNQUVXZ]\d\d")
+_OPTION_PRODUCT = re.compile(r"[A-Z0-9]{1,6}")
 
 
 class Broker(enum.StrEnum):
@@ -57,6 +64,32 @@ def canonical_strike(strike: Decimal) -> Decimal:
     return integral if strike == integral else strike.normalize()
 
 
+def canonical_future(symbol: str, not_before: date) -> str:
+    """The canonical code of a futures contract: root + month code + two-digit year
+    ('ESZ25'), from any broker's spelling ('/ESZ5', 'ESZ5', '/ESZ25:XCME', 'ESZ2025').
+
+    A one-digit year is the first year ending in that digit from `not_before`'s year on:
+    pass the option's expiration, which never falls after its future's delivery year
+    (CL's January future has options expiring in December of the year before, so the
+    decade cannot be taken from the option's own year blindly). Raises ValueError."""
+    match = _FUTURE.fullmatch(symbol)
+    if match is None:
+        raise ValueError(f"not a futures contract symbol: {symbol!r}")
+    root, month, year = match.groups()
+    if len(year) == 1:
+        full = not_before.year + (int(year) - not_before.year) % 10
+    elif len(year) == 2:
+        full = 2000 + int(year)
+    else:
+        full = int(year)
+    return f"{root}{month}{full % 100:02d}"
+
+
+def future_root(future: str) -> str:
+    """'ESZ25' -> 'ES': the futures product a canonical future code belongs to."""
+    return future[:-3]
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class ContractKey:
     """One option, whichever broker reports it.
@@ -64,29 +97,59 @@ class ContractKey:
     `root` is the option's trading root (SPXW, not SPX, for the weeklies): two roots on
     the same underlying are different contracts with different settlement, so the root,
     not the underlying symbol, is part of the identity.
+
+    A futures option also names its underlying future: `future` is its canonical code
+    ('ESZ25', see `canonical_future`) and `root` the option product (CME's code, which
+    IBKR calls the trading class and Tastytrade the option root symbol: 'EW3', 'E2CF',
+    'LO', 'OZN'). Equity and index options have `future == ""`. The text form of a
+    futures option key starts with '/' (no option root does):
+    '/ESZ25 EW3 2025-12-19 C 6000'.
     """
 
     root: str
     expiration: date
     right: OptionRight
     strike: Decimal
+    future: str = ""
 
     def __post_init__(self) -> None:
         if not self.strike.is_finite() or self.strike <= 0:
             raise ValueError(f"strike must be a positive number, got {self.strike}")
+        if self.future and (
+            _CANONICAL_FUTURE.fullmatch(self.future) is None
+            or _OPTION_PRODUCT.fullmatch(self.root) is None
+        ):
+            raise ValueError(
+                f"futures option needs a future like 'ESZ25' and a product like 'EW3',"
+                f" got {self.future!r} and {self.root!r}"
+            )
         object.__setattr__(self, "strike", canonical_strike(self.strike))
 
+    @property
+    def is_future_option(self) -> bool:
+        return bool(self.future)
+
     def __str__(self) -> str:
-        return f"{self.root} {self.expiration.isoformat()} {self.right.value} " + format_strike(
+        text = f"{self.root} {self.expiration.isoformat()} {self.right.value} " + format_strike(
             self.strike
         )
+        return f"/{self.future} {text}" if self.future else text
 
     @classmethod
     def parse(cls, text: str) -> ContractKey:
-        """Inverse of `str()`: 'AAPL 2025-06-20 C 190'. Raises ValueError on bad input."""
+        """Inverse of `str()`: 'AAPL 2025-06-20 C 190' or '/ESZ25 EW3 2025-12-19 C 6000'.
+        Raises ValueError on bad input."""
         parts = text.split(" ")
+        future = ""
+        if len(parts) == 5 and parts[0].startswith("/"):
+            future = parts.pop(0)[1:]
+            if _CANONICAL_FUTURE.fullmatch(future) is None:
+                raise ValueError(f"contract key has a bad future {future!r} (like ESZ25): {text!r}")
         if len(parts) != 4:
-            raise ValueError(f"contract key must be 'ROOT YYYY-MM-DD C|P STRIKE': {text!r}")
+            raise ValueError(
+                "contract key must be 'ROOT YYYY-MM-DD C|P STRIKE'"
+                f" or '/FUTURE PRODUCT YYYY-MM-DD C|P STRIKE': {text!r}"
+            )
         root, expiry, right, strike = parts
         if not root:
             raise ValueError(f"contract key has an empty root: {text!r}")
@@ -96,7 +159,7 @@ class ContractKey:
             raise ValueError(f"contract key has a bad strike: {text!r}") from exc
         if not strike_value.is_finite() or strike_value <= 0:
             raise ValueError(f"contract key has a bad strike: {text!r}")
-        return cls(root, date.fromisoformat(expiry), OptionRight(right), strike_value)
+        return cls(root, date.fromisoformat(expiry), OptionRight(right), strike_value, future)
 
     @classmethod
     def from_occ(cls, symbol: str) -> ContractKey:
@@ -136,6 +199,9 @@ class Contract:
     multiplier: Decimal
     quantity: Decimal
     account_id: str
+    #: Where a futures option trades ('CME', 'CBOT', 'NYMEX'); '' when the broker does not
+    #: say or it does not matter (equity options route SMART).
+    exchange: str = ""
     #: `str(key)`, rendered once: every Snapshot row carries it (~1.2 µs saved per row).
     key_text: str = field(init=False, repr=False, compare=False)
     #: A Snapshot's fields from `account_id` to `quantity`, in order: the hot paths build
