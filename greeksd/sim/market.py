@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
 
-from greeksd.model import ContractKey, OptionRight
+from greeksd.model import FUTURE_MONTHS, ContractKey, OptionRight
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -67,12 +67,15 @@ def black_scholes(
 
 @dataclass(frozen=True, slots=True)
 class SimContract:
-    """A contract the simulated account holds."""
+    """A contract the simulated account holds. For a futures option `underlying` is the
+    future's canonical code ('ESZ25', the key's `future`): its price is the one that moves,
+    and each simulator prints it its own way ('/ESZ5', '/ESZ25:XCME', a conid)."""
 
     key: ContractKey
     underlying: str
     multiplier: Decimal
     quantity: Decimal
+    exchange: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,40 @@ class Tick:
 
 
 SPOTS: dict[str, float] = {"AAPL": 190.0, "SPY": 510.0, "SPX": 5100.0, "MSFT": 420.0, "QQQ": 440.0}
+
+# Futures options held in the simulated book: (future root, option product, strike step,
+# multiplier, exchange, the future's price, months between quarterly futures).
+# The products and multipliers are CME's: ES options 50 (E-mini S&P, weekly Friday 'EW3'
+# style codes), crude LO 1000 barrels, 10-year note OZN 1000 ($ per point).
+FUTURES_OPTION_PRODUCTS: tuple[tuple[str, str, Decimal, Decimal, str, float, int], ...] = (
+    ("ES", "EW3", Decimal(25), Decimal(50), "CME", 6000.0, 3),
+    ("CL", "LO", Decimal("0.5"), Decimal(1000), "NYMEX", 62.0, 1),
+    ("ZN", "OZN", Decimal("0.25"), Decimal(1000), "CBOT", 112.0, 3),
+)
+
+
+def futures_option_contracts(as_of: date, count: int = 3) -> list[SimContract]:
+    """Futures options on ES, CL and ZN (round-robin), each on the first future whose
+    delivery month is at least a month after `as_of`, expiring about three weeks before
+    it; strikes near the future's price, with the products' fractional steps."""
+    contracts: list[SimContract] = []
+    for i in range(count):
+        root, product, step, multiplier, exchange, price, cycle = FUTURES_OPTION_PRODUCTS[
+            i % len(FUTURES_OPTION_PRODUCTS)
+        ]
+        months = as_of.year * 12 + as_of.month  # 1-based month count of as_of
+        delivery = months + 1 + (-(months + 1 - 3) % cycle if cycle == 3 else 0)
+        year, month = divmod(delivery - 1, 12)
+        future = f"{root}{FUTURE_MONTHS[month]}{year % 100:02d}"
+        expiry = max(date(year, month + 1, 1) - timedelta(days=21), as_of + timedelta(days=7))
+        right = OptionRight.CALL if i % 2 == 0 else OptionRight.PUT
+        strike = Decimal(str(price)) + step * (1 + i // len(FUTURES_OPTION_PRODUCTS)) * (
+            1 if right is OptionRight.CALL else -1
+        )
+        quantity = Decimal(-1 if i % 3 == 1 else 2)
+        key = ContractKey(product, expiry, right, strike, future)
+        contracts.append(SimContract(key, future, multiplier, quantity, exchange))
+    return contracts
 
 
 def default_contracts(as_of: date, count: int = 8) -> list[SimContract]:
@@ -119,6 +156,17 @@ def default_contracts(as_of: date, count: int = 8) -> list[SimContract]:
     return contracts
 
 
+def initial_price(underlying: str) -> float:
+    """Where an underlying's path starts: its spot, or its futures product's price for a
+    future code ('ESZ26' starts where ES does)."""
+    if underlying in SPOTS:
+        return SPOTS[underlying]
+    for root, _, _, _, _, price, _ in FUTURES_OPTION_PRODUCTS:
+        if underlying[:-3] == root:
+            return price
+    return 100.0
+
+
 class SyntheticMarket:
     """Geometric Brownian motion per underlying; each `next_tick` moves one underlying
     a small step and reprices one contract, round-robin, so every contract ticks."""
@@ -139,14 +187,14 @@ class SyntheticMarket:
         self._rng = random.Random(seed)
         self._rate = rate
         self._base_vol = base_vol
-        self._spots = {c.underlying: SPOTS.get(c.underlying, 100.0) for c in self.contracts}
+        self._spots = {c.underlying: initial_price(c.underlying) for c in self.contracts}
         self._seq = 0
 
     def spot(self, underlying: str) -> float:
         return self._spots[underlying]
 
     def add_contract(self, contract: SimContract) -> None:
-        self._spots.setdefault(contract.underlying, SPOTS.get(contract.underlying, 100.0))
+        self._spots.setdefault(contract.underlying, initial_price(contract.underlying))
         self.contracts.append(contract)
 
     def remove_contract(self, key: ContractKey) -> None:
