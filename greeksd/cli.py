@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from greeksd.bench import SECTIONS
 from greeksd.brokers import registry
 from greeksd.config import Settings, load_settings, parse_database_url
 from greeksd.logs import configure_logging, get_logger
@@ -229,7 +230,8 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
     url = _database_url_option(args.database_url) or settings.database_url
-    return run_benchmarks(url, Path(args.out), quick=args.quick, scale=args.scale)
+    only = args.only or SECTIONS
+    return run_benchmarks(url, Path(args.out), quick=args.quick, scale=args.scale, only=only)
 
 
 def _add_duration(parser: argparse.ArgumentParser) -> None:
@@ -386,6 +388,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--scale",
         action="store_true",
         help="only the scale-out case: three `greeksd run` instances into one new database",
+    )
+    bench.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all)",
     )
     bench.set_defaults(handler=_cmd_bench)
     return parser
