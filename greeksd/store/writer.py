@@ -28,9 +28,8 @@ from greeksd import config
 from greeksd.backoff import Backoff
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
-from greeksd.store.columns import encode_row
 from greeksd.store.deadline import UNREACHABLE
-from greeksd.store.snapshot_table import SnapshotTable
+from greeksd.store.snapshot_table import CopyRows, SnapshotTable
 from greeksd.store.spool import Spool, SpoolUnavailable
 from greeksd.store.spool_policy import (
     BOTH_UNAVAILABLE,
@@ -188,8 +187,7 @@ class Writer:
         if not self.store_payload:
             for s in batch:
                 s.source_payload = None
-        instance = self.instance
-        rows = [encode_row(s, instance) for s in batch]
+        rows = CopyRows(batch, self.instance)  # encoded in the COPY's thread
         while True:
             held_off = self._held_off()
             if self._spool is not None and (held_off or self.spool_pending):
@@ -256,7 +254,7 @@ class Writer:
             batch, end = item
             started = time.perf_counter()
             try:
-                inserted = await self._table.write([encode_row(s, self.instance) for s in batch])
+                inserted = await self._table.write(CopyRows(batch, self.instance))
             except UNREACHABLE as exc:
                 self._on_failure(exc, len(batch))
                 return False
