@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from greeksd import heap
 from greeksd.bench import SECTIONS
 from greeksd.brokers import registry
 from greeksd.config import Settings, load_settings, parse_database_url
@@ -71,7 +72,9 @@ def _database_url_option(value: str | None) -> str | None:
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     settings = _only(settings, args.brokers)
     check_api_exposure(settings)
-    return trio.run(partial(run_until_signal, settings, build_sources(settings)))
+    sources = build_sources(settings)
+    heap.settle()
+    return trio.run(partial(run_until_signal, settings, sources))
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,6 +129,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--speed must be 0 (as fast as possible) or a positive factor")
     with database_url(settings) as url:
         migrate(url)
+        heap.settle()
         try:
             stats = trio.run(
                 partial(
