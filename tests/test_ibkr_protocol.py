@@ -222,6 +222,20 @@ def test_server_frames_parse_back() -> None:
     assert p.parse_frame(w.WAITING_FOR_SESSION) == p.WaitingForSession()
 
 
+def test_market_data_keeps_the_field_ids_and_only_them() -> None:
+    """Every key that starts with a digit is a field (even one IBKR has not documented),
+    nothing else is: not the frame's own keys, not one nobody expected."""
+    frame = orjson.dumps(
+        {"topic": "smd+42", "conid": 42, "conidEx": "42", "server_id": "q1", "_updated": 7,
+         "31": "1.5", "7308": 0.5, "6509": "RpB", "extra": "x", "_y": 1, "\u00b2": "z"}
+    ).decode()  # fmt: skip
+    assert p.parse_frame(frame) == p.MarketData(
+        42, {"31": "1.5", "7308": "0.5", "6509": "RpB", "\u00b2": "z"}, 7
+    )
+    plain = '{"topic":"smd+42@SMART","31":"1.5","7308":"0.5"}'  # conid from the topic
+    assert p.parse_frame(plain) == p.MarketData(42, {"31": "1.5", "7308": "0.5"}, None)
+
+
 def test_a_partial_sts_leaves_absent_flags_unknown_and_odd_types_malformed() -> None:
     sts = '{"topic":"sts","args":%s}'
     assert p.parse_frame(sts % '{"competing":false}') == p.AuthStatus(None, False, "", "")

@@ -167,6 +167,8 @@ def _tri_state(args: Mapping[str, Any], key: str) -> bool | None:
 
 
 _STR_ONLY = frozenset({str})
+_SMD_META = ("topic", "conid", "conidEx", "server_id", "_updated")
+"""The keys of a market-data frame that are not field ids."""
 
 
 def _as_text(value: Any) -> str:
@@ -202,10 +204,16 @@ def _classify(obj: dict[str, Any]) -> Event:
         conid = _int_or_none(obj.get("conid")) or _int_or_none(topic[4:].split("@")[0])
         if conid is None:
             raise ValueError(f"no conid in {topic!r}")
-        values = {k: v for k, v in obj.items() if k[:1].isdigit()}
-        if not _STR_ONLY.issuperset(map(type, values.values())):
-            values = {k: _as_text(v) for k, v in values.items()}
-        return MarketData(conid, values, _int_or_none(obj.get("_updated")))
+        updated = _int_or_none(obj.get("_updated"))
+        for key in _SMD_META:  # what is left are field ids ('31', '7308'), as a rule
+            obj.pop(key, None)
+        # Keys in order: when the first and the last start with an ASCII digit, all do
+        # (two C calls instead of a comprehension over every key)
+        if obj and not (min(obj)[:1] >= "0" and max(obj)[:1] <= "9"):
+            obj = {k: v for k, v in obj.items() if k[:1].isdigit()}
+        if not _STR_ONLY.issuperset(map(type, obj.values())):
+            obj = {k: _as_text(v) for k, v in obj.items()}
+        return MarketData(conid, obj, updated)
     args = obj.get("args")
     if topic == "system":
         if "hb" in obj:
