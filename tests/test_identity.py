@@ -295,7 +295,7 @@ def test_ibkr_captured_option_position_with_zeros_takes_its_secdef_underlying() 
 
 def test_ibkr_futures_option_on_a_future_the_gateway_does_not_name_is_unsupported() -> None:
     position = _POSITIONS["784136636"]["position_json"]
-    with pytest.raises(ib.UnsupportedPosition, match="784136636: its future"):
+    with pytest.raises(ib.UnsupportedPosition, match="784136636: the gateway names no future"):
         ib.parse_future_option_position(ib.overlay({}, position), "U1", FUTURES)
     secdef = trsrv_secdef("784136636", "20250612", "C", "6040", 50.0, 999)
     with pytest.raises(ib.UnsupportedPosition):

@@ -531,10 +531,12 @@ def parse_future_option_position(
     conid, underlying_conid = position.get("conid"), und_conid(position)
     info = futures.get(underlying_conid) if underlying_conid else None
     if info is None:
-        raise UnsupportedPosition(
-            f"futures option {conid}: its future (undConid {position.get('undConid')!r})"
-            " is not known to the gateway"
+        why = (
+            f"its future (undConid {underlying_conid}) is unknown to the gateway"
+            if underlying_conid
+            else "the gateway names no future (no undConid in its position or secdef)"
         )
+        raise UnsupportedPosition(f"futures option {conid}: {why}")
     try:
         expiry = next((position[k] for k in _FOP_EXPIRY if _given(position.get(k))), None)
         not_before = datetime.strptime(str(expiry), "%Y%m%d").date()
