@@ -79,8 +79,11 @@ class IbkrCounters:
     trades: int = 0
     rejected_trades: int = 0
     gateway_errors: int = 0
-    skipped_future_options: int = 0
     unparsable_positions: int = 0
+    unsupported_positions: int = 0
+    unsupported: list[str] = field(default_factory=list)
+    """Why each held option greeksd cannot record is left out (e.g. a futures option
+    whose future the gateway does not name)."""
     delayed_contracts: int = 0
     frozen_contracts: int = 0
     left_out: list[str] = field(default_factory=list)
@@ -265,9 +268,15 @@ class IbkrConnection:
             Note("ibkr_position_skipped", {"reason": problem}, "warning")
             for problem in scan.problems
         ]
-        if scan.future_options != counters.skipped_future_options:
-            events.append(Note("ibkr_future_options_skipped", {"count": scan.future_options}))
-        counters.skipped_future_options = scan.future_options
+        if scan.unsupported != counters.unsupported:  # logged once, not every refresh
+            events += [
+                Note("ibkr_position_unsupported", {"reason": reason}, "warning")
+                for reason in scan.unsupported
+            ]
+        counters.unsupported, counters.unsupported_positions = (
+            list(scan.unsupported),
+            len(scan.unsupported),
+        )
         counters.unparsable_positions = len(scan.problems)
         return events + self._adopt(scan.options)
 
