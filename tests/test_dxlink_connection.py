@@ -231,6 +231,9 @@ def feed_data(*groups: Any, channel: int = 1) -> str:
     return frame(dx.FeedData(channel, list(groups)))
 
 
+LOOKUP_FAILED = "future option instrument lookup failed"
+
+
 class Link:
     """One DxlinkConnection at a virtual time: each step returns its events."""
 
@@ -241,7 +244,10 @@ class Link:
         **kwargs: Any,
     ) -> None:
         self.conn = DxlinkConnection(
-            "tok", options, positions=dx.Positions(list(contracts), 1, 2), **kwargs
+            "tok",
+            options,
+            positions=dx.Positions(list(contracts), 2, unsupported={LOOKUP_FAILED: 1}),
+            **kwargs,
         )
         self.now = 100.0
 
@@ -292,7 +298,8 @@ def test_start_tracks_the_positions_sends_setup_and_polls_trades() -> None:
         }
     ]
     counters = link.conn.counters
-    assert (counters.skipped_future_options, counters.unparsable_positions) == (1, 2)
+    assert (counters.unsupported_positions, counters.unparsable_positions) == (1, 2)
+    assert counters.unsupported_reasons == {LOOKUP_FAILED: 1}
 
 
 @pytest.mark.parametrize("setup_first", [True, False], ids=["setup-first", "auth-state-first"])

@@ -104,7 +104,7 @@ async def test_end_to_end_rows_carry_contract_identity_and_the_sent_greeks() -> 
         assert row.strike == contract.key.strike and row.option_type is contract.key.right
     assert any(r.rho is None for r in sink.rows) and any(r.rho is not None for r in sink.rows)
     assert status.ticks == len(sink.rows) and status.rejected_frames == 0
-    assert status.subscriptions == 4 and counters(status).skipped_future_options == 1
+    assert status.subscriptions == 4 and counters(status).unsupported_positions == 0
     # several events per COMPACT array went over the wire
     channel_frames = [m for c in sim.dxlink.all_connections() for _, m in c.received]
     assert any(

@@ -51,7 +51,7 @@ from trio_websocket import (
 from greeksd.logs import get_logger
 from greeksd.sim import dxlink_wire as wire
 from greeksd.sim.market import SyntheticMarket, Tick
-from greeksd.sim.symbols import streamer_symbol
+from greeksd.sim.symbols import dxfeed_option, dxfeed_underlying
 
 log = get_logger("greeksd.sim.dxlink")
 
@@ -454,7 +454,7 @@ class DxLinkServer:
         nan_rho = self.nan_rho_rate > 0 and self._rng.random() < self.nan_rho_rate
         index = (time_ms // 1000) << 32 | (time_ms % 1000) << 22 | (tick.seq & 0x3FFFFF)
         return greeks_event(
-            streamer_symbol(tick.contract.key),
+            dxfeed_option(tick.contract),
             time_ms,
             index=index,
             price=g.price,
@@ -471,7 +471,7 @@ class DxLinkServer:
         spot = tick.underlying_price
         return {
             "eventType": "Quote",
-            "eventSymbol": tick.contract.underlying,
+            "eventSymbol": dxfeed_underlying(tick.contract),
             "eventTime": 0,
             "sequence": 0,
             "timeNanoPart": 0,
