@@ -69,6 +69,8 @@ class TastytradeSim:
     #: what /accounts/{n}/transactions serves, oldest first
     transactions: list[dict[str, Any]] = field(default_factory=list)
     transaction_requests: int = 0
+    #: `GET /instruments/future-options/{symbol}` calls, by symbol
+    future_option_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def dxlink_url(self) -> str:
@@ -492,6 +494,8 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
 
     @app.get("/instruments/future-options/<path:symbol>")
     async def future_option(symbol: str) -> Any:
+        requests = sim.future_option_requests
+        requests[symbol] = requests.get(symbol, 0) + 1
         body = sim.future_option_body(symbol)
         return {"data": body} if body else _error(404, "record_not_found", symbol)
 
