@@ -410,8 +410,9 @@ async def test_probe_counts_futures_options_in_its_coverage(tmp_path: Path) -> N
 async def test_futures_option_lookups_are_cached_and_a_failing_one_counted_and_retried() -> None:
     """A futures option the instruments API does not know (here: an expired one) is
     counted by reason and looked up again at each refresh; the known ones once only."""
+    symbol = "./ESU4 EW3N4 240719C4400"
     expired = {
-        "symbol": "./ESU4 EW3N4 240719C4400",
+        "symbol": symbol,
         "instrument-type": "Future Option",
         "underlying-symbol": "/ESU4",
         "quantity": "1",
@@ -435,12 +436,12 @@ async def test_futures_option_lookups_are_cached_and_a_failing_one_counted_and_r
         held = [c for c in sim.market.contracts if c.key.future]
         async with running_stream(sim, positions_refresh_s=0.1) as (_, sink, status):
             requests = sim.future_option_requests
-            await wait_until(lambda: requests.get(expired["symbol"], 0) >= 3, what="3 refreshes")
+            await wait_until(lambda: requests.get(symbol, 0) >= 3, what="3 refreshes")
             await wait_until(
                 lambda: {str(c.key) for c in held} <= {r.contract_key for r in sink.rows},
                 what="rows of both futures options",
             )
-    assert {s: n for s, n in requests.items() if s != expired["symbol"]} == {
+    assert {s: n for s, n in requests.items() if s != symbol} == {
         tastytrade_future_option(c.key): 1 for c in held
     }
     assert counters(status).unsupported_positions == 1
