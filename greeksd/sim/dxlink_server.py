@@ -28,6 +28,9 @@ without AUTH, as dxFeed's demo feed does), `integer_timeouts`, and the actions
 underlyings' Quote and Trade go on.
 `sent_events` records every Greeks event that left the socket, so tests can compare
 stored rows with it.
+
+Futures options tick under dxFeed's symbols (`./EW3Z26C6025:XCME`), their futures' Quote
+and Trade under `/ESZ26:XCME` (`greeksd.sim.symbols`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Bodies use Tastytrade's shapes (dasherized keys, `{"data": ...}` wrapping, lists as
 `{"data": {"items": [...]}}`) with every field the SDK's pydantic models require, so the
 real SDK validates them. `/api-quote-tokens` points at the simulator's DXLink server.
+Futures options in the book (`futures_options=N`) are held as 'Future Option' positions
+and found through `/instruments/future-options` and `/instruments/futures`, which give
+their and their futures' streamer symbols.
 `/sim/...` is the control surface (faults, positions) for people driving the CLI
 simulator by hand; tests call the same methods directly.
 """
