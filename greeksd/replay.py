@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -101,7 +101,7 @@ class ConnectionReplayer:
     def __init__(
         self,
         connect: Callable[[Mapping[str, Any]], Connection],
-        decode_positions: Callable[[Mapping[str, Any]], Sequence[Any]],
+        decode_positions: Callable[[Mapping[str, Any]], Any],
     ) -> None:
         self.connect = connect
         self.decode_positions = decode_positions

@@ -289,14 +289,13 @@ def test_symbol_mapping_table(occ: str, streamer: str, key: ContractKey) -> None
 @pytest.mark.parametrize(
     "symbol", ["./EW3N24C4400:XCME", "./ESU4 EW3N4 240719C4400", "AAPL", ".AAPL251320C1", ""]
 )
-def test_unsupported_or_bad_symbols_raise_symbol_error(symbol: str) -> None:
+def test_futures_option_or_bad_symbols_raise_symbol_error(symbol: str) -> None:
+    """A futures option has no key of its own in either equity form: its key comes from
+    `parse_future_option_symbol` and its streamer symbol from the instruments API."""
     with pytest.raises(dx.SymbolError):
         dx.parse_streamer_symbol(symbol)
     with pytest.raises(dx.SymbolError):
         dx.parse_occ(symbol)
-    if symbol.startswith("./"):
-        with pytest.raises(dx.UnsupportedSymbol):
-            dx.parse_streamer_symbol(symbol)
 
 
 def test_keepalive_timer_deadlines() -> None:

@@ -181,12 +181,128 @@ def test_contract_renders_its_key_once() -> None:
     assert contract == Contract(key, "SPY", Decimal(100), Decimal(-2), "U1")
 
 
-@pytest.mark.parametrize("symbol", ["./ESZ6 E4AZ6 261218C5800", "./EW3N24C4400:XCME"])
-def test_tastytrade_futures_options_are_refused_as_unsupported(symbol: str) -> None:
-    with pytest.raises(dx.UnsupportedSymbol):
-        dx.parse_occ(symbol)
-    with pytest.raises(dx.UnsupportedSymbol):
-        dx.parse_streamer_symbol(symbol)
+# Tastytrade futures options as the API prints them: position `symbol`, the instrument's
+# `streamer-symbol`, its future's `streamer-symbol` -> the key and exchange. Sources:
+# - ES EW3: the DXLink protocol notes and issue 17 ('./ESU4 EW3N4 240719C4400').
+# - ES EW4: tasty-go option_chains_test.go, futures_test.go (github.com/laustindasauce/
+#   tasty-go); ES E3A: Tastytrade's nested futures option chain docs
+#   (developer.tastytrade.com, GET /futures-option-chains/{code}/nested).
+# - ES E2C: a public "Tastytrade Futures Options Research" note (its chain item reports
+#   option-root-symbol 'E2CF'; the symbol's contract code E2CF6 is E2C + F + 6, and the key
+#   takes the product from the code, as IBKR's trading class is the same CME code).
+# - GC OG and ZB OZB: QuantConnect Lean.Brokerages.Tastytrade PR 12 (two spaces after a
+#   four-letter code); ZN OZN: a live positions response quoted in a public research note
+#   (multiplier 1000); MES EX3: a public test factory (a five-letter future: no space).
+#   The last two come from the search index without a repository name.
+FUTURE_OPTIONS = [
+    (
+        "./ESU4 EW3N4 240719C4400",
+        "./EW3N24C4400:XCME",
+        "/ESU24:XCME",
+        "/ESU24 EW3 2024-07-19 C 4400",
+        "CME",
+    ),
+    (
+        "./ESU3 EW4N3 230728C3990",
+        "./EW4N23C3990:XCME",
+        "/ESU23:XCME",
+        "/ESU23 EW4 2023-07-28 C 3990",
+        "CME",
+    ),
+    (
+        "./ESU3 E3AN3 230717C5600",
+        "./E3AN23C5600:XCME",
+        "/ESU23:XCME",
+        "/ESU23 E3A 2023-07-17 C 5600",
+        "CME",
+    ),
+    (
+        "./ESH6 E2CF6 260114P5990",
+        "./E2CF26P5990:XCME",
+        "/ESH26:XCME",
+        "/ESH26 E2C 2026-01-14 P 5990",
+        "CME",
+    ),
+    (
+        "./GCV5 OGV5  250925P2755",
+        "./OGV25P2755:XCEC",
+        "/GCV25:XCEC",
+        "/GCV25 OG 2025-09-25 P 2755",
+        "COMEX",
+    ),
+    (
+        "./ZNH6 OZNG6 260123P111",
+        "./OZNG26P111:XCBT",
+        "/ZNH26:XCBT",
+        "/ZNH26 OZN 2026-01-23 P 111",
+        "CBOT",
+    ),
+    (
+        "./MESM6EX3H6 260320P6450",
+        "./EX3H26P6450:XCME",
+        "/MESM26:XCME",
+        "/MESM26 EX3 2026-03-20 P 6450",
+        "CME",
+    ),
+    (
+        "./ZBU5 OZBN5 250620C142.5",
+        "./OZBN25C142.5:XCBT",
+        "/ZBU25:XCBT",
+        "/ZBU25 OZB 2025-06-20 C 142.5",
+        "CBOT",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("symbol", "streamer", "future", "key", "exchange"),
+    FUTURE_OPTIONS,
+    ids=[row[0] for row in FUTURE_OPTIONS],
+)
+def test_tastytrade_futures_options_map_to_one_key_and_their_feed(
+    symbol: str, streamer: str, future: str, key: str, exchange: str
+) -> None:
+    parsed = dx.parse_future_option_symbol(symbol)
+    assert str(parsed) == key and parsed == ContractKey.parse(key)
+    feed, venue = dx.future_option_feed(parsed, streamer, future)
+    assert (feed, venue) == (dx.FeedSymbols(streamer, future), exchange)
+
+
+@pytest.mark.parametrize(
+    ("streamer", "future", "reason"),
+    [
+        ("./EW3N24C4450:XCME", "/ESU24:XCME", "does not match the position"),  # strike
+        ("./EW3N24P4400:XCME", "/ESU24:XCME", "does not match the position"),  # right
+        ("./EW4N24C4400:XCME", "/ESU24:XCME", "does not match the position"),  # product
+        ("./EW3N24C4400:XCME", "/ESZ24:XCME", "future streamer symbol does not match"),
+        (".ES240719C4400", "/ESU24:XCME", "streamer symbol not understood"),
+        ("./EW3N24C4400:XCME", "ES", "future streamer symbol not understood"),
+    ],
+)
+def test_a_futures_option_feed_that_disagrees_with_the_position_is_refused(
+    streamer: str, future: str, reason: str
+) -> None:
+    key = dx.parse_future_option_symbol("./ESU4 EW3N4 240719C4400")
+    with pytest.raises(dx.Unsupported, match=reason):
+        dx.future_option_feed(key, streamer, future)
+
+
+@pytest.mark.parametrize(
+    "symbol",
+    [
+        "./ESU4 EW3N4 241319C4400",  # month 13
+        "./ESU4 EW3N4 240719X4400",  # right
+        "./ESU4 EW3N4 240719C0",  # strike
+        "./ES U4EW3N4 240719C4400",  # a space inside the future
+        "./ESU4 EW3NN 240719C4400",  # no year digit on the contract code
+        "./ESU4 EW3N4240719C4400",  # no space before the date
+        "ESU4 EW3N4 240719C4400",
+        "AAPL  250620C00190000",
+    ],
+)
+def test_malformed_futures_option_symbols_are_refused(symbol: str) -> None:
+    with pytest.raises(dx.SymbolError):
+        dx.parse_future_option_symbol(symbol)
 
 
 # ---- IBKR futures options: captured positions + secdef + the future's contract info --------
