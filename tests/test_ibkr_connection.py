@@ -327,13 +327,13 @@ def test_a_scan_counts_unsupported_and_unusable_positions_logging_each_reason_on
     )
     events = conn.start(0.0, AT)
     assert notes(events) == ["ibkr_position_skipped", "ibkr_position_unsupported"]
-    assert of(Note, events)[1].fields == {"reason": why}
+    assert of(Note, events)[1].fields == {"reason": why, "count": 1}
     assert (counters.unsupported_positions, counters.unparsable_positions) == (1, 1)
-    assert counters.unsupported == [why]
+    assert counters.unsupported_reasons == {why: 1}
     again = conn.answer(POSITIONS, scan(BIG, unsupported=[why]), 1.0, AT)
     assert "ibkr_position_unsupported" not in notes(again)
     conn.answer(POSITIONS, scan(BIG), 2.0, AT)
-    assert (counters.unsupported_positions, counters.unsupported) == (0, [])
+    assert (counters.unsupported_positions, counters.unsupported_reasons) == (0, {})
 
 
 ESZ6 = 900001

@@ -94,10 +94,10 @@ async def test_a_futures_option_whose_future_is_unknown_is_counted_with_its_reas
             nursery.cancel_scope.cancel()
     counters = status.counters
     assert counters.unsupported_positions == 1 and counters.unparsable_positions == 0
-    assert counters.unsupported == [
+    assert counters.unsupported_reasons == {
         "futures option 784136636: the gateway names no future"
-        " (no undConid in its position or secdef)"
-    ]
+        " (no undConid in its position or secdef)": 1
+    }
     assert status.as_json()["unsupported_positions"] == 1
 
 

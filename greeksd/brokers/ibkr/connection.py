@@ -22,6 +22,7 @@ What it does, in the order a link lives:
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,9 +82,9 @@ class IbkrCounters:
     gateway_errors: int = 0
     unparsable_positions: int = 0
     unsupported_positions: int = 0
-    unsupported: list[str] = field(default_factory=list)
-    """Why each held option greeksd cannot record is left out (e.g. a futures option
-    whose future the gateway does not name)."""
+    unsupported_reasons: dict[str, int] = field(default_factory=dict)
+    """Why held options greeksd cannot record are left out (e.g. a futures option whose
+    future the gateway does not name), with how many: the same shape as Tastytrade's."""
     delayed_contracts: int = 0
     frozen_contracts: int = 0
     left_out: list[str] = field(default_factory=list)
@@ -268,15 +269,14 @@ class IbkrConnection:
             Note("ibkr_position_skipped", {"reason": problem}, "warning")
             for problem in scan.problems
         ]
-        if scan.unsupported != counters.unsupported:  # logged once, not every refresh
+        reasons = dict(collections.Counter(scan.unsupported))
+        if reasons != counters.unsupported_reasons:  # logged once, not every refresh
             events += [
-                Note("ibkr_position_unsupported", {"reason": reason}, "warning")
-                for reason in scan.unsupported
+                Note("ibkr_position_unsupported", {"reason": reason, "count": count}, "warning")
+                for reason, count in reasons.items()
             ]
-        counters.unsupported, counters.unsupported_positions = (
-            list(scan.unsupported),
-            len(scan.unsupported),
-        )
+        counters.unsupported_reasons = reasons
+        counters.unsupported_positions = len(scan.unsupported)
         counters.unparsable_positions = len(scan.problems)
         return events + self._adopt(scan.options)
 
