@@ -139,6 +139,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                     speed=args.speed,
                     instance=settings.instance,
                     store_payload=settings.store_payload,
+                    compact=settings.compact_partitions,
                 )
             )
         except (FixtureError, OSError) as exc:

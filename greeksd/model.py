@@ -100,7 +100,7 @@ class ContractKey:
 
     A futures option also names its underlying future: `future` is its canonical code
     ('ESZ25', see `canonical_future`) and `root` the option product (CME's code, which
-    IBKR calls the trading class and Tastytrade the option root symbol: 'EW3', 'E2CF',
+    IBKR calls the trading class and Tastytrade the option root symbol: 'EW3', 'E2C',
     'LO', 'OZN'). Equity and index options have `future == ""`. The text form of a
     futures option key starts with '/' (no option root does):
     '/ESZ25 EW3 2025-12-19 C 6000'.

@@ -45,6 +45,7 @@ from greeksd.model import Source, keeping_payload
 from greeksd.pipeline import open_pipeline
 from greeksd.redact import register_secret
 from greeksd.settings_table import ConfigError
+from greeksd.store.compaction import CompactionStats, compact_closed
 from greeksd.store.database import embedded_postgres
 from greeksd.store.deadline import CLIENT_GRACE_S, Watch, call_bounded, with_timeouts
 from greeksd.store.migrations import MigrationError, migrate
@@ -140,6 +141,41 @@ async def keep_partitions(
         await trio.sleep(delay)
 
 
+def _compact_closed_sync(
+    url: str, lock_wait_s: float, stats: CompactionStats, opened: list[psycopg.Connection]
+) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        opened.append(conn)
+        conn.execute("SET statement_timeout = 0")  # a rebuild takes what the partition needs
+        compact_closed(conn, datetime.now(UTC), lock_wait_s, stats)
+
+
+async def keep_compacted(
+    url: str, lock_wait_s: float, stats: CompactionStats, interval_s: float = 3600.0
+) -> None:
+    """Compact closed partitions' indexes (greeksd.store.compaction), hourly, apart from
+    `keep_partitions`: a rebuild may take minutes and must not hold up tomorrow's
+    partition. Cancelled (shutdown), it cancels the rebuild on the server; what that
+    leaves is dropped next round."""
+    while True:
+        opened: list[psycopg.Connection] = []
+        try:
+            await trio.to_thread.run_sync(
+                partial(_compact_closed_sync, url, lock_wait_s, stats, opened),
+                abandon_on_cancel=True,
+            )
+        except psycopg.Error as exc:  # counted and logged per partition by compact_closed
+            log.error(
+                "compaction_round_failed",
+                error=f"{type(exc).__name__}: {str(exc).strip()}",
+                retry_in_s=interval_s,
+            )
+        finally:
+            if opened and not opened[0].closed:
+                opened[0].cancel_safe(timeout=2.0)
+        await trio.sleep(interval_s)
+
+
 async def prepare_database(url: str, settings: Settings) -> None:
     """Migrations, then today's (and the next days') partitions. Migrations run without a
     statement timeout (one may legitimately take long); connecting is still bounded by
@@ -164,10 +200,11 @@ async def keep_database(
     schema_ready: trio.Event,
     *,
     backoff: Backoff | None = None,
+    compaction: CompactionStats | None = None,
 ) -> None:
     """Until the schema is in place, retry `prepare_database` with backoff (the writer
     spools meanwhile and the status says why); then open the writer's gate and keep
-    the partitions."""
+    the partitions (and, given `compaction`'s counters, compact the closed ones)."""
     backoff = backoff or Backoff(initial=0.5, maximum=30.0)
     while not schema_ready.is_set():
         try:
@@ -181,12 +218,15 @@ async def keep_database(
             continue
         log.info("database_ready", attempts=backoff.attempts + 1)
         schema_ready.set()
-    await keep_partitions(
-        url,
-        settings.partition_days_ahead,
-        settings.retention_days,
-        timeout_s=settings.db_timeout_s,
-    )
+    async with trio.open_nursery() as nursery:
+        if compaction is not None and settings.compact_partitions:
+            nursery.start_soon(keep_compacted, url, settings.db_timeout_s, compaction)
+        await keep_partitions(
+            url,
+            settings.partition_days_ahead,
+            settings.retention_days,
+            timeout_s=settings.db_timeout_s,
+        )
 
 
 @dataclass
@@ -299,7 +339,14 @@ async def _open_service(
             )
             async with trio.open_nursery() as inner:
                 inner.start_soon(
-                    keep_database, bounded_url, settings, pipeline.writer, schema_ready
+                    partial(
+                        keep_database,
+                        bounded_url,
+                        settings,
+                        pipeline.writer,
+                        schema_ready,
+                        compaction=state.compaction,
+                    )
                 )
                 api_url = await _serve_http(state, inner)
                 await inner.start(supervisor.run)

@@ -43,6 +43,7 @@ from greeksd.brokers.tastytrade.connection import (
     replaying,
 )
 from greeksd.model import Broker, Contract, ContractKey, OptionRight, Snapshot, Trade
+from greeksd.recording import contract_from_json, positions_record
 
 
 def test_auth_goes_out_once_after_setup_and_unauthorized_in_either_order() -> None:
@@ -218,9 +219,11 @@ def kinds(events: Sequence[Event]) -> list[str]:
     return out
 
 
-def greeks(contract: Contract, time_ms: int, delta: Any = 0.5, **values: Any) -> list[Any]:
-    """One Greeks event as COMPACT values in our requested order."""
-    event = {"eventType": "Greeks", "eventSymbol": symbol(contract), "eventTime": 0}
+def greeks(contract: Contract | str, time_ms: int, delta: Any = 0.5, **values: Any) -> list[Any]:
+    """One Greeks event (of a contract, or a streamer symbol) as COMPACT values in our
+    requested order."""
+    name = contract if isinstance(contract, str) else symbol(contract)
+    event = {"eventType": "Greeks", "eventSymbol": name, "eventTime": 0}
     event |= {"eventFlags": 0, "index": 0, "time": time_ms, "price": 5.0, "volatility": 0.3}
     event |= {"delta": delta, "gamma": 0.02, "theta": -0.05, "rho": 0.01, "vega": 0.2}
     event |= values
@@ -231,6 +234,9 @@ def feed_data(*groups: Any, channel: int = 1) -> str:
     return frame(dx.FeedData(channel, list(groups)))
 
 
+LOOKUP_FAILED = "future option instrument lookup failed"
+
+
 class Link:
     """One DxlinkConnection at a virtual time: each step returns its events."""
 
@@ -238,11 +244,11 @@ class Link:
         self,
         contracts: Sequence[Contract] = (AAPL190,),
         options: DxlinkOptions | None = None,
+        feeds: dict[ContractKey, dx.FeedSymbols] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.conn = DxlinkConnection(
-            "tok", options, positions=dx.Positions(list(contracts), 1, 2), **kwargs
-        )
+        positions = dx.Positions(list(contracts), 2, feeds or {}, {LOOKUP_FAILED: 1})
+        self.conn = DxlinkConnection("tok", options, positions=positions, **kwargs)
         self.now = 100.0
 
     def at(self, now: float) -> Link:
@@ -292,7 +298,8 @@ def test_start_tracks_the_positions_sends_setup_and_polls_trades() -> None:
         }
     ]
     counters = link.conn.counters
-    assert (counters.skipped_future_options, counters.unparsable_positions) == (1, 2)
+    assert (counters.unsupported_positions, counters.unparsable_positions) == (1, 2)
+    assert counters.unsupported_reasons == {LOOKUP_FAILED: 1}
 
 
 @pytest.mark.parametrize("setup_first", [True, False], ids=["setup-first", "auth-state-first"])
@@ -683,6 +690,76 @@ def test_set_positions_follows_on_the_open_channel() -> None:
     events = link.conn.set_positions([AAPL190, AAPL200], link.now, AT)
     assert kinds(events) == ["Tracked", "FEED_SUBSCRIPTION", "note dxlink_subscriptions"]
     assert wire(events)[0]["add"] == [{"type": "Greeks", "symbol": symbol(AAPL200)}]
+
+
+# A futures option as the session hands it over: the key from its position symbol
+# ('./ESZ5 EW3Z5 251219C6000'), its and its future's streamer symbols from the API.
+ES_FOP = Contract(
+    ContractKey.parse("/ESZ25 EW3 2025-12-19 C 6000"), "ES", Decimal(50), Decimal(-1), "5WT1"
+)
+ES_FEED = dx.FeedSymbols("./EW3Z25C6000:XCME", "/ESZ25:XCME")
+
+
+def test_futures_options_stream_by_their_api_symbols_with_their_futures_price() -> None:
+    link = Link([AAPL190, ES_FOP], feeds={ES_FOP.key: ES_FEED})
+    events = link.open()
+    (subscription,) = [m for m in wire(events) if m["type"] == "FEED_SUBSCRIPTION"]
+    assert {(s["type"], s["symbol"]) for s in subscription["add"]} == {
+        ("Greeks", symbol(AAPL190)),
+        ("Quote", "AAPL"),
+        ("Trade", "AAPL"),
+        ("Greeks", "./EW3Z25C6000:XCME"),
+        ("Quote", "/ESZ25:XCME"),
+        ("Trade", "/ESZ25:XCME"),
+    }
+    quote = ["Quote", "/ESZ25:XCME", 6000.0, 6001.0]
+    unknown = greeks("./EW3Z25C6100:XCME", 7)
+    data = feed_data("Quote", quote, "Greeks", greeks("./EW3Z25C6000:XCME", 5) + unknown)
+    (row,) = link.recv(data)
+    assert isinstance(row, Snapshot)
+    assert (row.contract_key, row.underlying, row.multiplier, row.quantity) == (
+        "/ESZ25 EW3 2025-12-19 C 6000",
+        "ES",
+        Decimal(50),
+        Decimal(-1),
+    )
+    assert (row.strike, row.option_type, row.expiration) == (
+        Decimal(6000),
+        OptionRight.CALL,
+        date(2025, 12, 19),
+    )
+    assert row.underlying_price == 6000.5 and row.delta == 0.5
+    assert link.conn.counters.unknown_symbol_events == 1
+
+
+def test_a_replayed_recording_maps_futures_options_as_the_live_link_did() -> None:
+    """The positions record keeps the feed symbols: replay needs no instruments API."""
+    live = Link([ES_FOP], feeds={ES_FOP.key: ES_FEED})
+    (tracked,) = [e for e in live.start() if isinstance(e, Tracked)]
+    body = positions_record("tastytrade", tracked.positions, AT, tracked.details)
+    positions = dx.Positions.from_record(
+        [contract_from_json(c) for c in orjson.loads(orjson.dumps(body))["positions"]], body
+    )
+    connect = replaying()
+    replayed = connect({"channel": 1})
+    replayed.set_positions(positions, 0, AT)
+    replayed.start(1, AT)
+    quote = ["Quote", "/ESZ25:XCME", 6000.0, 6002.0]
+    data = feed_data("Quote", quote, "Greeks", greeks("./EW3Z25C6000:XCME", 5))
+    (row,) = replayed.receive(data, 2, AT)
+    assert isinstance(row, Snapshot)
+    assert (row.contract_key, row.underlying_price) == (str(ES_FOP.key), 6001.0)
+
+
+def test_a_futures_option_without_feed_symbols_is_named_not_subscribed() -> None:
+    link = Link()
+    link.open()
+    events = link.conn.set_positions([AAPL190, ES_FOP], link.now, AT)
+    assert kinds(events) == ["Tracked", "note future_options_without_feed"]
+    assert events[1] == Note(
+        "future_options_without_feed", {"contracts": [str(ES_FOP.key)]}, "warning"
+    )
+    assert not any("/ESZ25" in s for _, s in link.conn.subscribed)
 
 
 def test_feed_channels_are_odd() -> None:

@@ -289,14 +289,13 @@ def test_symbol_mapping_table(occ: str, streamer: str, key: ContractKey) -> None
 @pytest.mark.parametrize(
     "symbol", ["./EW3N24C4400:XCME", "./ESU4 EW3N4 240719C4400", "AAPL", ".AAPL251320C1", ""]
 )
-def test_unsupported_or_bad_symbols_raise_symbol_error(symbol: str) -> None:
+def test_futures_option_or_bad_symbols_raise_symbol_error(symbol: str) -> None:
+    """A futures option has no key of its own in either equity form: its key comes from
+    `parse_future_option_symbol` and its streamer symbol from the instruments API."""
     with pytest.raises(dx.SymbolError):
         dx.parse_streamer_symbol(symbol)
     with pytest.raises(dx.SymbolError):
         dx.parse_occ(symbol)
-    if symbol.startswith("./"):
-        with pytest.raises(dx.UnsupportedSymbol):
-            dx.parse_streamer_symbol(symbol)
 
 
 def test_keepalive_timer_deadlines() -> None:
@@ -504,8 +503,8 @@ def test_feed_rows_gives_the_rows_and_problems_of_the_per_event_dicts(
 ) -> None:
     """The tick path's column decoder (`SnapshotMapper.feed_rows`) against the per-event
     dicts it replaces (`decode_feed_data`, then `map`): the same rows, the same problems
-    in the same order, the same removals and underlying prices, whatever the layout and
-    whatever wrong values the frame holds."""
+    in the same order, the same removals, unknown symbols and underlying prices, whatever
+    the layout and whatever wrong values the frame holds."""
     data, layouts = case
     held = [contract(str(dx.parse_streamer_symbol(s)), underlying=s[1]) for s in _HELD]
     by_columns, by_dicts = dx.SnapshotMapper(), dx.SnapshotMapper()
@@ -518,6 +517,7 @@ def test_feed_rows_gives_the_rows_and_problems_of_the_per_event_dicts(
     assert [repr(r) for r in rows] == [repr(r) for r in expected_rows]  # 1.0, not 1
     assert problems == expected_problems + mapping
     assert by_columns.removed_events == by_dicts.removed_events
+    assert by_columns.unknown_events == by_dicts.unknown_events
     assert [by_columns.underlying_price(u) for u in "AB"] == [
         by_dicts.underlying_price(u) for u in "AB"
     ]

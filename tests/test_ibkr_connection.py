@@ -60,8 +60,10 @@ MID = option(702, MSFT, "430", "3", root="MSFT")
 SMALL = option(703, AAPL, "200", "1")
 
 
-def scan(*options: OptionPosition, problems: Sequence[str] = (), fops: int = 0) -> PositionScan:
-    return PositionScan(list(options), list(problems), fops)
+def scan(
+    *options: OptionPosition, problems: Sequence[str] = (), unsupported: Sequence[str] = ()
+) -> PositionScan:
+    return PositionScan(list(options), list(problems), list(unsupported))
 
 
 def sent(events: Sequence[Event]) -> list[str]:
@@ -317,14 +319,50 @@ def test_max_lines_keeps_the_largest_positions_and_reports_what_was_left_out_onc
     assert ln.conn.counters.left_out == []
 
 
-def test_a_scan_counts_future_options_and_unusable_positions() -> None:
+def test_a_scan_counts_unsupported_and_unusable_positions_logging_each_reason_once() -> None:
     counters = IbkrCounters()
+    why = "futures option 9: its future (undConid 77) is unknown to the gateway"
     conn = IbkrConnection(
-        "s1", scan(BIG, problems=["bad option position 9: x"], fops=2), counters=counters
+        "s1", scan(BIG, problems=["bad option position 8: x"], unsupported=[why]), counters=counters
     )
     events = conn.start(0.0, AT)
-    assert notes(events) == ["ibkr_position_skipped", "ibkr_future_options_skipped"]
-    assert (counters.skipped_future_options, counters.unparsable_positions) == (2, 1)
+    assert notes(events) == ["ibkr_position_skipped", "ibkr_position_unsupported"]
+    assert of(Note, events)[1].fields == {"reason": why, "count": 1}
+    assert (counters.unsupported_positions, counters.unparsable_positions) == (1, 1)
+    assert counters.unsupported_reasons == {why: 1}
+    again = conn.answer(POSITIONS, scan(BIG, unsupported=[why]), 1.0, AT)
+    assert "ibkr_position_unsupported" not in notes(again)
+    conn.answer(POSITIONS, scan(BIG), 2.0, AT)
+    assert (counters.unsupported_positions, counters.unsupported_reasons) == (0, {})
+
+
+ESZ6 = 900001
+FOP_KEY = ContractKey(
+    "EW3", datetime(2026, 11, 27).date(), OptionRight.CALL, Decimal(6025), "ESZ26"
+)
+FOP = OptionPosition(
+    551234567, ESZ6, Contract(FOP_KEY, "ES", Decimal(50), Decimal(2), ACCOUNT, "CME")
+)
+
+
+def test_a_futures_option_streams_with_its_future_as_the_underlying_line() -> None:
+    ln = link(BIG, FOP)
+    events = ln.up()
+    assert set(sent(events)[:4]) == {
+        f"smd+701{OPTION_SMD}",
+        f"smd+551234567{OPTION_SMD}",
+        f'smd+{AAPL}+{{"fields":["31"]}}',
+        f'smd+{ESZ6}+{{"fields":["31"]}}',
+    }
+    assert ln.frame(md(ESZ6, {"31": "6031.25"})) == []  # a future's price is no row
+    row = one_row(ln.frame(md(551234567, {"31": "41.5", "7308": "0.55", "7633": "14.2%"})))
+    assert (row.contract_key, row.underlying, row.multiplier) == (
+        "/ESZ26 EW3 2026-11-27 C 6025",
+        "ES",
+        Decimal(50),
+    )
+    assert (row.underlying_price, row.delta, row.last) == (6031.25, 0.55, 41.5)
+    assert ln.conn.option_keys[551234567] == FOP_KEY
 
 
 # ---- REST outcomes -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
         "002_persisted_at_default",
         "003_data_quality",
         "004_sources",
+        "005_compactions",
     ]
     tables = {
         r[0]
@@ -46,6 +47,7 @@ def test_fresh_database_gets_every_table_and_index(empty_db_url: str) -> None:
         ("002_persisted_at_default", True),
         ("003_data_quality", True),
         ("004_sources", True),
+        ("005_compactions", True),
     ]
 
 
@@ -95,7 +97,7 @@ async def test_data_quality_column_reaches_existing_partitions_and_refuses_other
         ensure_partitions(conn, date(2026, 11, 25), 0)
         conn.execute(old, (datetime(2026, 11, 25, 15, tzinfo=UTC),))
         conn.execute(old, (datetime(2031, 1, 1, tzinfo=UTC),))  # the default partition
-    assert migrate(empty_db_url) == ["003_data_quality", "004_sources"]
+    assert migrate(empty_db_url) == ["003_data_quality", "004_sources", "005_compactions"]
     columns = fetch_rows(
         empty_db_url,
         "SELECT table_name FROM information_schema.columns WHERE column_name = 'market_data'",
@@ -143,7 +145,7 @@ async def test_source_and_instance_columns_reach_existing_rows_and_stay_out_of_t
             " 'C', %s, now(), 1)",
             (BASE_TIME - timedelta(seconds=1),),
         )
-    assert migrate(empty_db_url) == ["004_sources"]
+    assert migrate(empty_db_url) == ["004_sources", "005_compactions"]
     alice, bob = make_snapshot(1, source="ibkr:alice"), make_snapshot(1, source="ibkr:bob")
     await Writer(empty_db_url, instance="desk-1").write_batch([alice])
     await Writer(empty_db_url, instance="desk-2").write_batch([bob])

@@ -383,7 +383,7 @@ async def test_tastytrade_rest_body(item: dict[str, Any]) -> None:
                         }
                         for c in positions.contracts
                     ],
-                    "skipped_future_options": positions.skipped_future_options,
+                    "unsupported": dict(positions.unsupported),
                     "skipped_unparsable": positions.skipped_unparsable,
                 }
                 assert got == expect

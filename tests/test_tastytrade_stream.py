@@ -25,6 +25,7 @@ from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.model import ContractKey, OptionRight, Snapshot, StreamState, StreamStatus
 from greeksd.sim.dxlink_server import SentGreeks
 from greeksd.sim.market import SimContract, default_contracts
+from greeksd.sim.symbols import dxfeed_option, tastytrade_future_option
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 from tests.helpers import ListSink, wait_until
 
@@ -104,7 +105,7 @@ async def test_end_to_end_rows_carry_contract_identity_and_the_sent_greeks() -> 
         assert row.strike == contract.key.strike and row.option_type is contract.key.right
     assert any(r.rho is None for r in sink.rows) and any(r.rho is not None for r in sink.rows)
     assert status.ticks == len(sink.rows) and status.rejected_frames == 0
-    assert status.subscriptions == 4 and counters(status).skipped_future_options == 1
+    assert status.subscriptions == 4 and counters(status).unsupported_positions == 0
     # several events per COMPACT array went over the wire
     channel_frames = [m for c in sim.dxlink.all_connections() for _, m in c.received]
     assert any(
@@ -383,3 +384,66 @@ async def test_probe_exits_one_with_a_hint_when_no_greeks_arrive(tmp_path: Path)
     assert summary["contracts_with_greeks"] == 0
     assert summary["coverage"]["fresh"] == 0
     assert "refused the quote token" in summary["hints"][0]
+
+
+async def test_probe_counts_futures_options_in_its_coverage(tmp_path: Path) -> None:
+    async with open_tastytrade_sim(
+        contracts=contracts(1), futures_options=2, tick_interval=0.02
+    ) as sim:
+        held = sim.market.contracts
+        api = TastytradeApi(sim.secret, sim.refresh_token, api_url=sim.api_url)
+        code = await probe_tastytrade(api, duration_s=1.0, out_dir=tmp_path)
+    assert code == 0
+    summary = json.loads((tmp_path / "tastytrade-probe.json").read_text())
+    assert summary["contracts_with_greeks"] == 3 and summary["unsupported_positions"] == 0
+    assert (summary["coverage"]["subscribed"], summary["coverage"]["fresh"]) == (3, 3)
+    with (tmp_path / "tastytrade-probe-coverage.csv").open() as handle:
+        rows = {r["contract_key"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {str(c.key) for c in held}
+    futures = [c for c in held if c.key.future]
+    for contract in futures:  # the instruments API's streamer symbol, as the server has it
+        row = rows[str(contract.key)]
+        assert row["streamer_symbol"] == dxfeed_option(contract)
+        assert row["delta"] == row["implied_volatility"] == "True"
+
+
+async def test_futures_option_lookups_are_cached_and_a_failing_one_counted_and_retried() -> None:
+    """A futures option the instruments API does not know (here: an expired one) is
+    counted by reason and looked up again at each refresh; the known ones once only."""
+    symbol = "./ESU4 EW3N4 240719C4400"
+    expired = {
+        "symbol": symbol,
+        "instrument-type": "Future Option",
+        "underlying-symbol": "/ESU4",
+        "quantity": "1",
+        "quantity-direction": "Long",
+        "close-price": "1.0",
+        "average-open-price": "1.0",
+        "multiplier": "50",
+        "cost-effect": "Debit",
+        "is-suppressed": False,
+        "is-frozen": False,
+        "realized-day-gain": "0.0",
+        "realized-today": "0.0",
+        "created-at": "2024-01-02T15:00:00.000+00:00",
+        "updated-at": "2024-01-02T15:00:00.000+00:00",
+        "expires-at": "2024-07-19T20:15:00.000+00:00",
+    }
+    async with open_tastytrade_sim(
+        contracts=contracts(1), futures_options=2, tick_interval=0.02
+    ) as sim:
+        sim.extra_positions.append(expired)
+        held = [c for c in sim.market.contracts if c.key.future]
+        async with running_stream(sim, positions_refresh_s=0.1) as (_, sink, status):
+            requests = sim.future_option_requests
+            await wait_until(lambda: requests.get(symbol, 0) >= 3, what="3 refreshes")
+            await wait_until(
+                lambda: {str(c.key) for c in held} <= {r.contract_key for r in sink.rows},
+                what="rows of both futures options",
+            )
+    assert {s: n for s, n in requests.items() if s != symbol} == {
+        tastytrade_future_option(c.key): 1 for c in held
+    }
+    assert counters(status).unsupported_positions == 1
+    assert counters(status).unsupported_reasons == {"future option instrument lookup failed": 1}
+    assert status.subscriptions == 3

@@ -190,6 +190,25 @@ def render(state: ServiceState) -> str:
     )
     if state.archive is not None:
         lines += _archive_families(state.archive.stats)
+    compaction = state.compaction
+    for name, help_text, value in (
+        (
+            "greeksd_partitions_compacted_total",
+            "Closed daily partitions whose indexes the keeper rebuilt packed.",
+            compaction.compacted,
+        ),
+        (
+            "greeksd_partition_compaction_failures_total",
+            "Partition index rebuilds that failed (retried the next hour).",
+            compaction.failed,
+        ),
+        (
+            "greeksd_partition_compaction_bytes_saved_total",
+            "Index bytes the keeper's rebuilds freed.",
+            compaction.bytes_saved,
+        ),
+    ):
+        lines += _family(name, "counter", help_text, [({}, float(value))])
     latency = stats.latency
     cumulative = list(accumulate(latency.prometheus_counts))
     buckets: list[Sample] = [

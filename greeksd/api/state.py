@@ -17,6 +17,7 @@ from greeksd.api.loop import call_on_loop
 from greeksd.archive import Archive
 from greeksd.config import Settings
 from greeksd.sink import ChannelSink
+from greeksd.store.compaction import CompactionStats
 from greeksd.store.reads import ReadPool, load_out_of_range_times_as_text
 from greeksd.store.trade_writer import TradeWriter
 from greeksd.store.writer import Writer
@@ -106,6 +107,8 @@ class ServiceState:
     service_token: trio.lowlevel.TrioToken | None = None
     # The raw-frame archive (greeksd.archive); None when GREEKSD_ARCHIVE=0.
     archive: Archive | None = None
+    # The partition keeper's index compaction (greeksd.store.compaction).
+    compaction: CompactionStats = field(default_factory=CompactionStats)
 
     async def on_service_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the service's loop: needed to touch its trio objects (the
@@ -133,6 +136,7 @@ class ServiceState:
             if self.archive is not None
             else {"state": "off"}
         )
+        status["partitions"] = self.compaction.as_json()
         return status
 
 

@@ -28,6 +28,9 @@ without AUTH, as dxFeed's demo feed does), `integer_timeouts`, and the actions
 underlyings' Quote and Trade go on.
 `sent_events` records every Greeks event that left the socket, so tests can compare
 stored rows with it.
+
+Futures options tick under dxFeed's symbols (`./EW3Z26C6025:XCME`), their futures' Quote
+and Trade under `/ESZ26:XCME` (`greeksd.sim.symbols`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from trio_websocket import (
 from greeksd.logs import get_logger
 from greeksd.sim import dxlink_wire as wire
 from greeksd.sim.market import SyntheticMarket, Tick
-from greeksd.sim.symbols import streamer_symbol
+from greeksd.sim.symbols import dxfeed_option, dxfeed_underlying
 
 log = get_logger("greeksd.sim.dxlink")
 
@@ -454,7 +457,7 @@ class DxLinkServer:
         nan_rho = self.nan_rho_rate > 0 and self._rng.random() < self.nan_rho_rate
         index = (time_ms // 1000) << 32 | (time_ms % 1000) << 22 | (tick.seq & 0x3FFFFF)
         return greeks_event(
-            streamer_symbol(tick.contract.key),
+            dxfeed_option(tick.contract),
             time_ms,
             index=index,
             price=g.price,
@@ -471,7 +474,7 @@ class DxLinkServer:
         spot = tick.underlying_price
         return {
             "eventType": "Quote",
-            "eventSymbol": tick.contract.underlying,
+            "eventSymbol": dxfeed_underlying(tick.contract),
             "eventTime": 0,
             "sequence": 0,
             "timeNanoPart": 0,

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -51,14 +51,28 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from greeksd.logs import get_logger
-from greeksd.model import ContractKey, format_strike
+from greeksd.model import FUTURE_MONTHS, ContractKey, format_strike
 from greeksd.sim import ibkr_wire as w
-from greeksd.sim.market import SimContract, SyntheticMarket, Tick, default_contracts
+from greeksd.sim.market import (
+    SimContract,
+    SyntheticMarket,
+    Tick,
+    default_contracts,
+    futures_option_contracts,
+)
 from greeksd.sim.symbols import occ_symbol
 
 log = get_logger("greeksd.sim.ibkr")
 
 UNDERLYING_CONIDS = {"AAPL": 265598, "SPY": 756733, "SPX": 416904, "MSFT": 272093, "QQQ": 320227}
+# The index conids IBKR's documentation shows for the futures products (ES 11004968, from
+# the Web API's "Finding futures options" example); the others are made up.
+FUTURES_INDEX_CONIDS = {"ES": 11004968, "CL": 17340715, "ZN": 16614994}
+FUTURES_PRODUCT_NAMES = {
+    "ES": "E-mini S&P 500",
+    "CL": "Light Sweet Crude Oil",
+    "ZN": "10-Year T-Note",
+}
 PRICE_FIELDS = frozenset({w.LAST, w.BID, w.ASK, w.MARK})
 GREEK_FIELDS = frozenset({w.DELTA, w.GAMMA, w.THETA, w.VEGA, w.IV})
 MALFORMED_FRAMES: tuple[str | bytes, ...] = (
@@ -165,6 +179,13 @@ def _expiry(day: date) -> str:
     return day.strftime("%Y%m%d")
 
 
+def _future_last_day(future: str) -> date:
+    """A simulated future's last trading day: the third Friday of its contract month
+    (ES's and ZN's rule; close enough for CL in a simulator)."""
+    first = date(2000 + int(future[-2:]), FUTURE_MONTHS.index(future[-3]) + 1, 1)
+    return first + timedelta(days=(4 - first.weekday()) % 7 + 14)
+
+
 class IbkrGatewaySim:
     def __init__(
         self,
@@ -187,9 +208,15 @@ class IbkrGatewaySim:
         pacing: bool = False,
         penalty_s: float = 600.0,
         penalty_retry_after: bool = False,
+        futures_options: int = 0,
     ) -> None:
+        """`futures_options`: add that many futures options (ES, CL, ZN round-robin,
+        greeksd.sim.market.futures_option_contracts) to the book, served as real gateways
+        serve `FOP` positions; a `contracts` list may hold futures options too."""
         as_of = as_of or date.today()
-        self.market = SyntheticMarket(contracts or default_contracts(as_of), as_of=as_of, seed=seed)
+        book = [*(contracts or default_contracts(as_of))]
+        book += futures_option_contracts(as_of, futures_options) if futures_options else []
+        self.market = SyntheticMarket(book, as_of=as_of, seed=seed)
         self.tick_interval = tick_interval
         self.heartbeat_s = heartbeat_s
         self.smd_expiry_s = smd_expiry_s
@@ -265,6 +292,8 @@ class IbkrGatewaySim:
         self.market.remove_contract(key)
 
     def _position_json(self, c: SimContract) -> dict[str, Any]:
+        if c.key.is_future_option:
+            return self._fop_position_json(c)
         k = c.key
         strike = format_strike(k.strike)
         local = occ_symbol(k)
@@ -294,6 +323,8 @@ class IbkrGatewaySim:
         return row
 
     def _secdef_json(self, c: SimContract) -> dict[str, Any]:
+        if c.key.is_future_option:
+            return self._fop_secdef_json(c)
         return {
             **self._position_json(c),
             "tradingClass": c.key.root,
@@ -301,6 +332,152 @@ class IbkrGatewaySim:
             "putOrCall": c.key.right.value,
             "strike": format_strike(c.key.strike),
             "multiplier": float(c.multiplier),
+        }
+
+    # ---- futures options (FOP) ------------------------------------------------------
+    # Shapes from real gateways: a FOP position names its trading class only in
+    # `contractDesc` and leaves expiry, right, multiplier null, strike and undConid 0 (a
+    # captured positions page, tests/fixtures/real/ibkr/fop-positions.json); /trsrv/secdef
+    # has the fields of IBKR's OpenAPI example (no trading class, no local symbol);
+    # /iserver/contract/{conid}/info those of IBKR's documented example
+    # (https://www.interactivebrokers.com/campus/ibkr-api-page/cpapi-v1/, contract info),
+    # with a future's `local_symbol` 'ESZ6' and `contract_month` '202612'.
+    def _future_conid(self, c: SimContract) -> int:
+        return self.underlying_conids[c.underlying]
+
+    def _futures_by_conid(self) -> dict[int, SimContract]:
+        """One held futures option per future conid (what the future's records need)."""
+        return {self._future_conid(c): c for c in self.market.contracts if c.key.is_future_option}
+
+    def _fop_position_json(self, c: SimContract) -> dict[str, Any]:
+        k = c.key
+        root = k.future[:-3]
+        desc = f"{root:<7}{k.expiration:%b%Y}".upper() + f" {format_strike(k.strike)}"
+        return {
+            "acctId": self.account,
+            "conid": self.conids[k],
+            "contractDesc": f"{desc} {k.right.value} ({k.root})",
+            "position": float(c.quantity),
+            "mktPrice": 0.0,
+            "mktValue": 0.0,
+            "currency": "USD",
+            "avgCost": 0.0,
+            "avgPrice": 0.0,
+            "realizedPnl": 0.0,
+            "unrealizedPnl": 0.0,
+            "exchs": None,
+            "expiry": None,
+            "putOrCall": None,
+            "multiplier": None,
+            "strike": 0.0,
+            "exerciseStyle": None,
+            "conExchMap": [],
+            "assetClass": "FOP",
+            "undConid": 0,
+            "model": "",
+        }
+
+    def _fop_secdef_json(self, c: SimContract) -> dict[str, Any]:
+        k, root = c.key, c.key.future[:-3]
+        return {
+            "conid": self.conids[k],
+            "currency": "USD",
+            "allExchanges": c.exchange,
+            "listingExchange": c.exchange,
+            "countryCode": "US",
+            "name": FUTURES_PRODUCT_NAMES.get(root, root),
+            "assetClass": "FOP",
+            "expiry": _expiry(k.expiration),
+            "lastTradingDay": _expiry(k.expiration),
+            "group": None,
+            "putOrCall": k.right.value,
+            "sector": None,
+            "sectorGroup": None,
+            "strike": format_strike(k.strike),
+            "ticker": root,
+            "undConid": self._future_conid(c),
+            "multiplier": float(c.multiplier),
+            "type": "",
+            "hasOptions": False,
+            "fullName": f"{root} {k.expiration:%b%d'%y} {format_strike(k.strike)}",
+            "isUS": True,
+            "isEventContract": False,
+        }
+
+    def _future_secdef_json(self, conid: int, c: SimContract) -> dict[str, Any]:
+        root = c.key.future[:-3]
+        return {
+            "conid": conid,
+            "currency": "USD",
+            "allExchanges": c.exchange,
+            "listingExchange": c.exchange,
+            "countryCode": "US",
+            "name": FUTURES_PRODUCT_NAMES.get(root, root),
+            "assetClass": "FUT",
+            "expiry": _expiry(_future_last_day(c.key.future)),
+            "lastTradingDay": _expiry(_future_last_day(c.key.future)),
+            "putOrCall": None,
+            "strike": "0",
+            "ticker": root,
+            "undConid": FUTURES_INDEX_CONIDS.get(root, 0),
+            "multiplier": float(c.multiplier),
+            "type": "",
+            "hasOptions": True,
+            "fullName": f"{root} {_future_last_day(c.key.future):%b%d'%y}",
+            "isUS": True,
+            "isEventContract": False,
+        }
+
+    def _contract_info_json(self, conid: int) -> dict[str, Any] | None:
+        """/iserver/contract/{conid}/info for a held futures option or its future."""
+        option = self._by_conid.get(conid)
+        future = self._futures_by_conid().get(conid)
+        c = option if option is not None and option.key.is_future_option else future
+        if c is None:
+            return None
+        k, root = c.key, c.key.future[:-3]
+        month = FUTURE_MONTHS.index(k.future[-3]) + 1
+        common = {
+            "cfi_code": "",
+            "symbol": root,
+            "cusip": None,
+            "con_id": conid,
+            "industry": None,
+            "valid_exchanges": c.exchange,
+            "allow_sell_long": False,
+            "is_zero_commission_security": False,
+            "contract_clarification_type": None,
+            "classifier": None,
+            "currency": "USD",
+            "text": None,
+            "r_t_h": False,
+            "multiplier": format_strike(c.multiplier),
+            "underlying_issuer": None,
+            "company_name": FUTURES_PRODUCT_NAMES.get(root, root),
+            "smart_available": False,
+            "exchange": c.exchange,
+            "category": None,
+        }
+        local_future = f"{root}{k.future[-3]}{k.future[-1]}"  # IBKR's 'ESZ6'
+        if c is option:
+            strike = format_strike(k.strike)
+            return common | {
+                "expiry_full": f"20{k.future[-2:]}{month:02d}",
+                "maturity_date": _expiry(k.expiration),
+                "instrument_type": "FOP",
+                "trading_class": k.root,
+                "local_symbol": f"{k.root}{k.future[-3]}{k.future[-1]} {k.right.value}{strike}",
+                "underlying_con_id": self._future_conid(c),
+                "contract_month": f"20{k.future[-2:]}{month:02d}",
+            }
+        return common | {
+            "expiry_full": f"20{k.future[-2:]}{month:02d}",
+            "maturity_date": _expiry(_future_last_day(k.future)),
+            "instrument_type": "FUT",
+            "trading_class": root,
+            "local_symbol": local_future,
+            "underlying_con_id": FUTURES_INDEX_CONIDS.get(root, 0),
+            "contract_month": f"20{k.future[-2:]}{month:02d}",
         }
 
     # ---- executions -----------------------------------------------------------------
@@ -807,7 +984,16 @@ class IbkrGatewaySim:
         async def secdef() -> Any:
             wanted = {int(c) for c in request.args.get("conids", "").split(",") if c.isdigit()}
             known = [sim._by_conid[c] for c in sorted(wanted) if c in sim._by_conid]
-            return {"secdef": [sim._secdef_json(c) for c in known]}
+            futures = sim._futures_by_conid()
+            held = [sim._future_secdef_json(c, futures[c]) for c in sorted(wanted) if c in futures]
+            return {"secdef": [sim._secdef_json(c) for c in known] + held}
+
+        @app.get("/v1/api/iserver/contract/<int:conid>/info")
+        async def contract_info(conid: int) -> Any:
+            info = sim._contract_info_json(conid)
+            if info is None:
+                return {"error": f"Invalid conid {conid}", "statusCode": 400}, 400
+            return info
 
         @app.get("/v1/api/iserver/account/trades")
         async def trades() -> Any:

@@ -17,6 +17,7 @@ from greeksd.model import (
     SnapshotSink,
     StreamState,
     StreamStatus,
+    future_root,
 )
 from greeksd.sim.market import SyntheticMarket, Tick
 
@@ -46,7 +47,8 @@ class SyntheticSource:
 
     def snapshot(self, tick: Tick) -> Snapshot:
         c = tick.contract
-        contract = Contract(c.key, c.underlying, c.multiplier, c.quantity, self.account_id)
+        underlying = future_root(c.key.future) if c.key.future else c.underlying
+        contract = Contract(c.key, underlying, c.multiplier, c.quantity, self.account_id)
         now = datetime.now(UTC)
         g = tick.greeks
         row = Snapshot.for_contract(

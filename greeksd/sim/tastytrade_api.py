@@ -3,6 +3,9 @@
 Bodies use Tastytrade's shapes (dasherized keys, `{"data": ...}` wrapping, lists as
 `{"data": {"items": [...]}}`) with every field the SDK's pydantic models require, so the
 real SDK validates them. `/api-quote-tokens` points at the simulator's DXLink server.
+Futures options in the book (`futures_options=N`) are held as 'Future Option' positions
+and found through `/instruments/future-options` and `/instruments/futures`, which give
+their and their futures' streamer symbols.
 `/sim/...` is the control surface (faults, positions) for people driving the CLI
 simulator by hand; tests call the same methods directly.
 """
@@ -14,7 +17,7 @@ import secrets
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -27,8 +30,20 @@ from quart_trio import QuartTrio
 from greeksd.logs import get_logger
 from greeksd.model import ContractKey
 from greeksd.sim.dxlink_server import DxLinkServer, SentGreeks
-from greeksd.sim.market import SimContract, SyntheticMarket, default_contracts
-from greeksd.sim.symbols import occ_symbol, streamer_symbol
+from greeksd.sim.market import (
+    SimContract,
+    SyntheticMarket,
+    default_contracts,
+    futures_option_contracts,
+)
+from greeksd.sim.symbols import (
+    dxfeed_future,
+    dxfeed_future_option,
+    dxfeed_option,
+    occ_symbol,
+    tastytrade_future,
+    tastytrade_future_option,
+)
 
 log = get_logger("greeksd.sim.tastytrade")
 
@@ -48,7 +63,7 @@ class TastytradeSim:
     secret: str = SIM_SECRET
     refresh_token: str = SIM_REFRESH
     api_url: str = ""
-    #: non-recordable holdings every account also shows (a stock, a futures option)
+    #: holdings that are not options, which every account also shows (a stock)
     extra_positions: list[dict[str, Any]] = field(default_factory=list)
     access_tokens: set[str] = field(default_factory=set)
     quote_tokens: set[str] = field(default_factory=set)
@@ -57,6 +72,8 @@ class TastytradeSim:
     #: what /accounts/{n}/transactions serves, oldest first
     transactions: list[dict[str, Any]] = field(default_factory=list)
     transaction_requests: int = 0
+    #: `GET /instruments/future-options/{symbol}` calls, by symbol
+    future_option_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def dxlink_url(self) -> str:
@@ -69,7 +86,8 @@ class TastytradeSim:
     def subscribed(self, keys: Collection[ContractKey]) -> bool:
         """One authorized DXLink channel has the Greeks of every one of these contracts
         (greeksd.sim.readiness)."""
-        wanted = {streamer_symbol(key) for key in keys}
+        by_key = {c.key: c for c in self.market.contracts}
+        wanted = {dxfeed_option(by_key[key]) for key in keys}
         return any(
             wanted <= {s for kind, s in channel.subscriptions if kind == "Greeks"}
             for conn in self.dxlink.connections.values()
@@ -195,24 +213,31 @@ class TastytradeSim:
         }
 
     def positions_body(self) -> list[dict[str, Any]]:
-        items = [
-            _position(
-                self.account,
-                occ_symbol(c.key),
-                "Equity Option",
-                c.underlying,
-                c.quantity,
-                c.multiplier,
-                c.key.expiration,
-            )
-            for c in self.market.contracts
-        ]
+        items = [_held(self.account, c) for c in self.market.contracts]
         return items + [dict(p, **{"account-number": self.account}) for p in self.extra_positions]
 
     def option_body(self, occ: str) -> dict[str, Any] | None:
         for contract in self.market.contracts:
-            if occ_symbol(contract.key) == occ:
+            if not contract.key.future and occ_symbol(contract.key) == occ:
                 return _option(contract)
+        return None
+
+    def future_option_body(self, symbol: str) -> dict[str, Any] | None:
+        """`GET /instruments/future-options/{symbol}` of a held futures option."""
+        for contract in self.market.contracts:
+            if contract.key.future and tastytrade_future_option(contract.key) == symbol:
+                return _future_option(contract)
+        return None
+
+    def future_body(self, symbol: str) -> dict[str, Any] | None:
+        """`GET /instruments/futures?symbol[]=` item of a future the book has options on
+        ('/ESZ6' or 'ESZ6', as the API accepts both)."""
+        for contract in self.market.contracts:
+            if contract.key.future and tastytrade_future(contract.underlying) in (
+                symbol,
+                "/" + symbol,
+            ):
+                return _future(contract)
         return None
 
 
@@ -250,6 +275,17 @@ def _position(
     return body
 
 
+def _held(account: str, contract: SimContract) -> dict[str, Any]:
+    key = contract.key
+    if key.future:  # symbol and underlying as Tastytrade writes them: './ESZ6 EW3Z6 ...'
+        symbol, kind = tastytrade_future_option(key), "Future Option"
+        underlying = tastytrade_future(contract.underlying)
+    else:
+        symbol, kind, underlying = occ_symbol(key), "Equity Option", contract.underlying
+    multiplier, quantity = contract.multiplier, contract.quantity
+    return _position(account, symbol, kind, underlying, quantity, multiplier, key.expiration)
+
+
 def _option(contract: SimContract) -> dict[str, Any]:
     key = contract.key
     days = (key.expiration - datetime.now(UTC).date()).days
@@ -271,23 +307,115 @@ def _option(contract: SimContract) -> dict[str, Any]:
         "market-time-instrument-collection": "Equity Option",
         "days-to-expiration": days,
         "is-closing-only": False,
-        "streamer-symbol": streamer_symbol(key),
+        "streamer-symbol": dxfeed_option(contract),
+    }
+
+
+# The futures option and future bodies follow real ones, every field the SDK's
+# FutureOption / Future models require included: tasty-go's futures_test.go
+# (futureOptionsResp, futuresResp) and option_chains_test.go (github.com/laustindasauce/
+# tasty-go), QuantConnect Lean.Brokerages.Tastytrade PR 12 (a GC option). The instrument's
+# `multiplier` is "1.0" there; the contract size is `notional-value` / `display-factor`
+# (ES: 0.5 / 0.01 = 50), and positions carry it as `multiplier` (a live ZN position: 1000).
+_DISPLAY_FACTOR = Decimal("0.01")
+_MARKET_SECTOR = {"ES": "Equity Index", "CL": "Energy", "ZN": "Interest Rate"}
+
+
+def _future_option(contract: SimContract) -> dict[str, Any]:
+    key = contract.key
+    product = key.future[:-3]
+    symbol = tastytrade_future_option(key)
+    code = symbol[7:12].rstrip()
+    stops = f"{key.expiration.isoformat()}T20:00:00.000+00:00"
+    days = (key.expiration - datetime.now(UTC).date()).days
+    return {
+        "symbol": symbol,
+        "underlying-symbol": tastytrade_future(contract.underlying),
+        "product-code": product,
+        "expiration-date": key.expiration.isoformat(),
+        "root-symbol": f"/{product}",
+        "option-root-symbol": key.root,
+        "strike-price": f"{key.strike:f}",
+        "exchange": "CME",
+        "exchange-symbol": f"{code} {key.right.value}{symbol[20:]}",
+        "streamer-symbol": dxfeed_future_option(key, contract.exchange),
+        "option-type": key.right.value,
+        "exercise-style": "American",
+        "is-vanilla": True,
+        "is-primary-deliverable": True,
+        "future-price-ratio": "1.0",
+        "multiplier": "1.0",
+        "underlying-count": "1.0",
+        "is-confirmed": True,
+        "notional-value": str(contract.multiplier * _DISPLAY_FACTOR),
+        "display-factor": str(_DISPLAY_FACTOR),
+        "security-exchange": "2",
+        "sx-id": "0",
+        "settlement-type": "Future",
+        "strike-factor": "1.0",
+        "maturity-date": key.expiration.isoformat(),
+        "is-exercisable-weekly": True,
+        "last-trade-time": "0",
+        "days-to-expiration": days,
+        "is-closing-only": False,
+        "active": True,
+        "stops-trading-at": stops,
+        "expires-at": stops,
+        "future-option-product": {
+            "root-symbol": key.root,
+            "cash-settled": False,
+            "code": key.root,
+            "legacy-code": key.root,
+            "clearport-code": key.root,
+            "clearing-code": key.root,
+            "clearing-exchange-code": "9C",
+            "clearing-price-multiplier": "1.0",
+            "display-factor": str(_DISPLAY_FACTOR),
+            "exchange": "CME",
+            "product-type": "Physical",
+            "expiration-type": "Weekly",
+            "settlement-delay-days": 0,
+            "is-rollover": True,
+            "market-sector": _MARKET_SECTOR.get(product, "Equity Index"),
+        },
+    }
+
+
+def _future(contract: SimContract) -> dict[str, Any]:
+    future, exchange = contract.underlying, contract.exchange
+    product = future[:-3]
+    last = (contract.key.expiration + timedelta(days=21)).isoformat()
+    stops = f"{last}T13:30:00.000+00:00"
+    return {
+        "symbol": tastytrade_future(future),
+        "product-code": product,
+        "contract-size": str(contract.multiplier),
+        "tick-size": "0.25",
+        "notional-multiplier": str(contract.multiplier),
+        "main-fraction": "0.0",
+        "sub-fraction": "0.0",
+        "display-factor": str(_DISPLAY_FACTOR),
+        "last-trade-date": last,
+        "expiration-date": last,
+        "closing-only-date": last,
+        "active": True,
+        "active-month": True,
+        "next-active-month": False,
+        "is-closing-only": False,
+        "stops-trading-at": stops,
+        "expires-at": stops,
+        "product-group": f"{exchange}_{product}",
+        "exchange": exchange,
+        "streamer-exchange-code": dxfeed_future(future, exchange).rsplit(":", 1)[1],
+        "streamer-symbol": dxfeed_future(future, exchange),
+        "back-month-first-calendar-symbol": True,
+        "is-tradeable": True,
+        "instrument-type": "Future",
     }
 
 
 def _default_extras() -> list[dict[str, Any]]:
-    return [
-        _position("", "AAPL", "Equity", "AAPL", Decimal(100), Decimal(1), None),
-        _position(
-            "",
-            "./ESU4 EW3N4 240719C4400",
-            "Future Option",
-            "/ESU4",
-            Decimal(1),
-            Decimal(50),
-            date(2024, 7, 19),
-        ),
-    ]
+    return [_position("", "AAPL", "Equity", "AAPL", Decimal(100), Decimal(1), None)]
 
 
 def _error(status: int, code: str, message: str) -> tuple[dict[str, Any], int]:
@@ -360,6 +488,28 @@ def create_app(sim: TastytradeSim) -> QuartTrio:
     async def option(symbol: str) -> Any:
         body = sim.option_body(symbol)
         return {"data": body} if body else _error(404, "record_not_found", symbol)
+
+    @app.get("/instruments/future-options")
+    async def future_options() -> Any:
+        symbols = request.args.getlist("symbol[]")
+        items = [body for s in symbols if (body := sim.future_option_body(s)) is not None]
+        return {"data": {"items": items}}
+
+    @app.get("/instruments/future-options/<path:symbol>")
+    async def future_option(symbol: str) -> Any:
+        requests = sim.future_option_requests
+        requests[symbol] = requests.get(symbol, 0) + 1
+        body = sim.future_option_body(symbol)
+        return {"data": body} if body else _error(404, "record_not_found", symbol)
+
+    @app.get("/instruments/futures")
+    async def futures() -> Any:
+        symbols = request.args.getlist("symbol[]")
+        items = [body for s in symbols if (body := sim.future_body(s)) is not None]
+        return {
+            "data": {"items": items},
+            "pagination": {"per-page": 250, "page-offset": 0, "total-pages": 1},
+        }
 
     @app.get("/api-quote-tokens")
     async def quote_tokens() -> Any:
@@ -443,13 +593,16 @@ async def open_tastytrade_sim(
     ws_port: int = 0,
     host: str = "127.0.0.1",
     seed: int = 7,
+    futures_options: int = 0,
 ) -> AsyncIterator[TastytradeSim]:
-    """Run the REST endpoints and the DXLink server on real sockets for the block."""
+    """Run the REST endpoints and the DXLink server on real sockets for the block.
+    `futures_options`: that many futures options (`futures_option_contracts`) join the
+    book, held as Tastytrade holds them ('Future Option' positions, their instruments,
+    their futures' quotes on DXLink); any futures option in `contracts` is too."""
     today = datetime.now(UTC).date()
+    book = list(contracts) if contracts is not None else default_contracts(today)
     market = SyntheticMarket(
-        list(contracts) if contracts is not None else default_contracts(today),
-        as_of=today,
-        seed=seed,
+        book + futures_option_contracts(today, futures_options), as_of=today, seed=seed
     )
     sim_ref: list[TastytradeSim] = []
     dxlink = DxLinkServer(
@@ -479,9 +632,13 @@ async def open_tastytrade_sim(
             nursery.cancel_scope.cancel()
 
 
-async def run_tastytrade_sim(port: int, *, ws_port: int = 0, tick_interval: float = 0.25) -> None:
+async def run_tastytrade_sim(
+    port: int, *, ws_port: int = 0, tick_interval: float = 0.25, futures_options: int = 0
+) -> None:
     """`greeksd sim tastytrade --port N`: serve until cancelled (Ctrl-C)."""
-    async with open_tastytrade_sim(port, ws_port=ws_port, tick_interval=tick_interval) as sim:
+    async with open_tastytrade_sim(
+        port, ws_port=ws_port, tick_interval=tick_interval, futures_options=futures_options
+    ) as sim:
         print(
             f"Tastytrade simulator: GREEKSD_TT_API_URL={sim.api_url} "
             f"GREEKSD_TT_SECRET={sim.secret} GREEKSD_TT_REFRESH={sim.refresh_token}\n"

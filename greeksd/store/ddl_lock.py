@@ -8,7 +8,9 @@ with UndefinedTable. So:
 - schema DDL (each migration, each partition created or dropped) runs in a transaction
   that first takes the transaction-scoped advisory lock SCHEMA_LOCK, then re-checks
   whether the work is still to do (whoever waited finds it done);
-- retention try-locks RETENTION_LOCK: whoever gets it drops, the others skip.
+- retention try-locks RETENTION_LOCK: whoever gets it drops, the others skip;
+- index compaction (greeksd.store.compaction) try-locks COMPACT_LOCK for its session
+  (REINDEX CONCURRENTLY cannot run inside a transaction): one compacts, the others skip.
 
 Transaction-scoped locks end with the transaction (commit, rollback, or the session
 dying), so there is no unlock to forget, a crashed holder frees the lock at once, and
@@ -34,6 +36,7 @@ from psycopg import errors
 # Shared by every greeksd process on a database (advisory locks are per database).
 SCHEMA_LOCK = 0x67726B73  # 'grks'; older versions' migration lock
 RETENTION_LOCK = 0x67726B74
+COMPACT_LOCK = 0x67726B75
 LOCK_WAIT_S = 30.0  # how long a waiter waits when its caller names no bound
 HOLDER_IDLE_S = 30.0  # a holder idle this long inside its transaction is ended by the server
 

@@ -8,6 +8,14 @@ Every instance on a database does this upkeep, so each creation and each drop ho
 schema lock and re-checks under it (greeksd.store.ddl_lock): a partition is created
 once, by whoever gets there first; retention is applied by whichever instance gets the
 retention lock, the others skip.
+
+A new partition stores its columns in a packed order (`packed_columns`), not the
+parent's: the 8-byte columns first, then the 4-byte date, then the variable-length ones.
+In the parent's order the short texts and numerics come first, so the date and then the
+first float8 are padded to their alignment and every row ends mid-word: ~9 bytes a row
+on the bench's rows (216 -> 208 bytes of heap). PostgreSQL attaches a partition whose
+columns are the parent's in another order and maps each routed row to it; partitions
+created before keep the parent's order (nothing is rewritten).
 """
 
 from __future__ import annotations
@@ -62,6 +70,49 @@ def _exists(conn: psycopg.Connection, name: str) -> bool:
     return bool(row and row[0])
 
 
+# The parent's columns as a new partition declares them: name, type (with a collation
+# other than the type's own), NOT NULL, default; 8-byte fixed-width columns first, then
+# 4-, 2-, 1-byte ones, then the variable-length ones, each group in the parent's order.
+_PACKED_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod),
+       CASE WHEN a.attcollation <> t.typcollation
+            THEN (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation)
+       END,
+       a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attlen < 0, a.attlen DESC, a.attnum"""
+# Its CHECK constraints (validated on the new, empty table).
+_CHECKS = """
+SELECT conname, pg_get_expr(conbin, conrelid) FROM pg_constraint
+WHERE conrelid = %s::regclass AND contype = 'c' AND NOT connoinherit ORDER BY conname"""
+
+
+def packed_columns(conn: psycopg.Connection) -> sql.Composed:
+    """`CREATE TABLE`'s column list and CHECK constraints for a new partition: the
+    parent's, in the packed order (see the module docstring), read from the catalog so
+    that a column a later migration adds to the parent is in every new partition."""
+    items = []
+    for name, type_, collation, not_null, default in conn.execute(
+        _PACKED_COLUMNS, (PARENT,)
+    ).fetchall():
+        parts = [sql.Identifier(name), sql.SQL(type_)]
+        if collation:
+            parts.append(sql.SQL("COLLATE " + collation))
+        if not_null:
+            parts.append(sql.SQL("NOT NULL"))
+        if default is not None:
+            parts.append(sql.SQL("DEFAULT " + default))
+        items.append(sql.SQL(" ").join(parts))
+    for name, check in conn.execute(_CHECKS, (PARENT,)).fetchall():
+        items.append(
+            sql.SQL("CONSTRAINT {} CHECK ({})").format(sql.Identifier(name), sql.SQL(check))
+        )
+    return sql.SQL(", ").join(items)
+
+
 def create_partition(conn: psycopg.Connection, day: date, lock_wait_s: float = LOCK_WAIT_S) -> bool:
     """Create the partition for `day` (UTC) unless it exists; return True if created
     (by this call). Waits at most `lock_wait_s` for another instance's DDL."""
@@ -74,16 +125,19 @@ def create_partition(conn: psycopg.Connection, day: date, lock_wait_s: float = L
         if _exists(conn, name):  # another instance created it while we waited
             return False
         ident = sql.Identifier(name)
-        conn.execute(
-            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-                ident, sql.Identifier(PARENT)
-            )
-        )
+        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(ident, packed_columns(conn)))
+        # by name: the new partition's columns are in another order than the default's
+        names = conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attnum > 0 AND NOT attisdropped",
+            (PARENT,),
+        ).fetchall()
+        columns = sql.SQL(", ").join([sql.Identifier(n) for (n,) in names])
         moved = conn.execute(
             sql.SQL(
                 "WITH moved AS (DELETE FROM {} WHERE event_time >= %s AND event_time < %s"
-                " RETURNING *) INSERT INTO {} SELECT * FROM moved"
-            ).format(sql.Identifier(DEFAULT), ident),
+                " RETURNING {}) INSERT INTO {} ({}) SELECT {} FROM moved"
+            ).format(sql.Identifier(DEFAULT), columns, ident, columns, columns),
             (lower, upper),
         ).rowcount
         conn.execute(

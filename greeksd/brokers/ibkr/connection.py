@@ -22,6 +22,7 @@ What it does, in the order a link lives:
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,8 +80,11 @@ class IbkrCounters:
     trades: int = 0
     rejected_trades: int = 0
     gateway_errors: int = 0
-    skipped_future_options: int = 0
     unparsable_positions: int = 0
+    unsupported_positions: int = 0
+    unsupported_reasons: dict[str, int] = field(default_factory=dict)
+    """Why held options greeksd cannot record are left out (e.g. a futures option whose
+    future the gateway does not name), with how many: the same shape as Tastytrade's."""
     delayed_contracts: int = 0
     frozen_contracts: int = 0
     left_out: list[str] = field(default_factory=list)
@@ -265,9 +269,14 @@ class IbkrConnection:
             Note("ibkr_position_skipped", {"reason": problem}, "warning")
             for problem in scan.problems
         ]
-        if scan.future_options != counters.skipped_future_options:
-            events.append(Note("ibkr_future_options_skipped", {"count": scan.future_options}))
-        counters.skipped_future_options = scan.future_options
+        reasons = dict(collections.Counter(scan.unsupported))
+        if reasons != counters.unsupported_reasons:  # logged once, not every refresh
+            events += [
+                Note("ibkr_position_unsupported", {"reason": reason, "count": count}, "warning")
+                for reason, count in reasons.items()
+            ]
+        counters.unsupported_reasons = reasons
+        counters.unsupported_positions = len(scan.unsupported)
         counters.unparsable_positions = len(scan.problems)
         return events + self._adopt(scan.options)
 

@@ -119,6 +119,7 @@ class GatewayClient:
             scale=min_interval / pacing.GLOBAL_INTERVAL_S, default_penalty_s=penalty_s
         )
         self._client: httpx.AsyncClient | None = None
+        self._futures: dict[int, dict[str, Any]] = {}
 
     async def __aenter__(self) -> Self:
         self._client = httpx.AsyncClient(
@@ -249,31 +250,65 @@ class GatewayClient:
             raise GatewayError("/iserver/account/trades: expected a list")
         return [e for e in body if isinstance(e, dict)]
 
+    async def contract_info(self, conid: int) -> dict[str, Any]:
+        """/iserver/contract/{conid}/info: a future's `local_symbol` ('ESZ5') and
+        `contract_month`, which /trsrv/secdef does not give."""
+        path = f"/iserver/contract/{conid}/info"
+        return _object(await self.request("GET", path), "contract info")
+
+    async def futures(self, conids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The contract info of the futures that held futures options are on. A future's
+        code never changes, so each is asked once per client; one the gateway cannot
+        describe is left out (its options are then unsupported, with the reason)."""
+        for conid in sorted(set(conids) - self._futures.keys()):
+            try:
+                self._futures[conid] = await self.contract_info(conid)
+            except GatewayError as exc:
+                if exc.kind is not Failure.ERROR:  # the session or the penalty box: theirs
+                    raise
+                log.warning("ibkr_future_unknown", conid=conid, error=str(exc))
+        return self._futures
+
     async def option_positions(self) -> PositionScan:
-        """All option positions of every account, gaps filled from secdef, plus
+        """All option and futures option positions of every account, gaps filled from
+        secdef (and a futures option's future from its contract info), plus
         human-readable reasons for positions that could not be used."""
-        raw: list[tuple[dict[str, Any], str]] = []
-        future_options = 0
+        options_raw: list[tuple[dict[str, Any], str]] = []
+        fops_raw: list[tuple[dict[str, Any], str]] = []
         for account in await self.portfolio_accounts():
             for position in await self.positions(account):
                 if protocol.is_option(position):
-                    raw.append((position, account))
+                    options_raw.append((position, account))
                 elif protocol.is_future_option(position):
-                    future_options += 1
-        lacking = [int(p["conid"]) for p, _ in raw if protocol.missing_option_fields(p)]
+                    fops_raw.append((position, account))
+        lacking = [int(p["conid"]) for p, _ in options_raw if protocol.missing_option_fields(p)]
+        lacking += [
+            int(p["conid"]) for p, _ in fops_raw if protocol.missing_future_option_fields(p)
+        ]
         details = await self.secdef(lacking) if lacking else {}
         options: list[OptionPosition] = []
         problems: list[str] = []
-        for position, account in raw:
-            merged = {
-                **details.get(int(position["conid"]), {}),
-                **{k: v for k, v in position.items() if v not in (None, "")},
-            }
+        unsupported: list[str] = []
+        for position, account in options_raw:
+            merged = protocol.overlay(details.get(int(position["conid"]), {}), position)
             try:
                 options.append(protocol.parse_option_position(merged, account))
             except ValueError as exc:
                 problems.append(str(exc))
-        return PositionScan(options, problems, future_options)
+        fops = [
+            (protocol.overlay(details.get(int(p["conid"]), {}), p), account)
+            for p, account in fops_raw
+        ]
+        und_conids = [c for p, _ in fops if (c := protocol.und_conid(p)) is not None]
+        futures = await self.futures(und_conids) if und_conids else {}
+        for merged, account in fops:
+            try:
+                options.append(protocol.parse_future_option_position(merged, account, futures))
+            except protocol.UnsupportedPosition as exc:
+                unsupported.append(str(exc))
+            except ValueError as exc:
+                problems.append(str(exc))
+        return PositionScan(options, problems, unsupported)
 
 
 _NOT_JSON = object()

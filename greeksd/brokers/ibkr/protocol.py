@@ -12,14 +12,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 
 from greeksd.model import (
+    FUTURE_MONTHS,
     KEEP_PAYLOAD,
     Broker,
     Contract,
@@ -27,6 +28,8 @@ from greeksd.model import (
     OptionRight,
     Snapshot,
     Trade,
+    canonical_future,
+    future_root,
 )
 
 LAST, BID, ASK, MARK = "31", "84", "86", "7635"
@@ -412,7 +415,7 @@ def parse_option_position(position: Mapping[str, Any], account_id: str) -> Optio
     acct = str(position.get("acctId") or account_id)
     return OptionPosition(
         int(position["conid"]),
-        _int_or_none(position.get("undConid")),
+        und_conid(position),
         Contract(key, underlying, multiplier, quantity, acct),
     )
 
@@ -421,18 +424,175 @@ def is_option(position: Mapping[str, Any]) -> bool:
     return position.get("assetClass") == "OPT" and _int_or_none(position.get("conid")) is not None
 
 
+# ---- futures options (FOP) ---------------------------------------------------------------
+# Real gateways list a futures option with little more than its description: a captured
+# `/portfolio/{acct}/positions` entry (public test data of a C# Client Portal client, found
+# with the code search: tests/fixtures/real/ibkr/fop-positions.json keeps it with its
+# provenance) is
+#   {"conid":"784136636","contractDesc":"ES     JUN2025 6040 C (E2D)","expiry":null,
+#    "putOrCall":null,"multiplier":null,"strike":0.0,"assetClass":"FOP","undConid":0,...}
+# The trading class (CME's option product) is the parenthesised code; the expiration,
+# strike, right, multiplier and the future's conid (`undConid`) come from /trsrv/secdef,
+# and the future's code from /iserver/contract/{undConid}/info (`local_symbol` 'ESZ5',
+# `contract_month` '202512').
+_FOP_CLASS = re.compile(r"\(([A-Z0-9]{1,6})\)\s*$")
+
+
+class UnsupportedPosition(ValueError):
+    """A held option greeksd cannot record (e.g. a futures option whose future the gateway
+    does not name): counted and logged with this reason, never a crash."""
+
+
 def is_future_option(position: Mapping[str, Any]) -> bool:
-    """Futures options (`FOP`) are held but not recorded: no OCC identity to share."""
-    return position.get("assetClass") == "FOP"
+    return position.get("assetClass") == "FOP" and _int_or_none(position.get("conid")) is not None
+
+
+def fop_trading_class(position: Mapping[str, Any]) -> str | None:
+    """The option product: `tradingClass` (secdef/info), `trading_class` (contract info),
+    else the '(EW3)' that ends a position's `contractDesc`."""
+    for field_name in ("tradingClass", "trading_class"):
+        value = position.get(field_name)
+        if isinstance(value, str) and value:
+            return value
+    match = _FOP_CLASS.search(str(position.get("contractDesc") or ""))
+    return match[1] if match else None
+
+
+def _given(value: Any) -> bool:
+    """A field a real gateway actually filled: FOP positions send null, '' and 0 for
+    what they do not know (`strike: 0.0`, `undConid: 0`)."""
+    return value not in (None, "") and value != 0 and value != "0"
+
+
+def overlay(secdef: Mapping[str, Any], position: Mapping[str, Any]) -> dict[str, Any]:
+    """A position's fields over its secdef's, where the position actually gives them (a
+    zero strike, multiplier or undConid is the gateway's "unknown", a zero position is
+    not)."""
+    return {
+        **secdef,
+        **{
+            k: v
+            for k, v in position.items()
+            if v not in (None, "") and (k not in _ZERO_IS_UNKNOWN or _given(v))
+        },
+    }
+
+
+_ZERO_IS_UNKNOWN = frozenset({"strike", "multiplier", "undConid"})
+
+
+def missing_future_option_fields(position: Mapping[str, Any]) -> list[str]:
+    """What a FOP position lacks to become a `Contract` (the future's code aside); fill
+    those from secdef."""
+    needed = ("undConid", "putOrCall", "strike", "multiplier")
+    missing = [k for k in needed if not _given(position.get(k))]
+    if not any(_given(position.get(k)) for k in _FOP_EXPIRY):
+        missing.append("expiry")
+    return missing
+
+
+_FOP_EXPIRY = ("maturityDate", "expiry", "maturity_date", "lastTradingDay")
+
+
+def und_conid(position: Mapping[str, Any]) -> int | None:
+    """The underlying's conid, None when the gateway sends none (or its 0)."""
+    return _int_or_none(position.get("undConid")) or None
+
+
+def future_code(info: Mapping[str, Any], not_before: date) -> str:
+    """A future's canonical code ('ESZ25') from its contract info or secdef: the local
+    symbol ('ESZ5'), else the symbol and contract month ('ES', '202512'). Raises
+    ValueError."""
+    local = info.get("local_symbol") or info.get("localSymbol")
+    if isinstance(local, str) and local:
+        try:
+            return canonical_future(local.replace(" ", ""), not_before)
+        except ValueError:
+            pass  # e.g. an old-style 'ZN   DEC 25': the contract month says it too
+    symbol = info.get("symbol") or info.get("ticker")
+    month = str(info.get("contract_month") or info.get("contractMonth") or "")
+    if isinstance(symbol, str) and symbol and len(month) == 6 and month.isdigit():
+        return f"{symbol}{FUTURE_MONTHS[int(month[4:]) - 1]}{month[2:4]}"
+    raise ValueError(f"no future code in local symbol {local!r} or contract month {month!r}")
+
+
+def future_option_key(position: Mapping[str, Any], future: str) -> ContractKey:
+    """A FOP position's (overlaid with its secdef) `ContractKey` on the future `future`
+    (any spelling `canonical_future` reads). The expiration is the option's own date
+    (`maturityDate`, else `expiry`): the same date Tastytrade gives as `expiration-date`.
+    Raises ValueError naming what is wrong."""
+    product = fop_trading_class(position)
+    if not product:
+        raise ValueError("no trading class")
+    expiry = next((position[k] for k in _FOP_EXPIRY if _given(position.get(k))), None)
+    if expiry is None:
+        raise ValueError("no maturityDate or expiry")
+    try:
+        expiration = datetime.strptime(str(expiry), "%Y%m%d").date()
+        right = OptionRight(str(position.get("putOrCall") or position.get("right")).upper()[:1])
+        strike = Decimal(str(position["strike"]))
+    except KeyError as exc:
+        raise ValueError(f"missing {exc}") from None
+    except InvalidOperation:
+        raise ValueError(f"bad strike {position['strike']!r}") from None
+    return ContractKey(product, expiration, right, strike, canonical_future(future, expiration))
+
+
+def parse_future_option_position(
+    position: Mapping[str, Any], account_id: str, futures: Mapping[int, Mapping[str, Any]]
+) -> OptionPosition:
+    """One FOP position (overlaid with its secdef) to an `OptionPosition` on its future,
+    `futures` being the contract info of the futures by conid. The underlying is the
+    futures product ('ES'), the underlying line the future's conid. Raises
+    `UnsupportedPosition` when the future is unknown, ValueError for anything else."""
+    conid, underlying_conid = position.get("conid"), und_conid(position)
+    info = futures.get(underlying_conid) if underlying_conid else None
+    if info is None:
+        why = (
+            f"its future (undConid {underlying_conid}) is unknown to the gateway"
+            if underlying_conid
+            else "the gateway names no future (no undConid in its position or secdef)"
+        )
+        raise UnsupportedPosition(f"futures option {conid}: {why}")
+    try:
+        expiry = next((position[k] for k in _FOP_EXPIRY if _given(position.get(k))), None)
+        not_before = datetime.strptime(str(expiry), "%Y%m%d").date()
+        future = future_code(info, not_before)
+        key = future_option_key(position, future)
+        quantity = Decimal(str(position["position"]))
+        multiplier = Decimal(str(position["multiplier"]))
+    except (KeyError, ValueError, InvalidOperation) as exc:
+        raise ValueError(f"bad futures option position {conid}: {exc}") from None
+    exchange = next(
+        (
+            str(v)
+            for k in ("exchange", "listingExchange")
+            if isinstance(v := position.get(k), str) and v
+        ),
+        str(info.get("exchange") or ""),
+    )
+    return OptionPosition(
+        int(str(conid)),
+        underlying_conid,
+        Contract(
+            key,
+            future_root(key.future),
+            multiplier,
+            quantity,
+            str(position.get("acctId") or account_id),
+            exchange,
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class PositionScan:
-    """Option positions greeksd records, and what it held but cannot record."""
+    """Option positions greeksd records, the ones it could not read (`problems`), and the
+    ones it cannot record (`unsupported`), each with its reason."""
 
     options: list[OptionPosition]
     problems: list[str]
-    future_options: int = 0
+    unsupported: list[str] = field(default_factory=list)
 
 
 # ---- executions (websocket `str`, REST /iserver/account/trades) --------------------------

@@ -38,7 +38,7 @@ from greeksd.brokers.link import (
 )
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.coverage import Coverage
-from greeksd.model import Contract
+from greeksd.model import Contract, ContractKey
 
 CHANNEL_OPEN_TIMEOUT_S = 10.0
 """How long a CHANNEL_REQUEST may go unanswered before the channel counts as refused (a
@@ -276,12 +276,17 @@ class TastytradeCounters:
     (`StreamStatus.counters`: the status JSON shows them flat, under these names)."""
 
     token_fetches: int = 0
-    skipped_future_options: int = 0
     unparsable_positions: int = 0
+    unsupported_positions: int = 0
+    """Held positions not streamed (see `unsupported_reasons`)."""
+    unsupported_reasons: dict[str, int] = field(default_factory=dict)
+    """Why, by reason: e.g. a futures option whose instrument lookup failed."""
     trades_polled: int = 0
     rejected_trades: int = 0
     removed_events: int = 0
     """Greeks flagged REMOVE_EVENT: counted, never stored."""
+    unknown_symbol_events: int = 0
+    """Greeks for a streamer symbol no held contract maps to: counted, never stored."""
     server_errors: int = 0
     informational_errors: int = 0
     channel_refusals: int = 0
@@ -370,8 +375,14 @@ class DxlinkConnection:
             return _NOTHING
         return self._control(message, now)
 
-    def set_positions(self, positions: Sequence[Contract], now: float, at: datetime) -> list[Event]:
-        return self._track(positions, now)
+    def set_positions(
+        self, positions: dx.Positions | Sequence[Contract], now: float, at: datetime
+    ) -> list[Event]:
+        """`positions` with their futures options' feed symbols (replay passes what a
+        recording's positions record held), or bare contracts (equity options only)."""
+        if isinstance(positions, dx.Positions):
+            return self._track(positions.contracts, now, positions.feeds)
+        return self._track(positions, now, {})
 
     def answer(self, call: Call, result: Any, now: float, at: datetime) -> list[Event]:
         if call == POSITIONS:
@@ -423,7 +434,9 @@ class DxlinkConnection:
         self.feed_frames += 1
         mapper = self.mapper
         rows, problems = mapper.feed_rows(message.data, feed.layouts, at)
-        self.counters.removed_events = mapper.removed_events
+        counters = self.counters
+        counters.removed_events = mapper.removed_events
+        counters.unknown_symbol_events = mapper.unknown_events
         update = self.coverage.update
         for row in rows:  # option rows come from Greeks events only: delta, mark (price)
             update(row.contract_key, at, row.delta is not None, row.mark is not None)
@@ -541,20 +554,31 @@ class DxlinkConnection:
     # ---- positions, subscriptions, trades ------------------------------------------------
     def _positions(self, positions: dx.Positions, now: float) -> list[Event]:
         counters = self.counters
-        counters.skipped_future_options = positions.skipped_future_options
         counters.unparsable_positions = positions.skipped_unparsable
-        return self._track(positions.contracts, now)
+        counters.unsupported_reasons = dict(positions.unsupported)
+        counters.unsupported_positions = sum(positions.unsupported.values())
+        return self._track(positions.contracts, now, positions.feeds)
 
-    def _track(self, contracts: Sequence[Contract], now: float) -> list[Event]:
-        """Greeks of every held symbol, Quote and Trade of every underlying (their prices
-        go into the rows); the open channel follows at once."""
-        by_symbol = self.mapper.set_contracts(contracts)
+    def _track(
+        self,
+        contracts: Sequence[Contract],
+        now: float,
+        feeds: Mapping[ContractKey, dx.FeedSymbols],
+    ) -> list[Event]:
+        """Greeks of every held symbol, Quote and Trade of every underlying and future
+        (their prices go into the rows); the open channel follows at once. A futures
+        option without feed symbols cannot be subscribed: it is named in a warning."""
+        mapper = self.mapper
+        by_symbol = mapper.set_contracts(contracts, feeds)
         self.coverage.track((c.key_text, c) for c in contracts)
-        underlyings = {c.underlying for held in by_symbol.values() for c in held}
         self._wanted = {("Greeks", symbol) for symbol in by_symbol} | {
-            (kind, u) for u in underlyings for kind in ("Quote", "Trade")
+            (kind, u) for u in mapper.price_symbols() for kind in ("Quote", "Trade")
         }
-        out: list[Event] = [Tracked(contracts, len(by_symbol))]
+        details = {"feeds": dx.feeds_json(feeds)} if feeds else {}
+        out: list[Event] = [Tracked(contracts, len(by_symbol), details)]
+        unfed = sorted(c.key_text for c in contracts if c.key.future and c.key not in feeds)
+        if unfed:
+            out.append(Note("future_options_without_feed", {"contracts": unfed}, "warning"))
         if self.feed.is_open:
             out += self._sync(now, reset=False)
         return out

@@ -21,7 +21,6 @@ import trio
 from greeksd.brokers.link import Event, LinkFailed, LinkUp, Note, Rejected
 from greeksd.brokers.probe_link import Observed, probe_link
 from greeksd.brokers.probe_report import COVERAGE, contracts_covered, finish_report
-from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import DxlinkConnection, DxlinkOptions
 from greeksd.brokers.tastytrade.protocol import Positions
 from greeksd.brokers.tastytrade.session import (
@@ -66,7 +65,8 @@ async def probe_tastytrade(
             positions = await client.positions()
             found.summary |= {
                 "positions_ms": elapsed_ms(),
-                "skipped_future_options": positions.skipped_future_options,
+                "unsupported_positions": sum(positions.unsupported.values()),
+                "unsupported_reasons": dict(positions.unsupported),
             }
             if positions.contracts:
                 token = await client.quote_token()
@@ -179,7 +179,7 @@ def _coverage(positions: Positions, found: _Findings) -> list[dict[str, Any]]:
         present = found.present.get(key, set())
         row: dict[str, Any] = {
             "contract_key": key,
-            "streamer_symbol": dx.streamer_symbol(contract.key),
+            "streamer_symbol": positions.streamer_symbol(contract.key),
         }
         row |= {name: name in present for name in COVERAGE}
         row["first_greeks_ms"] = found.first_greeks_ms.get(key)
@@ -192,12 +192,9 @@ def _zero_coverage_hints(positions: Positions, found: _Findings) -> list[str]:
     if found.hints:
         return []
     if not positions.contracts:
-        extra = (
-            f" ({positions.skipped_future_options} futures options are not recorded)"
-            if positions.skipped_future_options
-            else ""
-        )
-        return ["no open equity/index option positions in the account(s)" + extra]
+        unsupported = ", ".join(f"{n} {why}" for why, n in positions.unsupported.items())
+        extra = f" (held but not streamed: {unsupported})" if unsupported else ""
+        return ["no open option positions in the account(s)" + extra]
     if summary.get("auth_state") == "UNAUTHORIZED":
         return [
             "DXLink refused the quote token: the account may lack market-data access "

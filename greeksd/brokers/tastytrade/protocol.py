@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from greeksd.model import (
+    FUTURE_MONTHS,
     KEEP_PAYLOAD,
     Broker,
     Contract,
@@ -31,6 +32,7 @@ from greeksd.model import (
     OptionRight,
     Snapshot,
     Trade,
+    canonical_future,
     format_strike,
 )
 
@@ -677,10 +679,6 @@ class SymbolError(ValueError):
     """A symbol greeksd cannot map to a ContractKey; the message says why."""
 
 
-class UnsupportedSymbol(SymbolError):
-    """A valid symbol of a kind greeksd does not record (futures options)."""
-
-
 _STREAMER = re.compile(r"\.([A-Z0-9]+)(\d{6})([CP])(\d+(?:\.\d+)?)")
 _MILLI = Decimal("0.001")
 
@@ -692,28 +690,38 @@ def _expiry(yymmdd: str, symbol: str) -> date:
         raise SymbolError(f"bad expiration {yymmdd!r} in {symbol!r}") from None
 
 
+def _strike(text: str, symbol: str) -> Decimal:
+    value = Decimal(text)
+    if value <= 0:
+        raise SymbolError(f"bad strike in {symbol!r}")
+    return value
+
+
 def parse_streamer_symbol(symbol: str) -> ContractKey:
-    """`.AAPL250620C190` / `.SPY250620C512.5` / `.SPXW251219P5800` -> ContractKey."""
+    """`.AAPL250620C190` / `.SPY250620C512.5` / `.SPXW251219P5800` -> ContractKey. A
+    futures option's streamer symbol (`./EW3Z25C6000:XCME`) does not name its future, so
+    it maps to a key only through the instrument it came from (`SnapshotMapper`)."""
     if symbol.startswith("./"):
-        raise UnsupportedSymbol(f"futures option {symbol!r} is not recorded")
+        raise SymbolError(f"futures option {symbol!r} has no key of its own")
     match = _STREAMER.fullmatch(symbol)
     if match is None:
         raise SymbolError(f"not an option streamer symbol: {symbol!r}")
     root, yymmdd, right, strike = match.groups()
-    value = Decimal(strike)
-    if value <= 0:
-        raise SymbolError(f"bad strike in {symbol!r}")
-    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), value)
+    return ContractKey(root, _expiry(yymmdd, symbol), OptionRight(right), _strike(strike, symbol))
 
 
 def streamer_symbol(key: ContractKey) -> str:
+    """An equity/index option's streamer symbol; a futures option's comes from the
+    instruments API (`FeedSymbols`), never from here."""
+    if key.future:
+        raise SymbolError(f"{key} is a futures option: its streamer symbol comes from the API")
     return f".{key.root}{key.expiration:%y%m%d}{key.right.value}{format_strike(key.strike)}"
 
 
 def parse_occ(symbol: str) -> ContractKey:
     """`AAPL  250620C00190000` (root padded to 6, strike x1000 in 8 digits) -> key."""
     if symbol.startswith("/") or symbol.startswith("./"):
-        raise UnsupportedSymbol(f"futures option {symbol!r} is not recorded")
+        raise SymbolError(f"{symbol!r} is a futures option, not an OCC symbol")
     try:
         return ContractKey.from_occ(symbol)
     except ValueError as exc:
@@ -728,6 +736,82 @@ def occ_symbol(key: ContractKey) -> str:
     if milli != key.strike / _MILLI or not 0 < milli < 10**8 or len(key.root) > 6:
         raise SymbolError(f"{key} does not fit an OCC symbol")
     return f"{key.root:<6}{key.expiration:%y%m%d}{key.right.value}{int(milli):08d}"
+
+
+# Tastytrade's futures option symbol, fixed width: './', the future (root, month code,
+# one-digit year) padded to 5, the option contract code (product, month code, one-digit
+# year) padded to 5, a space, YYMMDD, C|P, the strike without trailing zeros. Real ones:
+# './ESZ5 EW3Z5 251219C6000', './GCV5 OGV5  250925P2755' (two spaces),
+# './MESM6EX3H6 260320P6450' (none). Sources: tasty-go option_chains_test.go /
+# futures_test.go (github.com/laustindasauce/tasty-go), QuantConnect
+# Lean.Brokerages.Tastytrade PR 12, and live positions quoted in tests/test_identity.py.
+_FUTURE_OPTION = re.compile(r"\./([A-Z0-9 ]{5})([A-Z0-9 ]{5}) (\d{6})([CP])(\d+(?:\.\d+)?)")
+_CONTRACT_CODE = re.compile(r"([A-Z0-9]+?)[" + FUTURE_MONTHS + r"]\d")
+# dxFeed's futures option symbol: './', product, month code, two-digit year, C|P, strike,
+# ':' and the exchange's MIC ('./EW3Z25C6000:XCME', './OZNG26P111:XCBT').
+_FUTURE_OPTION_STREAMER = re.compile(
+    r"\./([A-Z0-9]+?)[" + FUTURE_MONTHS + r"]\d\d([CP])(\d+(?:\.\d+)?):([A-Z0-9]+)"
+)
+#: The MIC on dxFeed's futures symbols -> the exchange IBKR and CME name (`Contract.exchange`).
+EXCHANGE_OF_MIC = {"XCME": "CME", "XCBT": "CBOT", "XNYM": "NYMEX", "XCEC": "COMEX"}
+
+
+def parse_future_option_symbol(symbol: str) -> ContractKey:
+    """`./ESZ5 EW3Z5 251219C6000` -> `/ESZ25 EW3 2025-12-19 C 6000`: the product is the
+    option contract code without its month code and year digit (CME's code, which IBKR
+    calls the trading class), the expiration the symbol's YYMMDD (Tastytrade's
+    `expiration-date`), the future its canonical code."""
+    match = _FUTURE_OPTION.fullmatch(symbol)
+    if match is None:
+        raise SymbolError(f"not a Tastytrade futures option symbol: {symbol!r}")
+    future, code, yymmdd, right, strike = match.groups()
+    future, code = future.rstrip(" "), code.rstrip(" ")
+    product = _CONTRACT_CODE.fullmatch(code)
+    if " " in future or product is None:
+        raise SymbolError(f"bad future or option code in {symbol!r}")
+    expiration = _expiry(yymmdd, symbol)
+    try:
+        canonical = canonical_future(future, not_before=expiration)
+        return ContractKey(
+            product.group(1), expiration, OptionRight(right), _strike(strike, symbol), canonical
+        )
+    except ValueError as exc:
+        raise SymbolError(f"{symbol!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSymbols:
+    """Where a futures option's data is on DXLink, as the instruments API names it: its
+    own streamer symbol and its future's (whose Quote/Trade price the rows carry)."""
+
+    option: str
+    future: str
+
+
+class Unsupported(ValueError):
+    """A held position greeksd cannot stream; the message is the reason status counts."""
+
+
+def future_option_feed(
+    key: ContractKey, streamer: str, future_streamer: str
+) -> tuple[FeedSymbols, str]:
+    """The feed symbols of the futures option `key` (from its position symbol) and its
+    exchange, once the instruments API's `streamer-symbol`s are checked against the key:
+    a streamer symbol naming another product, right or strike is refused, never
+    streamed under the wrong key. Raises `Unsupported`."""
+    match = _FUTURE_OPTION_STREAMER.fullmatch(streamer)
+    if match is None:
+        raise Unsupported("futures option streamer symbol not understood")
+    product, right, strike, mic = match.groups()
+    if (product, right, Decimal(strike)) != (key.root, key.right.value, key.strike):
+        raise Unsupported("futures option streamer symbol does not match the position")
+    try:
+        future = canonical_future(future_streamer, not_before=key.expiration)
+    except ValueError:
+        raise Unsupported("future streamer symbol not understood") from None
+    if future != key.future:
+        raise Unsupported("future streamer symbol does not match the position")
+    return FeedSymbols(streamer, future_streamer), EXCHANGE_OF_MIC.get(mic, "")
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -782,32 +866,63 @@ def _greeks_plan(names: Sequence[str]) -> tuple[int | None, ...]:
 class SnapshotMapper:
     """Turns decoded events into Snapshot rows for the positions we hold.
 
-    Quote/Trade events of underlyings only update per-underlying state (Quote mid first,
-    else last trade), which later Greeks rows carry as `underlying_price`. One streamer
-    symbol held in two accounts yields one row per account. A Greeks event flagged
-    REMOVE_EVENT yields no row (see `REMOVE_EVENT`).
+    Quote/Trade events of underlyings only update per-symbol prices (Quote mid first,
+    else last trade), which later Greeks rows carry as `underlying_price`: an equity
+    option's underlying symbol's, a futures option's future's (`FeedSymbols.future`).
+    One streamer symbol held in two accounts yields one row per account. A Greeks event
+    flagged REMOVE_EVENT yields no row (see `REMOVE_EVENT`); one for a symbol not held
+    (a position closed while its events were in flight, or a server mistake) is counted.
     """
 
-    __slots__ = ("_broker", "_by_symbol", "_last", "_mid", "removed_events")
+    __slots__ = (
+        "_broker",
+        "_by_symbol",
+        "_last",
+        "_mid",
+        "_price_symbol",
+        "removed_events",
+        "unknown_events",
+    )
 
     def __init__(self, broker: Broker = Broker.TASTYTRADE) -> None:
         self._broker = broker
         self._by_symbol: dict[str, list[Contract]] = {}
+        self._price_symbol: dict[str, str] = {}  # option streamer symbol -> its underlying's
         self._mid: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self.removed_events = 0  # Greeks flagged REMOVE_EVENT: counted, never stored
+        self.unknown_events = 0  # Greeks for a symbol no held contract maps to
 
-    def set_contracts(self, contracts: Iterable[Contract]) -> dict[str, list[Contract]]:
-        """Replace the held contracts; returns them by streamer symbol."""
+    def set_contracts(
+        self, contracts: Iterable[Contract], feeds: Mapping[ContractKey, FeedSymbols] | None = None
+    ) -> dict[str, list[Contract]]:
+        """Replace the held contracts; returns them by streamer symbol. A futures
+        option's symbols come from `feeds` (the instruments API's, cached by the session):
+        one without them cannot be streamed and is left out (the caller counts it)."""
         by_symbol: dict[str, list[Contract]] = {}
+        price_symbol: dict[str, str] = {}
         for contract in contracts:
-            by_symbol.setdefault(streamer_symbol(contract.key), []).append(contract)
+            key = contract.key
+            if key.future:
+                feed = feeds.get(key) if feeds else None
+                if feed is None:
+                    continue
+                symbol, price_symbol[feed.option] = feed.option, feed.future
+            else:
+                symbol = streamer_symbol(key)
+                price_symbol[symbol] = contract.underlying
+            by_symbol.setdefault(symbol, []).append(contract)
         self._by_symbol = by_symbol
+        self._price_symbol = price_symbol
         return by_symbol
 
-    def underlying_price(self, underlying: str) -> float | None:
-        mid = self._mid.get(underlying)
-        return mid if mid is not None else self._last.get(underlying)
+    def price_symbols(self) -> set[str]:
+        """The symbols whose Quote and Trade give the held contracts' underlying prices."""
+        return set(self._price_symbol.values())
+
+    def underlying_price(self, symbol: str) -> float | None:
+        mid = self._mid.get(symbol)
+        return mid if mid is not None else self._last.get(symbol)
 
     def map(
         self, events: Iterable[FeedEvent], received_at: datetime
@@ -820,6 +935,8 @@ class SnapshotMapper:
                 contracts = self._by_symbol.get(event["eventSymbol"])
                 if contracts:
                     self._greeks(event, contracts, received_at, rows, problems)
+                else:
+                    self.unknown_events += 1
             elif kind == "Quote":
                 self._quote(event, problems)
             elif kind == "Trade":
@@ -893,12 +1010,14 @@ class SnapshotMapper:
                 return False  # reported (where held) by the per-event path
             columns[number] = [float(v) if v.__class__ is int else v for v in column]
         by_symbol, mid, last, broker = self._by_symbol, self._mid, self._last, self._broker
+        price_symbols = self._price_symbol
         append = rows.append
         for symbol, flags, stamp, event_stamp, price, vol, delta, gamma, theta, rho, vega in zip(
             *columns, strict=True
         ):
             contracts = by_symbol.get(symbol)
             if not contracts:
+                self.unknown_events += 1
                 continue
             if flags.__class__ is int and flags & REMOVE_EVENT:
                 self.removed_events += 1  # a removal of the event at `index`, not a tick
@@ -906,9 +1025,11 @@ class SnapshotMapper:
             if stamp.__class__ is not int or stamp <= 0:
                 stamp = event_stamp
             event_time = (_ms_time(stamp) if stamp.__class__ is int else None) or received_at
+            price_symbol = price_symbols[symbol]
+            underlying_price = mid.get(price_symbol)
+            if underlying_price is None:
+                underlying_price = last.get(price_symbol)
             for contract in contracts:
-                underlying = contract.underlying
-                price_of_underlying = mid.get(underlying)
                 append(
                     Snapshot(  # as in _greeks
                         broker,
@@ -919,9 +1040,7 @@ class SnapshotMapper:
                         vega,
                         rho,
                         vol,
-                        price_of_underlying
-                        if price_of_underlying is not None
-                        else last.get(underlying),
+                        underlying_price,
                         None,
                         None,
                         None,
@@ -980,9 +1099,10 @@ class SnapshotMapper:
             stamp = get("eventTime")
         event_time = (_ms_time(stamp) if stamp.__class__ is int else None) or received_at
         payload = event if KEEP_PAYLOAD.get() else None
+        price_symbol = self._price_symbol[event["eventSymbol"]]
+        mid = self._mid.get(price_symbol)
+        underlying_price = mid if mid is not None else self._last.get(price_symbol)
         for contract in contracts:
-            underlying = contract.underlying
-            mid = self._mid.get(underlying)
             rows.append(
                 Snapshot(  # positional, in field order: ~1 µs less than for_contract
                     self._broker,
@@ -993,7 +1113,7 @@ class SnapshotMapper:
                     vega,
                     rho,
                     vol,  # implied_volatility
-                    mid if mid is not None else self._last.get(underlying),
+                    underlying_price,
                     None,  # bid, ask, last: the option's are not in Greeks events
                     None,
                     None,
@@ -1023,22 +1143,48 @@ def _number(event: FeedEvent, name: str, problems: list[str]) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Positions:
-    """Open option positions, plus what was held but cannot be recorded."""
+    """Open option positions, plus what was held but cannot be recorded.
+
+    `feeds`: the DXLink symbols of the futures options among `contracts`.
+    `unsupported`: positions held but not streamed, by reason (a futures option whose
+    instrument or future could not be looked up, or whose symbols disagree)."""
 
     contracts: list[Contract]
-    skipped_future_options: int = 0
     skipped_unparsable: int = 0
+    feeds: Mapping[ContractKey, FeedSymbols] = field(default_factory=dict)
+    unsupported: Mapping[str, int] = field(default_factory=dict)
+
+    def streamer_symbol(self, key: ContractKey) -> str:
+        feed = self.feeds.get(key)
+        return feed.option if feed is not None else streamer_symbol(key)
+
+    @classmethod
+    def from_record(cls, contracts: list[Contract], body: Mapping[str, Any]) -> Positions:
+        """What a recording's positions record held: its contracts and `feeds` (written
+        by `feeds_json`), so replay maps futures options' events as the live link did."""
+        feeds = {
+            ContractKey.parse(key): FeedSymbols(option, future)
+            for key, (option, future) in body.get("feeds", {}).items()
+        }
+        return cls(contracts, feeds=feeds)
+
+
+def feeds_json(feeds: Mapping[ContractKey, FeedSymbols]) -> dict[str, list[str]]:
+    """Feed symbols for a recording's positions record (`Positions.from_record`)."""
+    return {str(key): [feed.option, feed.future] for key, feed in feeds.items()}
 
 
 _BUY_ACTIONS = frozenset({"Buy to Open", "Buy to Close", "Buy"})
 _EQUITY_OPTION = "Equity Option"
+_FUTURE_OPTION_TYPE = "Future Option"
 
 
 def transaction_trade(tx: Mapping[str, Any]) -> Trade:
     """A "Trade" transaction (its JSON, dasherized keys as the API sends them) to a
     `Trade`: the transaction id is the broker trade id, side from the action ("Buy to
-    Open" -> buy), quantity positive, OCC symbol -> key for equity options (None for
-    anything else). Raises ValueError naming the gap."""
+    Open" -> buy), quantity positive, the key from the OCC symbol of an equity option or
+    the symbol of a futures option (None for anything else). Raises ValueError naming
+    the gap."""
     action = tx.get("action")
     if action is None:
         raise ValueError("no action")
@@ -1049,6 +1195,8 @@ def transaction_trade(tx: Mapping[str, Any]) -> Trade:
     key = None
     if tx.get("instrument-type") == _EQUITY_OPTION and symbol:
         key = str(parse_occ(symbol))
+    elif tx.get("instrument-type") == _FUTURE_OPTION_TYPE and symbol:
+        key = str(parse_future_option_symbol(symbol))
     return Trade(
         broker=Broker.TASTYTRADE,
         broker_trade_id=str(tx["id"]),

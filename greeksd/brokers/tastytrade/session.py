@@ -1,4 +1,5 @@
-"""Tastytrade REST through the official SDK: OAuth, accounts, option positions, quote token.
+"""Tastytrade REST through the official SDK: OAuth, accounts, option positions (with the
+instruments API's streamer symbols of futures options), quote token.
 
 The SDK is the right tool for REST (it tracks the API's models and its OAuth refresh);
 its streamer is not, so this module stops at the quote token and hands the DXLink URL
@@ -12,19 +13,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
 import httpx2
 from pydantic import ValidationError
 from tastytrade import Account, Session
+from tastytrade.account import CurrentPosition
+from tastytrade.instruments import Future, FutureOption
 from tastytrade.order import InstrumentType
 from tastytrade.utils import TastytradeError
 
-from greeksd.brokers.tastytrade.protocol import Positions, SymbolError, parse_occ
+from greeksd.brokers.tastytrade.protocol import (
+    FeedSymbols,
+    Positions,
+    SymbolError,
+    Unsupported,
+    future_option_feed,
+    parse_future_option_symbol,
+    parse_occ,
+)
 from greeksd.logs import get_logger
-from greeksd.model import Contract
+from greeksd.model import Contract, ContractKey, future_root
 from greeksd.redact import register_secret
 
 log = get_logger("greeksd.tastytrade.session")
@@ -88,7 +99,9 @@ class TastytradeApi:
         self._account = account
         self._api_url = api_url
         self._session: Session | None = None
-        self._reported: set[str] = set()
+        self._reported: set[tuple[str, str]] = set()
+        self._options: dict[str, FutureOption] = {}  # by position symbol
+        self._futures: dict[str, str] = {}  # future symbol ('/ESZ5') -> its streamer symbol
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[TastytradeApi]:
@@ -123,42 +136,110 @@ class TastytradeApi:
         return await Account.get(self.session)
 
     async def positions(self) -> Positions:
-        """Open option positions of the configured account (or every open account)."""
+        """Open option positions of the configured account (or every open account):
+        equity/index options from their OCC symbols, futures options from their symbols
+        plus the instruments API's streamer symbols (`_future_option_feeds`)."""
         session = self.session
         async with _api_errors("positions"):
             accounts = await self._accounts()
             raw = [p for account in accounts for p in await account.get_positions(session)]
         contracts: list[Contract] = []
-        futures = unparsable = 0
+        held_futures: list[tuple[CurrentPosition, Contract]] = []
+        unparsable = 0
+        unsupported: dict[str, int] = {}
         for position in raw:
-            if position.instrument_type is InstrumentType.FUTURE_OPTION:
-                futures += 1
-                if position.symbol not in self._reported:  # once, not every refresh
-                    self._reported.add(position.symbol)
-                    log.info("future_option_skipped", symbol=position.symbol)
-                continue
-            if position.instrument_type is not InstrumentType.EQUITY_OPTION:
+            kind = position.instrument_type
+            if kind not in _OPTIONS:
                 continue
             sign = -1 if position.quantity_direction == "Short" else 1
             quantity = position.quantity * sign
             if quantity == 0:
                 continue
             try:
-                key = parse_occ(position.symbol)
+                if kind is InstrumentType.FUTURE_OPTION:
+                    key = parse_future_option_symbol(position.symbol)
+                else:
+                    key = parse_occ(position.symbol)
             except SymbolError as exc:
                 unparsable += 1
                 log.warning("position_symbol_unparsable", symbol=position.symbol, reason=str(exc))
                 continue
-            contracts.append(
-                Contract(
-                    key=key,
-                    underlying=position.underlying_symbol,
-                    multiplier=Decimal(position.multiplier),
-                    quantity=quantity,
-                    account_id=position.account_number,
-                )
+            contract = Contract(
+                key=key,
+                underlying=future_root(key.future) if key.future else position.underlying_symbol,
+                multiplier=Decimal(position.multiplier),
+                quantity=quantity,
+                account_id=position.account_number,
             )
-        return Positions(contracts, futures, unparsable)
+            if key.future:
+                held_futures.append((position, contract))
+            else:
+                contracts.append(contract)
+        feeds: dict[ContractKey, FeedSymbols] = {}
+        if held_futures:
+            await self._future_option_feeds(held_futures, contracts, feeds, unsupported)
+        return Positions(contracts, unparsable, feeds, unsupported)
+
+    async def _future_option_feeds(
+        self,
+        held: list[tuple[CurrentPosition, Contract]],
+        contracts: list[Contract],
+        feeds: dict[ContractKey, FeedSymbols],
+        unsupported: dict[str, int],
+    ) -> None:
+        """Each held futures option's streamer symbol (`GET
+        /instruments/future-options/{symbol}`) and its future's (`GET
+        /instruments/futures?symbol[]=`), cached for the life of this object: the
+        symbols of a listed contract never change. One that cannot be looked up or
+        checked is counted by reason, logged once, and tried again on the next refresh."""
+        session = self.session
+        for position, _ in held:
+            symbol = position.symbol
+            if symbol not in self._options:
+                try:
+                    self._options[symbol] = await FutureOption.get(session, symbol)
+                except (TastytradeError, httpx2.HTTPError, ValidationError, KeyError) as exc:
+                    self._report(symbol, "future option instrument lookup failed", exc)
+        wanted = {
+            self._options[p.symbol].underlying_symbol for p, _ in held if p.symbol in self._options
+        } - self._futures.keys()
+        if wanted:
+            try:
+                for future in await Future.get(session, sorted(wanted)):
+                    if future.streamer_symbol:
+                        self._futures[future.symbol] = future.streamer_symbol
+            except (TastytradeError, httpx2.HTTPError, ValidationError, KeyError) as exc:
+                self._report(",".join(sorted(wanted)), "future instrument lookup failed", exc)
+        for position, contract in held:
+            try:
+                feed, exchange = self._feed(position, contract)
+            except Unsupported as exc:
+                reason = str(exc)
+                unsupported[reason] = unsupported.get(reason, 0) + 1
+                self._report(position.symbol, reason)
+                continue
+            contracts.append(replace(contract, exchange=exchange))
+            feeds[contract.key] = feed
+
+    def _feed(self, position: CurrentPosition, contract: Contract) -> tuple[FeedSymbols, str]:
+        """The checked feed symbols and the exchange of one held futures option (raises
+        `Unsupported`)."""
+        option = self._options.get(position.symbol)
+        if option is None:
+            raise Unsupported("future option instrument lookup failed")
+        future_streamer = self._futures.get(option.underlying_symbol)
+        if future_streamer is None:
+            raise Unsupported("future instrument lookup failed")
+        feed, exchange = future_option_feed(contract.key, option.streamer_symbol, future_streamer)
+        return feed, exchange or option.exchange
+
+    def _report(self, symbol: str, reason: str, exc: Exception | None = None) -> None:
+        """Log a position's problem once, not at every refresh."""
+        if (symbol, reason) in self._reported:
+            return
+        self._reported.add((symbol, reason))
+        detail = f"{type(exc).__name__}: {str(exc).strip()[:200]}" if exc is not None else ""
+        log.warning("position_unsupported", symbol=symbol, reason=reason, detail=detail)
 
     async def transactions(self) -> list[dict[str, Any]]:
         """The latest `TRADES_PAGE` trade transactions of each account, newest first, as
@@ -187,6 +268,7 @@ class TastytradeApi:
 
 
 TRADES_PAGE = 250
+_OPTIONS = (InstrumentType.EQUITY_OPTION, InstrumentType.FUTURE_OPTION)
 
 
 @asynccontextmanager

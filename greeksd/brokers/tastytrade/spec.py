@@ -8,7 +8,7 @@ every start.
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,12 +48,14 @@ def _stream(name: str, settings: TastytradeSettings, recorder: Recorder | None) 
 
 def _replayer() -> Replayer:
     from greeksd.brokers.tastytrade import connection as dxlink
+    from greeksd.brokers.tastytrade.protocol import Positions
     from greeksd.recording import contract_from_json
     from greeksd.replay import ConnectionReplayer
 
-    return ConnectionReplayer(
-        dxlink.replaying(), lambda body: [contract_from_json(c) for c in body["positions"]]
-    )
+    def positions(body: Mapping[str, Any]) -> Positions:
+        return Positions.from_record([contract_from_json(c) for c in body["positions"]], body)
+
+    return ConnectionReplayer(dxlink.replaying(), positions)
 
 
 async def _probe(settings: TastytradeSettings, duration_s: float, out_dir: Path) -> int:
@@ -70,12 +72,20 @@ def _sim_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tick-interval", type=float, default=0.2, help="seconds between market-data updates"
     )
+    parser.add_argument(
+        "--futures-options", type=int, default=0, help="futures options added to the book"
+    )
 
 
 async def _serve_sim(args: argparse.Namespace) -> None:
     from greeksd.sim.tastytrade_api import run_tastytrade_sim
 
-    await run_tastytrade_sim(args.port, ws_port=args.ws_port, tick_interval=args.tick_interval)
+    await run_tastytrade_sim(
+        args.port,
+        ws_port=args.ws_port,
+        tick_interval=args.tick_interval,
+        futures_options=args.futures_options,
+    )
 
 
 @asynccontextmanager
