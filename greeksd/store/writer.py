@@ -138,13 +138,14 @@ class Writer:
                 # database answers; otherwise the next retry is a point in time.
                 retry = self._next_attempt if self.spool_pending and not self._probing else math.inf
                 with trio.move_on_at(min(self._batch_due, retry)) as self._idle:
-                    try:
-                        self._add(await receive.receive())
-                    except trio.EndOfChannel:
-                        break
-                    self._fill()
-                    if len(self._batch) < self.flush_rows:
-                        continue
+                    if len(self._batch) < self.flush_rows:  # (`_take_waiting` may fill it)
+                        try:
+                            self._add(await receive.receive())
+                        except trio.EndOfChannel:
+                            break
+                        self._fill()
+                        if len(self._batch) < self.flush_rows:
+                            continue
                 if self._batch:
                     await self._flush()
                 elif self.spool_pending and not self._held_off():
@@ -171,10 +172,27 @@ class Writer:
     async def _flush(self) -> None:
         batch, self._batch, self._batch_due = self._batch, [], math.inf
         self._in_flight = batch
+        started = trio.current_time()
         try:
             await self.write_batch(batch)
         finally:
             self._in_flight = ()
+        self._take_waiting(started)
+
+    def _take_waiting(self, since: float) -> None:
+        """Start the next batch with the rows that came while one was being written:
+        its deadline counts from `since` (when that write began), the earliest any of
+        them can have arrived, not from now. Counted from when the writer got back to
+        them, a row that came just after a write began waited for the whole write and
+        then `flush_ms` more (+10-15 ms of end-to-end p99 at 5,000 ticks/s)."""
+        if self._batch or self._receive is None:
+            return
+        try:
+            self._batch.append(self._receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        self._batch_due = since + self.flush_s
+        self._fill()
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
         """Commit one batch, or spool it while the database is unreachable, hung or not
