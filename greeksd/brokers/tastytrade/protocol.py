@@ -6,8 +6,9 @@ No sockets and no clocks (times are passed in), so the same code serves the clie
 stream, the probe and tests with recorded frames (the simulator speaks the server side
 with its own code, greeksd.sim.dxlink_wire). `parse` never raises: anything it
 cannot make sense of becomes a `Malformed` message carrying the reason. FEED_DATA is the
-hot path, so market events stay plain dicts (one `dict(zip(...))` per event, no
-per-event model objects) until `SnapshotMapper` turns Greeks into `Snapshot` rows.
+hot path: `SnapshotMapper.feed_rows` turns COMPACT Greeks straight into `Snapshot` rows,
+a column of values at a time, with no per-event object; everything else becomes plain
+dicts (`decode_feed_data`, one `dict(zip(...))` per event) that `SnapshotMapper.map` reads.
 """
 
 from __future__ import annotations
