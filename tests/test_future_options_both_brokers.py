@@ -10,20 +10,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
-import trio
 
-from greeksd.backoff import Backoff
-from greeksd.brokers.ibkr.stream import IbkrStream
-from greeksd.brokers.tastytrade.session import TastytradeApi
-from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.model import StreamStatus, future_root
-from greeksd.pipeline import open_pipeline
 from greeksd.sim.ibkr_gateway import open_ibkr_sim
 from greeksd.sim.market import default_contracts, futures_option_contracts
 from greeksd.sim.tastytrade_api import open_tastytrade_sim
 from greeksd.store.queries import Filter
 from greeksd.store.risk import risk_timeline
-from tests.helpers import fetch_rows, wait_until
+from tests.helpers import fetch_rows
+from tests.streaming import ibkr_stream, stream_until, tastytrade_stream
 
 
 async def test_both_brokers_store_each_futures_option_under_one_key_in_its_units(
@@ -37,31 +32,27 @@ async def test_both_brokers_store_each_futures_option_under_one_key_in_its_units
         open_ibkr_sim(book, tick_interval=0.01) as ib_sim,
         open_tastytrade_sim(contracts=book, tick_interval=0.01) as tt_sim,
     ):
-        ibkr = IbkrStream(
-            ib_sim.url, rest_min_interval=0.0, backoff=Backoff(initial=0.05, maximum=0.5)
-        )
-        api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
-        tasty = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
-        async with (
-            open_pipeline(db_url, flush_rows=50, flush_ms=50) as pipeline,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(ibkr.run, pipeline.sink, StreamStatus("ibkr"))
-            nursery.start_soon(tasty.run, pipeline.sink, StreamStatus("tastytrade"))
 
-            def both_brokers_hold_every_futures_option() -> bool:
-                rows = fetch_rows(
-                    db_url,
-                    "SELECT contract_key FROM greek_snapshots WHERE delta IS NOT NULL"
-                    " AND underlying_price IS NOT NULL GROUP BY 1"
-                    " HAVING count(DISTINCT broker) = 2",
-                )
-                return {str(c.key) for c in fops} <= {key for (key,) in rows}
-
-            await wait_until(
-                both_brokers_hold_every_futures_option, timeout=30, what="FOP rows from both"
+        def both_brokers_hold_every_futures_option() -> bool:
+            rows = fetch_rows(
+                db_url,
+                "SELECT contract_key FROM greek_snapshots WHERE delta IS NOT NULL"
+                " AND underlying_price IS NOT NULL GROUP BY 1"
+                " HAVING count(DISTINCT broker) = 2",
             )
-            nursery.cancel_scope.cancel()
+            return {str(c.key) for c in fops} <= {key for (key,) in rows}
+
+        await stream_until(
+            db_url,
+            [
+                (ibkr_stream(ib_sim), StreamStatus("ibkr")),
+                (tastytrade_stream(tt_sim), StreamStatus("tastytrade")),
+            ],
+            both_brokers_hold_every_futures_option,
+            what="FOP rows from both",
+            timeout=30,
+            flush_ms=50,
+        )
     ended = datetime.now(UTC) + timedelta(seconds=1)
 
     rows = fetch_rows(

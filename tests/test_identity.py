@@ -14,20 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
-from greeksd.backoff import Backoff
 from greeksd.brokers.ibkr import protocol as ib
-from greeksd.brokers.ibkr.stream import IbkrStream
 from greeksd.brokers.tastytrade import protocol as dx
-from greeksd.brokers.tastytrade.session import TastytradeApi
-from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.model import Contract, ContractKey, OptionRight, StreamStatus
-from greeksd.pipeline import open_pipeline
 from greeksd.sim.ibkr_gateway import open_ibkr_sim
 from greeksd.sim.market import default_contracts
 from greeksd.sim.tastytrade_api import open_tastytrade_sim
-from tests.helpers import fetch_rows, wait_until
+from tests.helpers import fetch_rows
+from tests.streaming import ibkr_stream, stream_until, tastytrade_stream
 
 
 def ibkr_position(desc: str, **fields: Any) -> dict[str, Any]:
@@ -441,27 +436,21 @@ async def test_both_simulators_one_book_one_key_per_option(db_url: str) -> None:
         open_ibkr_sim(book, tick_interval=0.01) as ib_sim,
         open_tastytrade_sim(contracts=book, tick_interval=0.01) as tt_sim,
     ):
-        ibkr = IbkrStream(
-            ib_sim.url, rest_min_interval=0.0, backoff=Backoff(initial=0.05, maximum=0.5)
+
+        def both_cover_the_book() -> bool:
+            rows = fetch_rows(
+                db_url,
+                "SELECT contract_key, count(DISTINCT broker) FROM greek_snapshots GROUP BY 1",
+            )
+            return len(rows) >= len(book) and all(n == 2 for _, n in rows)
+
+        await stream_until(
+            db_url,
+            [(ibkr_stream(ib_sim), ibkr_status), (tastytrade_stream(tt_sim), tt_status)],
+            both_cover_the_book,
+            what="both brokers on every key",
+            timeout=20,
         )
-        api = TastytradeApi(tt_sim.secret, tt_sim.refresh_token, api_url=tt_sim.api_url)
-        tasty = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
-        async with (
-            open_pipeline(db_url, flush_rows=50, flush_ms=100) as pipeline,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(ibkr.run, pipeline.sink, ibkr_status)
-            nursery.start_soon(tasty.run, pipeline.sink, tt_status)
-
-            def both_cover_the_book() -> bool:
-                rows = fetch_rows(
-                    db_url,
-                    "SELECT contract_key, count(DISTINCT broker) FROM greek_snapshots GROUP BY 1",
-                )
-                return len(rows) >= len(book) and all(n == 2 for _, n in rows)
-
-            await wait_until(both_cover_the_book, timeout=20, what="both brokers on every key")
-            nursery.cancel_scope.cancel()
     rows = fetch_rows(
         db_url,
         "SELECT contract_key, count(DISTINCT broker), array_agg(DISTINCT strike::text),"

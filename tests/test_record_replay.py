@@ -71,6 +71,13 @@ async def test_committed_fixture_replays_once_then_only_duplicates(
     assert stored == first.rows_written > 0
     assert first.snapshots == first.rows_written + first.duplicates
     assert first.malformed >= 6 and first.late >= 2 and first.links >= 4
+    futures = fetch_rows(
+        db_url,
+        "SELECT contract_key, count(DISTINCT broker), min(multiplier), max(multiplier)"
+        " FROM greek_snapshots WHERE contract_key LIKE '/%%' GROUP BY 1",
+    )
+    assert len(futures) == 3  # the fixture's ES, CL and ZN options, one key each
+    assert all(brokers == 2 and lo == hi for _, brokers, lo, hi in futures), futures
 
     second = await replay_fixture(db_url, FIXTURE)
     assert count_rows(db_url) == stored

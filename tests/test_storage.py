@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import trio
@@ -21,6 +22,7 @@ from greeksd.store.compaction import (
 from greeksd.store.ddl_lock import COMPACT_LOCK
 from greeksd.store.partitions import PARENT, create_partition, ensure_partitions, partition_name
 from greeksd.store.writer import Writer
+from tests.api_harness import serve_api
 from tests.factories import BASE_TIME, make_snapshot
 from tests.helpers import fetch_rows, wait_until
 
@@ -261,3 +263,23 @@ async def test_writes_go_on_while_a_rebuild_waits_and_runs(db_url: str) -> None:
             open_txn.commit()
     assert fetch_rows(db_url, "SELECT count(*) FROM greek_snapshots") == [(6000,)]
     assert fetch_rows(db_url, "SELECT partition FROM greek_snapshots_compactions") == [(PARTITION,)]
+
+
+async def test_the_running_service_compacts_a_closed_day_and_reports_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The wiring, end to end: `greeksd run`'s keeper compacts a closed day on its first
+    round, and /v1/streaming/status and /metrics say so."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ensure_partitions(conn, DAY, 1)
+    await _write_interleaved(db_url)
+    index_before = _index_bytes(db_url, PARTITION)
+    async with serve_api(db_url, tmp_path) as service:
+        stats = service.state.compaction
+        await wait_until(lambda: stats.compacted >= 1, timeout=60, what="keeper compaction")
+        async with httpx.AsyncClient(base_url=service.api_url) as client:
+            status = (await client.get("/v1/streaming/status")).json()
+            metrics = (await client.get("/metrics")).text
+    assert status["partitions"]["compacted"] == stats.compacted
+    assert f"greeksd_partitions_compacted_total {stats.compacted}" in metrics
+    assert _index_bytes(db_url, PARTITION) < index_before * 0.8

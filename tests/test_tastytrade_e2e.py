@@ -5,16 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import trio
-
-from greeksd.backoff import Backoff
-from greeksd.brokers.tastytrade.session import TastytradeApi
-from greeksd.brokers.tastytrade.stream import TastytradeStream
 from greeksd.model import StreamStatus
-from greeksd.pipeline import open_pipeline
 from greeksd.sim.market import default_contracts
 from greeksd.sim.tastytrade_api import open_tastytrade_sim
-from tests.helpers import fetch_rows, wait_until
+from tests.helpers import fetch_rows
+from tests.streaming import stream_until, tastytrade_stream
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -23,15 +18,13 @@ async def test_simulated_greeks_land_in_greek_snapshots(db_url: str) -> None:
     book = default_contracts(datetime.now(UTC).date(), 4)
     status = StreamStatus("tastytrade")
     async with open_tastytrade_sim(contracts=book, tick_interval=0.02, nan_rho_rate=0.3) as sim:
-        api = TastytradeApi(sim.secret, sim.refresh_token, api_url=sim.api_url)
-        stream = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
-        async with (
-            open_pipeline(db_url, flush_rows=20, flush_ms=100) as pipeline,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(stream.run, pipeline.sink, status)
-            await wait_until(lambda: status.ticks >= 80, what="80 ticks")
-            nursery.cancel_scope.cancel()
+        await stream_until(
+            db_url,
+            [(tastytrade_stream(sim), status)],
+            lambda: status.ticks >= 80,
+            what="80 ticks",
+            flush_rows=20,
+        )
     rows = fetch_rows(
         db_url,
         "SELECT broker, account_id, contract_key, underlying, quantity, multiplier, mark,"
@@ -72,15 +65,13 @@ async def test_futures_options_land_under_their_keys_with_their_futures_prices(
         contracts=default_contracts(today, 2), futures_options=3, tick_interval=0.02
     ) as sim:
         futures = [c for c in sim.market.contracts if c.key.future]
-        api = TastytradeApi(sim.secret, sim.refresh_token, api_url=sim.api_url)
-        stream = TastytradeStream(api, backoff=Backoff(initial=0.05, maximum=0.5))
-        async with (
-            open_pipeline(db_url, flush_rows=20, flush_ms=100) as pipeline,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(stream.run, pipeline.sink, status)
-            await wait_until(lambda: status.ticks >= 100, what="100 ticks")
-            nursery.cancel_scope.cancel()
+        await stream_until(
+            db_url,
+            [(tastytrade_stream(sim), status)],
+            lambda: status.ticks >= 100,
+            what="100 ticks",
+            flush_rows=20,
+        )
     rows = fetch_rows(
         db_url,
         "SELECT contract_key, underlying, quantity, multiplier, delta, underlying_price,"
