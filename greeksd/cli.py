@@ -14,6 +14,8 @@ from pathlib import Path
 
 import trio
 
+from greeksd import heap
+from greeksd.bench import SECTIONS
 from greeksd.brokers import registry
 from greeksd.config import Settings, load_settings, parse_database_url
 from greeksd.logs import configure_logging, get_logger
@@ -70,7 +72,9 @@ def _database_url_option(value: str | None) -> str | None:
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     settings = _only(settings, args.brokers)
     check_api_exposure(settings)
-    return trio.run(partial(run_until_signal, settings, build_sources(settings)))
+    sources = build_sources(settings)
+    heap.settle()
+    return trio.run(partial(run_until_signal, settings, sources))
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -125,6 +129,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--speed must be 0 (as fast as possible) or a positive factor")
     with database_url(settings) as url:
         migrate(url)
+        heap.settle()
         try:
             stats = trio.run(
                 partial(
@@ -230,7 +235,8 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.bench import run_benchmarks
 
     url = _database_url_option(args.database_url) or settings.database_url
-    return run_benchmarks(url, Path(args.out), quick=args.quick, scale=args.scale)
+    only = args.only or SECTIONS
+    return run_benchmarks(url, Path(args.out), quick=args.quick, scale=args.scale, only=only)
 
 
 def _add_duration(parser: argparse.ArgumentParser) -> None:
@@ -387,6 +393,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--scale",
         action="store_true",
         help="only the scale-out case: three `greeksd run` instances into one new database",
+    )
+    bench.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all)",
     )
     bench.set_defaults(handler=_cmd_bench)
     return parser

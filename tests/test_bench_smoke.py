@@ -4,9 +4,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from greeksd.bench import baselines, dxlink_decode, e2e, pipeline, ratios, scale, storage
+from greeksd.bench import (
+    QUICK,
+    baselines,
+    dxlink_decode,
+    e2e,
+    pipeline,
+    ratios,
+    run_all,
+    scale,
+    storage,
+)
 
 
 def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> None:
@@ -35,9 +46,17 @@ def test_storage_measures_bytes_per_row_as_json(db_url: str, tmp_path: Path) -> 
     assert live["indexes_b"] > lean["indexes_b"]
 
 
+def test_only_runs_the_named_sections(db_url: str, tmp_path: Path) -> None:
+    """`greeksd bench --only decode`: that section's table, and no other (no fixtures
+    written, nothing stored)."""
+    results = run_all(db_url, tmp_path, replace(QUICK, decode_events=200), frozenset({"decode"}))
+    assert set(results) == {"sizes", "dxlink_decode"}
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dxlink_decoders_agree_on_event_count() -> None:
     rows = dxlink_decode.run(200, repeats=1)
-    assert [r["events"] for r in rows] == [200, 200, 200]
+    assert [r["events"] for r in rows] == [200, 200, 200, 200]
     assert rows[0]["speedup_vs_sdk"] == 1.0
 
 

@@ -21,7 +21,7 @@ from greeksd.store.columns import (
     snapshot_row,
     snapshot_to_dict,
 )
-from greeksd.store.snapshot_table import copy_rows
+from greeksd.store.snapshot_table import COPY_CHUNK_ROWS, CopyRows, copy_rows
 from tests.factories import make_snapshot
 
 # what format_type() calls the binary COPY types the table lists
@@ -145,7 +145,7 @@ def test_encode_row_stores_what_psycopg_stores_from_snapshot_row(db_url: str) ->
             copy_rows(
                 cur,
                 f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
-                [encode_row(s, "desk-1") for s in snapshots * 2],
+                CopyRows(snapshots * 2, "desk-1").chunks(),
             )
             with cur.copy(
                 f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -156,3 +156,22 @@ def test_encode_row_stores_what_psycopg_stores_from_snapshot_row(db_url: str) ->
         expected = _stored(conn, "by_psycopg")
         assert len(expected) == 10
         assert _stored(conn, "by_greeksd") == expected
+
+
+def test_copy_rows_encodes_each_chunk_once_and_sends_the_same_bytes_again() -> None:
+    """The writer's COPY data: every row in order across chunk boundaries, and a second
+    pass (the staging write after a duplicate, a retry), even after a first pass cut
+    short by a failure, sends the very chunks encoded the first time."""
+    base = make_snapshot()
+    snapshots = [
+        replace(base, event_time=base.event_time + timedelta(milliseconds=i))
+        for i in range(COPY_CHUNK_ROWS * 2 + 7)
+    ]
+    rows = CopyRows(snapshots, "desk-1")
+    first = next(rows.chunks())  # a COPY that failed after its first chunk
+    chunks = list(rows.chunks())
+    assert len(rows) == len(snapshots)
+    assert [len(c) for c in chunks] == [len(first)] * 2 + [len(chunks[-1])]
+    assert b"".join(chunks) == b"".join(encode_row(s, "desk-1") for s in snapshots)
+    assert chunks[0] is first
+    assert all(a is b for a, b in zip(chunks, rows.chunks(), strict=True))

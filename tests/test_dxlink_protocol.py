@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greeksd.brokers.tastytrade import protocol as dx
-from greeksd.model import Broker, Contract, ContractKey, OptionRight
+from greeksd.model import Broker, Contract, ContractKey, OptionRight, keeping_payload
 
 RECEIVED = datetime(2025, 6, 10, 16, 0, tzinfo=UTC)
 SPEC_FIELDS = {
@@ -446,3 +446,100 @@ def test_remove_event_is_counted_not_stored(flags: object, stored: bool) -> None
     assert len(rows) == (1 if stored else 0)
     assert mapper.removed_events == (0 if stored else 1)
     assert dx.is_removal(event) is not stored
+
+
+_HELD = (".A250620C1", ".A250620P1", ".B250620C2")
+_FIELD_VALUES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**70), 2**70),
+    st.none(),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "x", *_HELD, "A", "B"]),
+    st.booleans(),
+    st.just([1]),
+)
+_GREEKS_LAYOUTS = st.permutations(dx.GREEKS_FIELDS).flatmap(
+    lambda fields: st.lists(st.sampled_from(fields), min_size=1, unique=True).map(tuple)
+)
+
+
+@st.composite
+def compact_feed_data(draw: st.DrawFn) -> tuple[list[object], dict[str, tuple[str, ...]]]:
+    """COMPACT data over random layouts: mostly well-typed Greeks of held and other
+    symbols, with any field of any event possibly of another type; Quote and Trade
+    groups between them; sometimes a group of the wrong length."""
+    layouts = {"Greeks": draw(_GREEKS_LAYOUTS), "Quote": dx.QUOTE_FIELDS, "Trade": dx.TRADE_FIELDS}
+    good = {
+        "eventSymbol": st.sampled_from([*_HELD, ".C250620C3"]),
+        "eventType": st.just("Greeks"),
+        "eventFlags": st.sampled_from([0, dx.REMOVE_EVENT, dx.SNAPSHOT_END, None]),
+        "index": st.integers(0, 2**63 - 1),
+        "time": st.integers(0, 2 * 10**12),
+        "eventTime": st.integers(0, 2 * 10**12),
+    }
+    number = st.floats(-5, 5) | st.integers(-3, 3) | st.just("NaN")
+    data: list[object] = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["Greeks", "Greeks", "Quote", "Trade"]))
+        names = layouts[kind]
+        values: list[object] = []
+        for _ in range(draw(st.integers(0, 4))):
+            for name in names:
+                if draw(st.integers(0, 9)) == 0:
+                    values.append(draw(_FIELD_VALUES))
+                elif name == "eventSymbol" and kind != "Greeks":
+                    values.append(draw(st.sampled_from(["A", "B"])))
+                else:
+                    values.append(draw(good.get(name, number)))
+        if draw(st.integers(0, 19)) == 0:
+            values.append(0.5)  # misaligned: rejected whole
+        data += [kind, values]
+    return data, layouts
+
+
+@settings(max_examples=400, deadline=None)
+@given(compact_feed_data())
+def test_feed_rows_gives_the_rows_and_problems_of_the_per_event_dicts(
+    case: tuple[list[object], dict[str, tuple[str, ...]]],
+) -> None:
+    """The tick path's column decoder (`SnapshotMapper.feed_rows`) against the per-event
+    dicts it replaces (`decode_feed_data`, then `map`): the same rows, the same problems
+    in the same order, the same removals, unknown symbols and underlying prices, whatever
+    the layout and whatever wrong values the frame holds."""
+    data, layouts = case
+    held = [contract(str(dx.parse_streamer_symbol(s)), underlying=s[1]) for s in _HELD]
+    by_columns, by_dicts = dx.SnapshotMapper(), dx.SnapshotMapper()
+    for mapper in (by_columns, by_dicts):
+        mapper.set_contracts(held)
+    with keeping_payload(False):
+        rows, problems = by_columns.feed_rows(data, layouts, RECEIVED)
+        events, expected_problems = dx.decode_feed_data(data, layouts)
+        expected_rows, mapping = by_dicts.map(events, RECEIVED)
+    assert [repr(r) for r in rows] == [repr(r) for r in expected_rows]  # 1.0, not 1
+    assert problems == expected_problems + mapping
+    assert by_columns.removed_events == by_dicts.removed_events
+    assert by_columns.unknown_events == by_dicts.unknown_events
+    assert [by_columns.underlying_price(u) for u in "AB"] == [
+        by_dicts.underlying_price(u) for u in "AB"
+    ]
+
+
+def test_feed_rows_reads_a_greeks_group_by_its_layout_without_per_event_dicts() -> None:
+    """The common frame takes the column path: rows for held symbols only, NaN as None,
+    an int Greek as a float, a removal counted; and with payloads kept, each row still
+    carries its event."""
+    mapper = dx.SnapshotMapper()
+    mapper.set_contracts([contract("A 2025-06-20 C 1", underlying="A")])
+    layout = ("eventSymbol", "eventFlags", "time", "delta", "vega", "price")
+    removal = dx.REMOVE_EVENT
+    data = ["Greeks", [".A250620C1", 0, 1718035200123, 0.5, "NaN", 1,
+                       ".X250620C1", 0, 1718035200124, 0.4, 0.1, 2.0,
+                       ".A250620C1", removal, 1718035200125, "NaN", "NaN", "NaN"]]  # fmt: skip
+    with keeping_payload(False):
+        (row,), problems = mapper.feed_rows(data, {"Greeks": layout}, RECEIVED)
+    assert problems == [] and mapper.removed_events == 1
+    assert (row.delta, row.vega, row.mark, row.rho) == (0.5, None, 1.0, None)
+    assert type(row.mark) is float and row.source_payload is None
+    assert row.event_time == datetime(2024, 6, 10, 16, 0, 0, 123000, tzinfo=UTC)
+    with keeping_payload(True):
+        (row,), _ = mapper.feed_rows(data, {"Greeks": layout}, RECEIVED)
+    assert row.source_payload is not None and row.source_payload["price"] == 1

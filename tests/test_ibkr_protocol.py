@@ -51,6 +51,15 @@ def test_value_formats(raw: Any, expected: float | None) -> None:
 def test_iv_percent_is_stored_as_a_fraction() -> None:
     assert p.parse_fraction("28.4%") == 0.284
     assert p.parse_fraction("N/A") is None
+    # what the '%' fast path leaves to parse_value: the same result as a plain number
+    assert p.parse_fraction(" 28.4%") == p.parse_fraction("C28.4%") == 0.284
+    assert p.parse_fraction("1,234%") == 12.34
+    assert p.parse_fraction("inf%") is p.parse_fraction("nan%") is p.parse_fraction("%") is None
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_iv_percent_is_the_correctly_rounded_fraction(percent: float) -> None:
+    assert p.parse_fraction(f"{percent!r}%") == float(Decimal(repr(percent)) / 100)
 
 
 def test_commands_are_text_in_topic_args_format() -> None:
@@ -176,6 +185,21 @@ def test_only_greek_or_price_changes_emit() -> None:
     assert book.apply(_md(999, {"7308": "0.5"}), RECEIVED) is None  # not an option we hold
 
 
+def test_a_change_is_against_the_merged_fields_whenever_they_were_merged() -> None:
+    """Clearing what was never set changes nothing; values merged before the option was
+    tracked count as known once it is; after untrack the next update is new again."""
+    book, option = _book()
+    assert book.apply(_md(option.conid, {"7309": "", "31": "N/A"}), RECEIVED) is None
+    book.untrack(option.conid)
+    assert book.apply(_md(option.conid, {"7308": "-0.41"}), RECEIVED) is None  # not held
+    book.track(option)
+    assert book.apply(_md(option.conid, {"7308": "-0.41", "6509": "RpB"}), RECEIVED) is None
+    assert book.apply(_md(option.conid, {"7308": ""}), RECEIVED) is not None  # cleared
+    book.untrack(option.conid)
+    book.track(option)
+    assert book.apply(_md(option.conid, {"7308": "-0.41"}), RECEIVED) is not None
+
+
 def test_underlying_price_is_joined_by_und_conid_and_missing_time_uses_received() -> None:
     book, option = _book()
     assert book.apply(_md(265598, {"31": "C193.10"}), RECEIVED) is None
@@ -196,6 +220,20 @@ def test_server_frames_parse_back() -> None:
     sts = w.sts({"authenticated": False, "competing": True, "message": "", "fail": ""})
     assert p.parse_frame(sts) == p.AuthStatus(False, True, "", "")
     assert p.parse_frame(w.WAITING_FOR_SESSION) == p.WaitingForSession()
+
+
+def test_market_data_keeps_the_field_ids_and_only_them() -> None:
+    """Every key that starts with a digit is a field (even one IBKR has not documented),
+    nothing else is: not the frame's own keys, not one nobody expected."""
+    frame = orjson.dumps(
+        {"topic": "smd+42", "conid": 42, "conidEx": "42", "server_id": "q1", "_updated": 7,
+         "31": "1.5", "7308": 0.5, "6509": "RpB", "extra": "x", "_y": 1, "\u00b2": "z"}
+    ).decode()  # fmt: skip
+    assert p.parse_frame(frame) == p.MarketData(
+        42, {"31": "1.5", "7308": "0.5", "6509": "RpB", "\u00b2": "z"}, 7
+    )
+    plain = '{"topic":"smd+42@SMART","31":"1.5","7308":"0.5"}'  # conid from the topic
+    assert p.parse_frame(plain) == p.MarketData(42, {"31": "1.5", "7308": "0.5"}, None)
 
 
 def test_a_partial_sts_leaves_absent_flags_unknown_and_odd_types_malformed() -> None:

@@ -47,6 +47,26 @@ async def test_flushes_partial_batch_after_flush_ms(
         assert count_rows(db_url) == 3
 
 
+async def test_rows_that_came_during_a_write_wait_flush_ms_from_its_start(db_url: str) -> None:
+    """A row that arrives while a batch is being written has waited since that write
+    began at the latest: when the write takes longer than flush_ms (here the table is
+    locked for 1.2 s), that row's batch goes out right after it, not flush_ms later."""
+    blocker = psycopg.connect(db_url)
+    async with open_pipeline(db_url, flush_rows=1000, flush_ms=1000) as pipeline:
+        writer = pipeline.writer
+        blocker.execute("LOCK TABLE greek_snapshots IN ACCESS EXCLUSIVE MODE")
+        pipeline.sink.put(make_snapshot(0))
+        await wait_until(lambda: bool(writer._in_flight), what="the first write to start")
+        pipeline.sink.put(make_snapshot(1))  # while the first batch waits for the lock
+        await trio.sleep(1.2)  # the write now takes longer than flush_ms
+        blocker.rollback()
+        released = trio.current_time()
+        await writer.wait_settled(2)
+        assert trio.current_time() - released < 0.6, "waited another flush_ms"
+        assert writer.stats.batches == 2
+    blocker.close()
+
+
 async def test_every_column_round_trips_exactly(db_url: str) -> None:
     eastern = timezone(timedelta(hours=-5))
     event_time = datetime(2026, 11, 25, 10, 30, 0, 123000, tzinfo=eastern)

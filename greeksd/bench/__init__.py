@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,20 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+SECTIONS = ("pipeline", "baselines", "storage", "decode", "e2e", "writer", "api")
+"""What `--only` may name; every one by default."""
+
+
 def run_benchmarks(
-    database_url: str | None, out: Path, *, quick: bool = False, scale: bool = False
+    database_url: str | None,
+    out: Path,
+    *,
+    quick: bool = False,
+    scale: bool = False,
+    only: Sequence[str] = SECTIONS,
 ) -> int:
     sizes = QUICK if quick else FULL
-    suite = run_scale if scale else run_all
+    suite = run_scale if scale else partial(run_all, only=frozenset(only))
     configure_logging("ERROR")  # the tables are the output; errors still show
     logging.getLogger("hypercorn.error").setLevel(logging.ERROR)  # the simulators' servers
     with tempfile.TemporaryDirectory(prefix="greeksd-bench-") as tmp:
@@ -67,7 +78,11 @@ def run_benchmarks(
     return 0
 
 
-def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
+def run_all(
+    url: str, tmp: Path, sizes: Sizes, only: frozenset[str] = frozenset(SECTIONS)
+) -> dict[str, Any]:
+    """The sections named in `only` (a profile or an A/B comparison of one section need
+    not wait for the others), in the order of the README's tables."""
     from greeksd.bench import (
         api_reads,
         baselines,
@@ -80,42 +95,53 @@ def run_all(url: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
 
     migrate(url)
     results: dict[str, Any] = {"sizes": sizes.__dict__}
-    fixtures = pipeline.write_fixtures(tmp, sizes.per_broker)
+    needs_fixtures = only & {"pipeline", "baselines", "storage"}
+    fixtures = pipeline.write_fixtures(tmp, sizes.per_broker) if needs_fixtures else {}
 
-    print("== 1. pipeline: fixture frames => decode => normalize => writer => COPY")
-    results["pipeline"] = pipeline.run(url, fixtures)
-    print_table(results["pipeline"])
+    if "pipeline" in only:
+        print("== 1. pipeline: fixture frames => decode => normalize => writer => COPY")
+        results["pipeline"] = pipeline.run(url, fixtures)
+        print_table(results["pipeline"])
 
-    print("\n== 2. baselines on the mixed fixture's rows (same rows, same database)")
-    results["baselines"] = baselines.run(url, fixtures["mixed"], sizes.insert_rows)
-    print_table(results["baselines"])
-    results["ratios"] = ratios(results["pipeline"], results["baselines"])
-    print_table([results["ratios"]])
+    if "baselines" in only:
+        print("\n== 2. baselines on the mixed fixture's rows (same rows, same database)")
+        results["baselines"] = baselines.run(url, fixtures["mixed"], sizes.insert_rows)
+        print_table(results["baselines"])
+        if "pipeline" in results:
+            results["ratios"] = ratios(results["pipeline"], results["baselines"])
+            print_table([results["ratios"]])
 
-    print("\n== 2b. storage: bytes on disk per row (heap + TOAST + indexes), mixed fixture")
-    results["storage"] = storage.run(url, fixtures["mixed"])
-    print_table(results["storage"])
+    if "storage" in only:
+        print("\n== 2b. storage: bytes on disk per row (heap + TOAST + indexes), mixed fixture")
+        results["storage"] = storage.run(url, fixtures["mixed"])
+        print_table(results["storage"])
 
-    print("\n== 2c. DXLink FEED_DATA decoding, same frames (10 Greeks events each)")
-    results["dxlink_decode"] = dxlink_decode.run(sizes.decode_events)
-    print_table(results["dxlink_decode"])
+    if "decode" in only:
+        print("\n== 2c. DXLink FEED_DATA decoding, same frames (10 Greeks events each)")
+        results["dxlink_decode"] = dxlink_decode.run(sizes.decode_events)
+        print_table(results["dxlink_decode"])
 
-    print("\n== 3/4. end to end: sim socket => streams (other process) => commit")
-    print("   latency = persisted_at - send time; IBKR ms resolution; rate split over brokers")
-    results["e2e"] = e2e.run(
-        url, list(sizes.e2e_rates), sizes.e2e_duration_s, list(sizes.e2e_flush_compare)
-    )
-    print_table(results["e2e"])
+    if "e2e" in only:
+        print("\n== 3/4. end to end: sim socket => streams (other process) => commit")
+        print("   latency = persisted_at - send time; IBKR ms resolution; rate split over brokers")
+        results["e2e"] = e2e.run(
+            url, list(sizes.e2e_rates), sizes.e2e_duration_s, list(sizes.e2e_flush_compare)
+        )
+        print_table(results["e2e"])
 
-    print("\n== writer: psycopg driven from trio (rows/s)")
-    results["writer_paths"] = writer_paths.run(url, sizes.writer_rows)
-    print_table(results["writer_paths"])
+    if "writer" in only:
+        print("\n== writer: psycopg driven from trio (rows/s)")
+        results["writer_paths"] = writer_paths.run(url, sizes.writer_rows)
+        print_table(results["writer_paths"])
 
-    print(f"\n== 5. API reads vs the writer: {api_reads.RATE} rows/s in; no readers, then")
-    print(f"   {api_reads.CONCURRENCY} polite, then {api_reads.CONCURRENCY} hammering connections")
-    print("   writer latency = persisted_at - received_at; target p99 within 2x of quiet")
-    results["api_reads"] = api_reads.run(url, sizes.api_reads_s)
-    print_table(results["api_reads"])
+    if "api" in only:
+        print(f"\n== 5. API reads vs the writer: {api_reads.RATE} rows/s in; no readers, then")
+        print(
+            f"   {api_reads.CONCURRENCY} polite, then {api_reads.CONCURRENCY} hammering connections"
+        )
+        print("   writer latency = persisted_at - received_at; target p99 within 2x of quiet")
+        results["api_reads"] = api_reads.run(url, sizes.api_reads_s)
+        print_table(results["api_reads"])
     return results
 
 

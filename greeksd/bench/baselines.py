@@ -20,7 +20,7 @@ from greeksd.model import Snapshot
 from greeksd.recording import read_fixture
 from greeksd.replay import Replayers, ReplayStats
 from greeksd.store.columns import COPY_COLUMNS, encode_row, snapshot_row
-from greeksd.store.snapshot_table import COPY_DIRECT, copy_rows
+from greeksd.store.snapshot_table import COPY_CHUNK_ROWS, COPY_DIRECT, copy_rows
 
 INSERT = (
     f"INSERT INTO greek_snapshots ({', '.join(COPY_COLUMNS)}) "
@@ -51,7 +51,8 @@ def bare_copy(url: str, snapshots: list[Snapshot]) -> float:
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         with conn.cursor() as cur:
-            copy_rows(cur, COPY_DIRECT, rows)
+            chunks = range(0, len(rows), COPY_CHUNK_ROWS)  # joined as the writer's are
+            copy_rows(cur, COPY_DIRECT, (b"".join(rows[i : i + COPY_CHUNK_ROWS]) for i in chunks))
         conn.commit()
         return time.perf_counter() - started
 

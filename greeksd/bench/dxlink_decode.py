@@ -1,11 +1,14 @@
 """Benchmark: DXLink FEED_DATA decoding, ours vs the tastytrade SDK, on the same frames.
 
 The SDK (13.2.3, `DXLinkStreamer`) does `json.loads` on each frame, then for COMPACT data
-`MAP_EVENTS[type].from_stream(data[1])`: pydantic `Greeks` objects. Ours: `parse` (orjson)
-+ `decode_feed_data`, and separately the whole tick path, `DxlinkConnection.receive`
-(frame to `Snapshot` rows, as the stream and replay run it). The frames use the SDK's
+`MAP_EVENTS[type].from_stream(data[1])`: pydantic `Greeks` objects, one per event. Ours:
+`parse` (orjson) + `SnapshotMapper.feed_rows`, the tick path's decoder, straight to one
+`Snapshot` row per event (every symbol held, with payloads off as by default); `parse`
++ `decode_feed_data`, the per-event dicts that FULL data and kept payloads still use;
+and the whole tick path, `DxlinkConnection.receive` (the Connection's bookkeeping and
+coverage around `feed_rows`, as the stream and replay run it). The frames use the SDK's
 own field layout (what it asks for in FEED_SETUP, announced to our Connection by a
-FEED_CONFIG), so both decode the same bytes; 10 Greeks events per frame.
+FEED_CONFIG), so all decode the same bytes; 10 Greeks events per frame.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tastytrade.dxfeed import Greeks
 from greeksd.bench.fixture import book, dxlink_frames
 from greeksd.brokers.tastytrade import protocol as dx
 from greeksd.brokers.tastytrade.connection import DxlinkConnection
-from greeksd.model import Contract
+from greeksd.model import Contract, keeping_payload
 
 SDK_FIELDS = tuple(f.alias or k for k, f in Greeks.model_fields.items())
 
@@ -48,6 +51,21 @@ def our_decode(frames: list[str]) -> int:
     return count
 
 
+def our_feed_rows(frames: list[str], contracts: list[Contract]) -> int:
+    layouts = {"Greeks": SDK_FIELDS}
+    received_at = datetime.now(UTC)
+    mapper = dx.SnapshotMapper()
+    mapper.set_contracts(contracts)
+    count = 0
+    with keeping_payload(False):
+        for frame in frames:
+            message = dx.parse(frame)
+            if message.__class__ is dx.FeedData:
+                rows, _ = mapper.feed_rows(message.data, layouts, received_at)  # type: ignore[union-attr]
+                count += len(rows)
+    return count
+
+
 def our_rows(frames: list[str], contracts: list[Contract]) -> int:
     """The stream's tick path: each frame through a Connection holding `contracts`."""
     received_at = datetime.now(UTC)
@@ -56,8 +74,9 @@ def our_rows(frames: list[str], contracts: list[Contract]) -> int:
     sdk_layout = dx.FeedConfig(1, "COMPACT", 0.1, {"Greeks": SDK_FIELDS})
     conn.receive(dx.build(sdk_layout), 0.0, received_at)
     count = 0
-    for frame in frames:
-        count += len(conn.receive(frame, 0.0, received_at))
+    with keeping_payload(False):
+        for frame in frames:
+            count += len(conn.receive(frame, 0.0, received_at))
     return count
 
 
@@ -80,7 +99,8 @@ def run(events: int, repeats: int = 3) -> list[dict[str, Any]]:
     held = [Contract(c.key, c.underlying, c.multiplier, c.quantity, "B") for c in contracts]
     cases: list[tuple[str, Callable[[], int]]] = [
         ("tastytrade SDK: json.loads + Greeks.from_stream", lambda: sdk_decode(frames_sdk)),
-        ("greeksd: parse + decode_feed_data", lambda: our_decode(frames_sdk)),
+        ("greeksd: parse + feed_rows (to rows)", lambda: our_feed_rows(frames_sdk, held)),
+        ("greeksd: parse + decode_feed_data (dicts)", lambda: our_decode(frames_sdk)),
         ("greeksd: DxlinkConnection.receive (to rows)", lambda: our_rows(frames_sdk, held)),
     ]
     results = []

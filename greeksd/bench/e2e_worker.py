@@ -10,16 +10,19 @@ its peak RSS and writer stats.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import trio
 
+from greeksd import config, heap
 from greeksd.brokers import registry
 from greeksd.logs import configure_logging
-from greeksd.model import StreamStatus
+from greeksd.model import StreamStatus, keeping_payload
 from greeksd.pipeline import open_pipeline
 from greeksd.settings_table import read_table
 
@@ -47,6 +50,7 @@ async def serve(config: dict[str, Any]) -> dict[str, Any]:
     specs = [registry.SPECS[name] for name in config["brokers"]]
     statuses = {spec.name: StreamStatus(spec.name) for spec in specs}
     async with (
+        _as_greeksd_run(),
         open_pipeline(
             config["db_url"], flush_rows=config["flush_rows"], flush_ms=config["flush_ms"]
         ) as pipeline,
@@ -67,6 +71,16 @@ async def serve(config: dict[str, Any]) -> dict[str, Any]:
         "ticks": {name: s.ticks for name, s in statuses.items()},
         "rejected_frames": {name: s.rejected_frames for name, s in statuses.items()},
     }
+
+
+@contextlib.asynccontextmanager
+async def _as_greeksd_run() -> AsyncIterator[None]:
+    """What `greeksd run` does around its streams: rows carry no raw payload unless
+    GREEKSD_STORE_PAYLOAD says so (greeksd.service), and the heap is settled after
+    startup (greeksd.heap)."""
+    heap.settle()
+    with keeping_payload(config.STORE_PAYLOAD):
+        yield
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import trio
 
+from greeksd import heap
 from greeksd.bench.fixture import write_fixture
 from greeksd.brokers import registry
 from greeksd.replay import replay_fixture
@@ -42,6 +43,7 @@ def write_fixtures(directory: Path, per_broker: int) -> dict[str, Path]:
 
 
 def run(url: str, fixtures: dict[str, Path]) -> list[dict[str, Any]]:
+    heap.settle()  # as `greeksd replay` does before replaying
     results = []
     for name, path in fixtures.items():
         truncate(url)

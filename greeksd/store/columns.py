@@ -35,7 +35,7 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -192,12 +192,14 @@ def _row_body(raw: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, s
             lines.append(f"    {c.name} = s.{c.name}")
             lines.append(f"    {c.name} = {c.codec.copy.format(v=c.name)}")
     prints = [
-        c.codec.fingerprint.format(v=c.name)
+        (c.name, c.codec.fingerprint.format(v=c.name))
         for c in COLUMNS
         if c.fingerprinted and c.codec.fingerprint is not None
     ]
     assert len(prints) == len(FINGERPRINTED), "a fingerprinted column needs a codec for it"
-    packed = ", ".join(f"_NAN if ({p}) is None else {p}" for p in prints)
+    # A fingerprint codec is None exactly when its value is: test the value, so a
+    # conversion (a Decimal's float) runs once
+    packed = ", ".join(f"_NAN if {name} is None else {p}" for name, p in prints)
     values = {
         c.name: c.name if c.attribute or c.parameter else f"_fingerprint_of(_pack_fp({packed}))"
         for c in _WRITTEN
@@ -268,10 +270,7 @@ def _remember(memo: dict[Any, Any], dump: Callable[[Any], Any], v: Any, key: Any
     return field
 
 
-def _timestamptz(v: datetime) -> bytes:
-    """psycopg's DatetimeBinaryDumper, as a field: microseconds since 2000-01-01 UTC."""
-    d = v - _PG_EPOCH
-    return _F_I8(8, d.microseconds + 1_000_000 * (86_400 * d.days + d.seconds))
+_US = timedelta(microseconds=1)
 
 
 _I4 = struct.Struct(">i").pack
@@ -280,7 +279,8 @@ _F_I8 = struct.Struct(">iq").pack
 _BINARY: dict[str, str] = {  # each other type as a field: an expression over `{v}`
     "float8": "(_NULL if {v} is None else _F_F8(8, {v}))",
     "int8": "_F_I8(8, {v})",
-    "timestamptz": "_timestamptz({v})",
+    # psycopg's DatetimeBinaryDumper: microseconds since 2000-01-01 UTC (exact)
+    "timestamptz": "_F_I8(8, ({v} - _PG_EPOCH) // _US)",
     # psycopg's JsonbBinaryDumper: format version 1, then the JSON
     "jsonb": "(_NULL if {v} is None else _field(b'\\x01' + _dumps({v})))",
 }
@@ -288,7 +288,8 @@ _BINARY_NAMES: dict[str, Any] = {
     "_NULL": _NULL,
     "_F_F8": _F_F8,
     "_F_I8": _F_I8,
-    "_timestamptz": _timestamptz,
+    "_PG_EPOCH": _PG_EPOCH,
+    "_US": _US,
     "_field": _field,
     "_remember": _remember,
 }

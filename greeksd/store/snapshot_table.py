@@ -17,14 +17,15 @@ reads share. Every call is bounded (greeksd/store/deadline.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import psycopg
 import trio
 
-from greeksd.store.columns import COPY_COLUMNS, COPY_SIGNATURE, COPY_TRAILER
+from greeksd.model import Snapshot
+from greeksd.store.columns import COPY_COLUMNS, COPY_SIGNATURE, COPY_TRAILER, encode_row
 from greeksd.store.deadline import CLIENT_GRACE_S, Link, Watch, call_bounded, with_timeouts
 
 _COLUMN_LIST = ", ".join(COPY_COLUMNS)
@@ -42,16 +43,49 @@ INSERT_FROM_STAGING = (
 # A bare `SELECT 1` would call a locked table healthy and send the writer back into the
 # same wait.
 PROBE_WRITE_LOCK = "LOCK TABLE greek_snapshots IN ROW EXCLUSIVE MODE"
-COPY_CHUNK_ROWS = 1000  # rows per buffer handed to psycopg (~0.5 MB with payloads)
+COPY_CHUNK_ROWS = 1000  # rows encoded and handed to psycopg at a time (~120 kB lean)
 
 
-def copy_rows(cur: psycopg.Cursor[Any], statement: str, rows: Sequence[bytes]) -> None:
-    """Binary COPY of `encode_row` rows through `statement` (COPY_DIRECT/STAGING): the
-    rows are already in COPY's format, so psycopg only frames and sends them."""
+class CopyRows:
+    """A batch as binary COPY data (`encode_row`), encoded chunk by chunk as the COPY
+    sends it, in the worker thread that runs the COPY.
+
+    Encoding the whole batch on the trio thread before handing it over left PostgreSQL
+    idle for that time (~4 µs a row, 20 ms for 5,000 rows) between one COPY and the next,
+    and kept the trio thread from decoding meanwhile. Here the server already ingests the
+    first chunk while the next one is encoded, and the trio thread shares the GIL with
+    the encoding instead of waiting for it. Encoded chunks are kept: the staging pass
+    after a duplicate, and a retry after a failure, send the same bytes. Only one thread
+    uses it at a time (the table's `CapacityLimiter(1)`); the snapshots must not change
+    while it exists."""
+
+    __slots__ = ("_chunks", "_instance", "_snapshots")
+
+    def __init__(self, snapshots: Sequence[Snapshot], instance: str | None = None) -> None:
+        self._snapshots = snapshots
+        self._instance = instance
+        self._chunks: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The rows' binary COPY tuples, `COPY_CHUNK_ROWS` at a time."""
+        snapshots, instance, done = self._snapshots, self._instance, self._chunks
+        for number, start in enumerate(range(0, len(snapshots), COPY_CHUNK_ROWS)):
+            if number == len(done):
+                part = snapshots[start : start + COPY_CHUNK_ROWS]
+                done.append(b"".join([encode_row(s, instance) for s in part]))
+            yield done[number]
+
+
+def copy_rows(cur: psycopg.Cursor[Any], statement: str, chunks: Iterable[bytes]) -> None:
+    """Binary COPY of `encode_row` rows (joined into chunks, e.g. `CopyRows.chunks()`)
+    through `statement` (COPY_DIRECT/STAGING): psycopg only frames and sends them."""
     with cur.copy(statement) as copy:
         copy.write(COPY_SIGNATURE)
-        for start in range(0, len(rows), COPY_CHUNK_ROWS):
-            copy.write(b"".join(rows[start : start + COPY_CHUNK_ROWS]))
+        for chunk in chunks:
+            copy.write(chunk)
         copy.write(COPY_TRAILER)
 
 
@@ -75,7 +109,7 @@ class SnapshotTable:
         self._limiter = trio.CapacityLimiter(1)
         self._link: Link | None = None
 
-    async def write(self, rows: list[bytes]) -> int:
+    async def write(self, rows: CopyRows) -> int:
         """One bounded attempt; returns the rows inserted (the rest were duplicates).
         The worker thread owns the connection while it runs; after a timeout it keeps
         it, fails on the severed socket and closes it, and the next attempt connects
@@ -104,7 +138,7 @@ class SnapshotTable:
         finally:
             link.close()
 
-    def _write_sync(self, link: Link | None, rows: list[bytes], watch: Watch) -> tuple[Link, int]:
+    def _write_sync(self, link: Link | None, rows: CopyRows, watch: Watch) -> tuple[Link, int]:
         """COPY straight into the table; if a row is already stored, write the batch
         again through staging + ON CONFLICT DO NOTHING. Returns the connection (for the
         next batch) and the rows inserted; on any failure closes the connection."""
@@ -124,13 +158,13 @@ class SnapshotTable:
                 conn.commit()
             try:
                 with conn.cursor() as cur:
-                    copy_rows(cur, COPY_DIRECT, rows)
+                    copy_rows(cur, COPY_DIRECT, rows.chunks())
                 conn.commit()
                 return link, len(rows)
             except psycopg.errors.UniqueViolation:
                 conn.rollback()
             with conn.cursor() as cur:
-                copy_rows(cur, COPY_STAGING, rows)
+                copy_rows(cur, COPY_STAGING, rows.chunks())
                 cur.execute(INSERT_FROM_STAGING)
                 inserted = cur.rowcount
             conn.commit()

@@ -28,9 +28,8 @@ from greeksd import config
 from greeksd.backoff import Backoff
 from greeksd.logs import get_logger
 from greeksd.model import Snapshot, StreamState
-from greeksd.store.columns import encode_row
 from greeksd.store.deadline import UNREACHABLE
-from greeksd.store.snapshot_table import SnapshotTable
+from greeksd.store.snapshot_table import CopyRows, SnapshotTable
 from greeksd.store.spool import Spool, SpoolUnavailable
 from greeksd.store.spool_policy import (
     BOTH_UNAVAILABLE,
@@ -139,13 +138,14 @@ class Writer:
                 # database answers; otherwise the next retry is a point in time.
                 retry = self._next_attempt if self.spool_pending and not self._probing else math.inf
                 with trio.move_on_at(min(self._batch_due, retry)) as self._idle:
-                    try:
-                        self._add(await receive.receive())
-                    except trio.EndOfChannel:
-                        break
-                    self._fill()
-                    if len(self._batch) < self.flush_rows:
-                        continue
+                    if len(self._batch) < self.flush_rows:  # (`_take_waiting` may fill it)
+                        try:
+                            self._add(await receive.receive())
+                        except trio.EndOfChannel:
+                            break
+                        self._fill()
+                        if len(self._batch) < self.flush_rows:
+                            continue
                 if self._batch:
                     await self._flush()
                 elif self.spool_pending and not self._held_off():
@@ -172,10 +172,27 @@ class Writer:
     async def _flush(self) -> None:
         batch, self._batch, self._batch_due = self._batch, [], math.inf
         self._in_flight = batch
+        started = trio.current_time()
         try:
             await self.write_batch(batch)
         finally:
             self._in_flight = ()
+        self._take_waiting(started)
+
+    def _take_waiting(self, since: float) -> None:
+        """Start the next batch with the rows that came while one was being written:
+        its deadline counts from `since` (when that write began), the earliest any of
+        them can have arrived, not from now. Counted from when the writer got back to
+        them, a row that came just after a write began waited for the whole write and
+        then `flush_ms` more (+10-15 ms of end-to-end p99 at 5,000 ticks/s)."""
+        if self._batch or self._receive is None:
+            return
+        try:
+            self._batch.append(self._receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        self._batch_due = since + self.flush_s
+        self._fill()
 
     async def write_batch(self, batch: Sequence[Snapshot]) -> None:
         """Commit one batch, or spool it while the database is unreachable, hung or not
@@ -188,8 +205,7 @@ class Writer:
         if not self.store_payload:
             for s in batch:
                 s.source_payload = None
-        instance = self.instance
-        rows = [encode_row(s, instance) for s in batch]
+        rows = CopyRows(batch, self.instance)  # encoded in the COPY's thread
         while True:
             held_off = self._held_off()
             if self._spool is not None and (held_off or self.spool_pending):
@@ -256,7 +272,7 @@ class Writer:
             batch, end = item
             started = time.perf_counter()
             try:
-                inserted = await self._table.write([encode_row(s, self.instance) for s in batch])
+                inserted = await self._table.write(CopyRows(batch, self.instance))
             except UNREACHABLE as exc:
                 self._on_failure(exc, len(batch))
                 return False

@@ -170,6 +170,8 @@ def _tri_state(args: Mapping[str, Any], key: str) -> bool | None:
 
 
 _STR_ONLY = frozenset({str})
+_SMD_META = ("topic", "conid", "conidEx", "server_id", "_updated")
+"""The keys of a market-data frame that are not field ids."""
 
 
 def _as_text(value: Any) -> str:
@@ -205,10 +207,16 @@ def _classify(obj: dict[str, Any]) -> Event:
         conid = _int_or_none(obj.get("conid")) or _int_or_none(topic[4:].split("@")[0])
         if conid is None:
             raise ValueError(f"no conid in {topic!r}")
-        values = {k: v for k, v in obj.items() if k[:1].isdigit()}
-        if not _STR_ONLY.issuperset(map(type, values.values())):
-            values = {k: _as_text(v) for k, v in values.items()}
-        return MarketData(conid, values, _int_or_none(obj.get("_updated")))
+        updated = _int_or_none(obj.get("_updated"))
+        for key in _SMD_META:  # what is left are field ids ('31', '7308'), as a rule
+            obj.pop(key, None)
+        # Keys in order: when the first and the last start with an ASCII digit, all do
+        # (two C calls instead of a comprehension over every key)
+        if obj and not (min(obj)[:1] >= "0" and max(obj)[:1] <= "9"):
+            obj = {k: v for k, v in obj.items() if k[:1].isdigit()}
+        if not _STR_ONLY.issuperset(map(type, obj.values())):
+            obj = {k: _as_text(v) for k, v in obj.items()}
+        return MarketData(conid, obj, updated)
     args = obj.get("args")
     if topic == "system":
         if "hb" in obj:
@@ -277,7 +285,16 @@ def parse_value(raw: Any) -> float | None:
 
 def parse_fraction(raw: Any) -> float | None:
     """Field 7633 is a percent ('28.4%'); greeksd stores IV as a fraction like Tastytrade."""
-    value = parse_value(raw)
+    value: float | None
+    if raw.__class__ is str and raw[-1:] == "%":  # the common case, without an exception
+        try:
+            number = float(raw[:-1])
+        except ValueError:
+            value = parse_value(raw)
+        else:
+            value = number if number - number == 0.0 else None
+    else:
+        value = parse_value(raw)
     if value is None:
         return None
     text = repr(value)
@@ -288,7 +305,7 @@ def parse_fraction(raw: Any) -> float | None:
 
 
 def epoch_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return datetime.fromtimestamp(ms / 1000, UTC)  # positional: ~150 ns less than tz=
 
 
 LIVE, DELAYED, FROZEN = "live", "delayed", "frozen"
@@ -645,6 +662,9 @@ class MarketDataBook:
 
     def __init__(self) -> None:
         self._fields: dict[int, dict[str, str]] = {}
+        # Each conid's merged trigger fields (`_TRIGGERS`, None where absent) after its
+        # last update: an update changed the Greeks or prices when they differ now.
+        self._triggers: dict[int, list[str | None]] = {}
         self._options: dict[int, OptionPosition] = {}
 
     def track(self, position: OptionPosition) -> None:
@@ -653,6 +673,7 @@ class MarketDataBook:
     def untrack(self, conid: int) -> None:
         self._options.pop(conid, None)
         self._fields.pop(conid, None)
+        self._triggers.pop(conid, None)
 
     def fields(self, conid: int) -> dict[str, str]:
         return self._fields.get(conid, {})
@@ -670,32 +691,33 @@ class MarketDataBook:
         }
 
     def apply(self, event: MarketData, received_at: datetime) -> Snapshot | None:
-        fields = event.fields
-        merged = self._fields.get(event.conid)
+        fields, conid = event.fields, event.conid
+        merged = self._fields.get(conid)
         if merged is None:
-            merged = self._fields[event.conid] = {}
+            merged = self._fields[conid] = {}
         if CLEARED.isdisjoint(map(str.strip, fields.values())):  # nothing cleared: C loops
-            news = fields.items() - merged.items()
-            changed = bool(news) and not SNAPSHOT_TRIGGERS.isdisjoint(dict(news))
             merged.update(fields)
         else:
-            changed = False
             for key, value in fields.items():
-                old = merged.get(key)
                 if value.strip() in CLEARED:
                     merged.pop(key, None)
                 else:
                     merged[key] = value
-                changed = changed or (key in SNAPSHOT_TRIGGERS and old != merged.get(key))
-        position = self._options.get(event.conid)
-        if position is None or not changed:
+        get = merged.get
+        # Changed: a trigger field differs from what the conid's last update left (one
+        # C-level pass, where comparing the update with the merged fields cost ~3 µs).
+        triggers = list(map(get, _TRIGGERS))
+        if triggers == self._triggers.get(conid, _NO_TRIGGERS):
+            return None
+        self._triggers[conid] = triggers
+        position = self._options.get(conid)
+        if position is None:
             return None
         und = self._fields.get(position.und_conid, _NO_FIELDS) if position.und_conid else _NO_FIELDS
-        get = merged.get
         try:  # plain numbers (the common case): parse_value's own first step, in C
             values = [
                 v if v - v == 0.0 else None  # absent ('nan') or not finite: None
-                for v in map(float, [get(k, "nan") for k in _FLOAT_FIELDS])
+                for v in map(float, map(get, _FLOAT_FIELDS, _ABSENT))
             ]
         except ValueError:  # prior close 'C…', '1.2M', '1,234': parse_value knows them
             values = [parse_value(get(k)) for k in _FLOAT_FIELDS]
@@ -723,3 +745,7 @@ class MarketDataBook:
 
 _NO_FIELDS: dict[str, str] = {}
 _FLOAT_FIELDS = (DELTA, GAMMA, THETA, VEGA, BID, ASK, LAST, MARK)
+_ABSENT = ("nan",) * len(_FLOAT_FIELDS)
+_TRIGGERS = (*_FLOAT_FIELDS, IV)
+assert frozenset(_TRIGGERS) == SNAPSHOT_TRIGGERS
+_NO_TRIGGERS: list[str | None] = [None] * len(_TRIGGERS)

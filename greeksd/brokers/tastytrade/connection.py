@@ -432,18 +432,17 @@ class DxlinkConnection:
         if message.channel != feed.number:
             return [self._reject("unknown_channel", f"FEED_DATA on channel {message.channel}")]
         self.feed_frames += 1
-        events, problems = dx.decode_feed_data(message.data, feed.layouts)
         mapper = self.mapper
-        rows, mapping_problems = mapper.map(events, at)
+        rows, problems = mapper.feed_rows(message.data, feed.layouts, at)
         counters = self.counters
         counters.removed_events = mapper.removed_events
         counters.unknown_symbol_events = mapper.unknown_events
         update = self.coverage.update
         for row in rows:  # option rows come from Greeks events only: delta, mark (price)
             update(row.contract_key, at, row.delta is not None, row.mark is not None)
-        if problems or mapping_problems:
+        if problems:
             out: list[Event] = [*rows]
-            for reason in (*problems, *mapping_problems):
+            for reason in problems:
                 out.append(self._reject("bad_event", reason))
             return out
         return cast(list[Event], rows)

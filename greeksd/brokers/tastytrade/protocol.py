@@ -6,18 +6,20 @@ No sockets and no clocks (times are passed in), so the same code serves the clie
 stream, the probe and tests with recorded frames (the simulator speaks the server side
 with its own code, greeksd.sim.dxlink_wire). `parse` never raises: anything it
 cannot make sense of becomes a `Malformed` message carrying the reason. FEED_DATA is the
-hot path, so market events stay plain dicts (one `dict(zip(...))` per event, no
-per-event model objects) until `SnapshotMapper` turns Greeks into `Snapshot` rows.
+hot path: `SnapshotMapper.feed_rows` turns COMPACT Greeks straight into `Snapshot` rows,
+a column of values at a time, with no per-event object; everything else becomes plain
+dicts (`decode_feed_data`, one `dict(zip(...))` per event) that `SnapshotMapper.map` reads.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -503,6 +505,7 @@ def decode_feed_data(
     A COMPACT group `"Greeks", [v1 .. vN, v1 .. vN, ...]` holds any number of events of
     one type back to back, each `len(layout)` values long; a group whose length is not a
     multiple is rejected whole, since its alignment (hence every value) is unknowable.
+    (The tick path builds rows without these per-event dicts: `SnapshotMapper.feed_rows`.)
     """
     events: list[FeedEvent] = []
     problems: list[str] = []
@@ -516,6 +519,16 @@ def decode_feed_data(
                 continue
             _append_event(events, problems, _clean_full(item))
         return events, problems
+    for event_type, values, names in _compact_groups(data, layouts, problems):
+        _decode_group(event_type, values, names, events, problems)
+    return events, problems
+
+
+def _compact_groups(
+    data: list[Any], layouts: Mapping[str, Sequence[str]], problems: list[str]
+) -> Iterator[tuple[str, list[Any], Sequence[str]]]:
+    """COMPACT data's groups that can be decoded, as (event type, values, layout); why
+    each other one cannot is appended to `problems`."""
     if len(data) % 2:
         problems.append("COMPACT data must alternate event type and value list")
     for i in range(0, len(data) - 1, 2):
@@ -527,31 +540,41 @@ def decode_feed_data(
         if not names:
             problems.append(f"no field layout for event type {event_type!r:.40}")
             continue
-        width = len(names)
-        if len(values) % width:
+        if len(values) % len(names):
             problems.append(
-                f"{event_type}: {len(values)} values is not a multiple of {width} fields"
+                f"{event_type}: {len(values)} values is not a multiple of {len(names)} fields"
             )
             continue
-        try:  # hashing each value once beats three scans of == against strings
-            dirty = not NON_FINITE.isdisjoint(values)
-        except TypeError:  # an unhashable value (a list, an object) in a bad frame
-            dirty = "NaN" in values or "Infinity" in values or "-Infinity" in values
-        indexed = "index" in names
-        append = events.append
-        # The `_append_event` checks, inlined: this loop runs once per market event.
-        for start in range(0, len(values), width):
-            event = dict(zip(names, values[start : start + width], strict=False))
-            if dirty:
-                event = _clean_full(event)
-            event["eventType"] = event_type
-            if event.get("eventSymbol").__class__ is not str:
-                problems.append(f"{event_type} event without a string eventSymbol")
-                continue
-            if indexed and event["index"].__class__ is not int:
-                _check_index(event, problems)
-            append(event)
-    return events, problems
+        yield event_type, values, names
+
+
+def _decode_group(
+    event_type: str,
+    values: list[Any],
+    names: Sequence[str],
+    events: list[FeedEvent],
+    problems: list[str],
+) -> None:
+    """One COMPACT group's events as dicts, appended to `events`."""
+    width = len(names)
+    try:  # hashing each value once beats three scans of == against strings
+        dirty = not NON_FINITE.isdisjoint(values)
+    except TypeError:  # an unhashable value (a list, an object) in a bad frame
+        dirty = "NaN" in values or "Infinity" in values or "-Infinity" in values
+    indexed = "index" in names
+    append = events.append
+    # The `_append_event` checks, inlined: this loop runs once per market event.
+    for start in range(0, len(values), width):
+        event = dict(zip(names, values[start : start + width], strict=False))
+        if dirty:
+            event = _clean_full(event)
+        event["eventType"] = event_type
+        if event.get("eventSymbol").__class__ is not str:
+            problems.append(f"{event_type} event without a string eventSymbol")
+            continue
+        if indexed and event["index"].__class__ is not int:
+            _check_index(event, problems)
+        append(event)
 
 
 def _append_event(events: list[FeedEvent], problems: list[str], event: FeedEvent) -> None:
@@ -808,6 +831,39 @@ def _ms_time(stamp: int) -> datetime | None:
     return None
 
 
+#: What a Greeks row is made of, by field name: the symbol, the index (checked only),
+#: then the columns `SnapshotMapper._greeks_columns` zips, in its order.
+_GREEKS_COLUMNS = (
+    "eventSymbol",
+    "index",
+    "eventFlags",
+    "time",
+    "eventTime",
+    "price",
+    "volatility",
+    "delta",
+    "gamma",
+    "theta",
+    "rho",
+    "vega",
+)
+_GREEKS_PLANS: dict[tuple[str, ...], tuple[int | None, ...]] = {}
+_STR = frozenset({str})
+_INT_OR_NONE = frozenset({int, type(None)})
+_FLOAT_OR_NONE = frozenset({float, type(None)})
+_NUMBER_OR_NONE = frozenset({float, int, type(None)})
+
+
+def _greeks_plan(names: Sequence[str]) -> tuple[int | None, ...]:
+    """Where each of `_GREEKS_COLUMNS` sits in a Greeks layout (None: not in it), made
+    once per layout a channel announces."""
+    if len(_GREEKS_PLANS) >= 64:  # layouts come from servers: keep the memo bounded
+        _GREEKS_PLANS.clear()
+    plan = tuple(names.index(c) if c in names else None for c in _GREEKS_COLUMNS)
+    _GREEKS_PLANS[tuple(names)] = plan
+    return plan
+
+
 class SnapshotMapper:
     """Turns decoded events into Snapshot rows for the positions we hold.
 
@@ -889,6 +945,113 @@ class SnapshotMapper:
                 if price is not None and price > 0:
                     self._last[event["eventSymbol"]] = price
         return rows, problems
+
+    def feed_rows(
+        self, data: list[Any], layouts: Mapping[str, Sequence[str]], received_at: datetime
+    ) -> tuple[list[Snapshot], list[str]]:
+        """FEED_DATA `data` straight to rows, and every problem (`decode_feed_data`'s,
+        then `map`'s): the same rows and problems as `map(decode_feed_data(...))`, which
+        builds a dict per event.
+
+        Here a COMPACT Greeks group is read column by column: each field the rows need
+        is a strided slice of the group's flat value list (`values[position::width]`,
+        its position in the channel's layout), type-checked a column at a time, then
+        zipped into rows. A group that needs anything more (a value of the wrong type,
+        to be reported in its place; a raw event kept as `source_payload`), FULL data
+        and the other event types take the per-event dicts."""
+        if not data or data[0].__class__ is dict or KEEP_PAYLOAD.get():
+            decoded, problems = decode_feed_data(data, layouts)
+            rows, mapping = self.map(decoded, received_at)
+            return rows, problems + mapping
+        rows = []
+        problems = []
+        mapping = []
+        for event_type, values, names in _compact_groups(data, layouts, problems):
+            if event_type == "Greeks" and self._greeks_columns(values, names, received_at, rows):
+                continue
+            events: list[FeedEvent] = []
+            _decode_group(event_type, values, names, events, problems)
+            more_rows, more_problems = self.map(events, received_at)
+            rows += more_rows
+            mapping += more_problems
+        return rows, problems + mapping
+
+    def _greeks_columns(
+        self, values: list[Any], names: Sequence[str], received_at: datetime, rows: list[Snapshot]
+    ) -> bool:
+        """A COMPACT Greeks group's rows appended to `rows`; False (nothing done) when
+        the group needs the per-event path (see `feed_rows`)."""
+        plan = _GREEKS_PLANS.get(names) if isinstance(names, tuple) else None
+        if plan is None:
+            plan = _greeks_plan(names)
+        width = len(names)
+        count = len(values) // width
+        symbol_at, index_at, *value_at = plan
+        if symbol_at is None:
+            return False
+        symbols = values[symbol_at::width]
+        # 'NaN' is no symbol (`_clean_full` makes it None: reported by the event path)
+        if not _STR.issuperset(map(type, symbols)) or not NON_FINITE.isdisjoint(symbols):
+            return False
+        if index_at is not None and not _INT_OR_NONE.issuperset(map(type, values[index_at::width])):
+            return False
+        # eventFlags, time, eventTime: anything but an int reads as absent, as a 'NaN'
+        # made None does; then price .. vega, numbers with 'NaN' & co. as None.
+        columns: list[Iterable[Any]] = [symbols]
+        for position in value_at:
+            columns.append(repeat(None, count) if position is None else values[position::width])
+        for number in range(4, len(columns)):
+            column = columns[number]
+            if column.__class__ is not list or _FLOAT_OR_NONE.issuperset(map(type, column)):
+                continue
+            column = [None if v.__class__ is str and v in NON_FINITE else v for v in column]
+            if not _NUMBER_OR_NONE.issuperset(map(type, column)) or not all(
+                -(2**64) < v < 2**64 for v in column if v.__class__ is int
+            ):
+                return False  # reported (where held) by the per-event path
+            columns[number] = [float(v) if v.__class__ is int else v for v in column]
+        by_symbol, mid, last, broker = self._by_symbol, self._mid, self._last, self._broker
+        price_symbols = self._price_symbol
+        append = rows.append
+        for symbol, flags, stamp, event_stamp, price, vol, delta, gamma, theta, rho, vega in zip(
+            *columns, strict=True
+        ):
+            contracts = by_symbol.get(symbol)
+            if not contracts:
+                self.unknown_events += 1
+                continue
+            if flags.__class__ is int and flags & REMOVE_EVENT:
+                self.removed_events += 1  # a removal of the event at `index`, not a tick
+                continue
+            if stamp.__class__ is not int or stamp <= 0:
+                stamp = event_stamp
+            event_time = (_ms_time(stamp) if stamp.__class__ is int else None) or received_at
+            price_symbol = price_symbols[symbol]
+            underlying_price = mid.get(price_symbol)
+            if underlying_price is None:
+                underlying_price = last.get(price_symbol)
+            for contract in contracts:
+                append(
+                    Snapshot(  # as in _greeks
+                        broker,
+                        *contract.row_identity,
+                        delta,
+                        gamma,
+                        theta,
+                        vega,
+                        rho,
+                        vol,
+                        underlying_price,
+                        None,
+                        None,
+                        None,
+                        price,
+                        event_time,
+                        received_at,
+                        None,
+                    )
+                )
+        return True
 
     def _quote(self, event: FeedEvent, problems: list[str]) -> None:
         bid = _number(event, "bidPrice", problems)
