@@ -2,8 +2,11 @@
 
 The SDK (13.2.3, `DXLinkStreamer`) does `json.loads` on each frame, then for COMPACT data
 `MAP_EVENTS[type].from_stream(data[1])`: pydantic `Greeks` objects, one per event. Ours:
-`parse` (orjson) + `SnapshotMapper.feed_rows`, the tick path's decoder, straight to one
-`Snapshot` row per event (every symbol held, with payloads off as by default); `parse`
+`parse` (orjson) + `greeks_columns`, the tick path's decode: each field of a COMPACT
+Greeks group as one typed, checked column (what the SDK's objects hold, without an object
+per event); `parse` + `SnapshotMapper.feed_rows`, that decode joined with the held
+contracts into one `Snapshot` row per event (every symbol held, with payloads off as by
+default; the normalization the SDK does not do); `parse`
 + `decode_feed_data`, the per-event dicts that FULL data and kept payloads still use;
 and the whole tick path, `DxlinkConnection.receive` (the Connection's bookkeeping and
 coverage around `feed_rows`, as the stream and replay run it). The frames use the SDK's
@@ -48,6 +51,22 @@ def our_decode(frames: list[str]) -> int:
         if message.__class__ is dx.FeedData:
             events, _ = dx.decode_feed_data(message.data, layouts)  # type: ignore[union-attr]
             count += len(events)
+    return count
+
+
+def our_columns(frames: list[str]) -> int:
+    """The tick path's decode alone: COMPACT groups to typed, checked columns
+    (`greeks_columns`), the stage `feed_rows` then joins with the held contracts."""
+    layouts = {"Greeks": SDK_FIELDS}
+    count = 0
+    problems: list[str] = []
+    for frame in frames:
+        message = dx.parse(frame)
+        if message.__class__ is dx.FeedData:
+            for _, values, names in dx.compact_groups(message.data, layouts, problems):  # type: ignore[union-attr]
+                columns = dx.greeks_columns(values, names)
+                assert columns is not None, "the bench's frames take the column path"
+                count += len(columns[0])  # type: ignore[arg-type]
     return count
 
 
@@ -99,6 +118,7 @@ def run(events: int, repeats: int = 3) -> list[dict[str, Any]]:
     held = [Contract(c.key, c.underlying, c.multiplier, c.quantity, "B") for c in contracts]
     cases: list[tuple[str, Callable[[], int]]] = [
         ("tastytrade SDK: json.loads + Greeks.from_stream", lambda: sdk_decode(frames_sdk)),
+        ("greeksd: parse + greeks_columns (typed)", lambda: our_columns(frames_sdk)),
         ("greeksd: parse + feed_rows (to rows)", lambda: our_feed_rows(frames_sdk, held)),
         ("greeksd: parse + decode_feed_data (dicts)", lambda: our_decode(frames_sdk)),
         ("greeksd: DxlinkConnection.receive (to rows)", lambda: our_rows(frames_sdk, held)),

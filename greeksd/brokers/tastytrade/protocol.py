@@ -519,12 +519,12 @@ def decode_feed_data(
                 continue
             _append_event(events, problems, _clean_full(item))
         return events, problems
-    for event_type, values, names in _compact_groups(data, layouts, problems):
+    for event_type, values, names in compact_groups(data, layouts, problems):
         _decode_group(event_type, values, names, events, problems)
     return events, problems
 
 
-def _compact_groups(
+def compact_groups(
     data: list[Any], layouts: Mapping[str, Sequence[str]], problems: list[str]
 ) -> Iterator[tuple[str, list[Any], Sequence[str]]]:
     """COMPACT data's groups that can be decoded, as (event type, values, layout); why
@@ -864,6 +864,47 @@ def _greeks_plan(names: Sequence[str]) -> tuple[int | None, ...]:
     return plan
 
 
+def greeks_columns(values: list[Any], names: Sequence[str]) -> list[Iterable[Any]] | None:
+    """A COMPACT Greeks group decoded column by column, without a dict per event: each
+    field is a strided slice of the flat value list (`values[position::width]`, its
+    position in the channel's layout), type-checked a column at a time. The columns are
+    eventSymbol, eventFlags, time, eventTime, price, volatility, delta, gamma, theta,
+    rho, vega (`_GREEKS_COLUMNS`); an int stamp or flag is kept, anything else reads as
+    absent; numbers are floats or None ('NaN' & co.). None when the group needs the
+    per-event path, which reports each odd value in its place: a symbol that is not a
+    string, an index that is not an int, a value of the wrong type."""
+    plan = _GREEKS_PLANS.get(names) if isinstance(names, tuple) else None
+    if plan is None:
+        plan = _greeks_plan(names)
+    width = len(names)
+    count = len(values) // width
+    symbol_at, index_at, *value_at = plan
+    if symbol_at is None:
+        return None
+    symbols = values[symbol_at::width]
+    # 'NaN' is no symbol (`_clean_full` makes it None: reported by the event path)
+    if not _STR.issuperset(map(type, symbols)) or not NON_FINITE.isdisjoint(symbols):
+        return None
+    if index_at is not None and not _INT_OR_NONE.issuperset(map(type, values[index_at::width])):
+        return None
+    # eventFlags, time, eventTime: anything but an int reads as absent, as a 'NaN'
+    # made None does; then price .. vega, numbers with 'NaN' & co. as None.
+    columns: list[Iterable[Any]] = [symbols]
+    for position in value_at:
+        columns.append(repeat(None, count) if position is None else values[position::width])
+    for number in range(4, len(columns)):
+        column = columns[number]
+        if column.__class__ is not list or _FLOAT_OR_NONE.issuperset(map(type, column)):
+            continue
+        column = [None if v.__class__ is str and v in NON_FINITE else v for v in column]
+        if not _NUMBER_OR_NONE.issuperset(map(type, column)) or not all(
+            -(2**64) < v < 2**64 for v in column if v.__class__ is int
+        ):
+            return None  # reported (where held) by the per-event path
+        columns[number] = [float(v) if v.__class__ is int else v for v in column]
+    return columns
+
+
 class SnapshotMapper:
     """Turns decoded events into Snapshot rows for the positions we hold.
 
@@ -966,7 +1007,7 @@ class SnapshotMapper:
         rows = []
         problems = []
         mapping = []
-        for event_type, values, names in _compact_groups(data, layouts, problems):
+        for event_type, values, names in compact_groups(data, layouts, problems):
             if event_type == "Greeks" and self._greeks_columns(values, names, received_at, rows):
                 continue
             events: list[FeedEvent] = []
@@ -981,35 +1022,9 @@ class SnapshotMapper:
     ) -> bool:
         """A COMPACT Greeks group's rows appended to `rows`; False (nothing done) when
         the group needs the per-event path (see `feed_rows`)."""
-        plan = _GREEKS_PLANS.get(names) if isinstance(names, tuple) else None
-        if plan is None:
-            plan = _greeks_plan(names)
-        width = len(names)
-        count = len(values) // width
-        symbol_at, index_at, *value_at = plan
-        if symbol_at is None:
+        columns = greeks_columns(values, names)
+        if columns is None:
             return False
-        symbols = values[symbol_at::width]
-        # 'NaN' is no symbol (`_clean_full` makes it None: reported by the event path)
-        if not _STR.issuperset(map(type, symbols)) or not NON_FINITE.isdisjoint(symbols):
-            return False
-        if index_at is not None and not _INT_OR_NONE.issuperset(map(type, values[index_at::width])):
-            return False
-        # eventFlags, time, eventTime: anything but an int reads as absent, as a 'NaN'
-        # made None does; then price .. vega, numbers with 'NaN' & co. as None.
-        columns: list[Iterable[Any]] = [symbols]
-        for position in value_at:
-            columns.append(repeat(None, count) if position is None else values[position::width])
-        for number in range(4, len(columns)):
-            column = columns[number]
-            if column.__class__ is not list or _FLOAT_OR_NONE.issuperset(map(type, column)):
-                continue
-            column = [None if v.__class__ is str and v in NON_FINITE else v for v in column]
-            if not _NUMBER_OR_NONE.issuperset(map(type, column)) or not all(
-                -(2**64) < v < 2**64 for v in column if v.__class__ is int
-            ):
-                return False  # reported (where held) by the per-event path
-            columns[number] = [float(v) if v.__class__ is int else v for v in column]
         by_symbol, mid, last, broker = self._by_symbol, self._mid, self._last, self._broker
         price_symbols = self._price_symbol
         append = rows.append
