@@ -109,7 +109,7 @@ def _best_of(repeats: int, fn: Callable[[], int]) -> tuple[int, float]:
     return count, best
 
 
-def run(events: int, repeats: int = 3) -> list[dict[str, Any]]:
+def run(events: int, repeats: int = 5) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     contracts = book(now)
     symbols = [dx.streamer_symbol(c.key) for c in contracts]
