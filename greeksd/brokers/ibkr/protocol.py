@@ -291,6 +291,17 @@ def parse_fraction(raw: Any) -> float | None:
     """Field 7633 is a percent ('28.4%'); greeksd stores IV as a fraction like Tastytrade."""
     value: float | None
     if raw.__class__ is str and raw[-1:] == "%":  # the common case, without an exception
+        if len(raw) <= 16:
+            # A numeral of at most 15 digits is the decimal its float's repr gives back
+            # (doubles hold 15 digits), so "<numeral>e-2" is that decimal / 100, rounded
+            # once by float: the result of the exact path below, in one call. Anything
+            # else ('C28.4%', '1e5%', 'nan%') is no such numeral and fails here.
+            try:
+                value = float(raw[:-1] + "e-2")
+            except ValueError:
+                pass
+            else:
+                return value if value - value == 0.0 else None
         try:
             number = float(raw[:-1])
         except ValueError:
