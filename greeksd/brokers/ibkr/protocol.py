@@ -208,15 +208,18 @@ def _classify(obj: dict[str, Any]) -> Event:
             return WaitingForSession()
         return Unknown(obj)
     if topic.startswith("smd+"):
-        conid = _int_or_none(obj.get("conid")) or _int_or_none(topic[4:].split("@")[0])
-        if conid is None:
-            raise ValueError(f"no conid in {topic!r}")
-        updated = _int_or_none(obj.get("_updated"))
+        conid, updated = obj.get("conid"), obj.get("_updated")
+        if conid.__class__ is not int or not conid:  # (a plain int: no call, as a rule)
+            conid = _int_or_none(conid) or _int_or_none(topic[4:].split("@")[0])
+            if conid is None:
+                raise ValueError(f"no conid in {topic!r}")
+        if updated.__class__ is not int:
+            updated = _int_or_none(updated)
         for key in _SMD_META:  # what is left are field ids ('31', '7308'), as a rule
             obj.pop(key, None)
-        # Keys in order: when the first and the last start with an ASCII digit, all do
-        # (two C calls instead of a comprehension over every key)
-        if obj and not (min(obj)[:1] >= "0" and max(obj)[:1] <= "9"):
+        # When the keys run together are all digits and none is empty, each starts with
+        # a digit (two C calls instead of a comprehension over every key)
+        if obj and (not "".join(obj).isdigit() or "" in obj):
             obj = {k: v for k, v in obj.items() if k[:1].isdigit()}
         if not _STR_ONLY.issuperset(map(type, obj.values())):
             obj = {k: _as_text(v) for k, v in obj.items()}
