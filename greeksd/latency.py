@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 
 # Upper bounds in ms: 0.1 ms .. ~100 s, ~12% apart, so a percentile is off by < 12%.
 BOUNDS_MS: tuple[float, ...] = tuple(0.1 * 1.12**i for i in range(123))
@@ -27,6 +28,30 @@ PROMETHEUS_BOUNDS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
+
+
+def _ms_to_s(value: float) -> float:
+    return value / 1000.0
+
+
+def _count_runs(
+    ordered: list[float],
+    bounds: tuple[float, ...],
+    counts: list[int],
+    scale: Callable[[float], float] | None,
+) -> None:
+    """Add each value of `ordered` (ascending) to its bucket in `counts`: the first
+    bound >= the value (scaled by `scale`), as `bisect_left(bounds, value)` puts it."""
+    start, total = 0, len(ordered)
+    while start < total:
+        first = ordered[start]
+        bucket = bisect.bisect_left(bounds, first if scale is None else scale(first))
+        if bucket == len(bounds):  # above the last bound: the rest, all of it
+            end = total
+        else:  # every value up to this bucket's bound (bisect applies `scale` itself)
+            end = bisect.bisect_right(ordered, bounds[bucket], start, key=scale)
+        counts[bucket] += end - start
+        start = end
 
 
 class LatencyHistogram:
@@ -61,16 +86,19 @@ class LatencyHistogram:
         return max((self._slot_max[i] for i in self._in_window(now_s)), default=None)
 
     def record(self, latencies_ms: list[float], now_s: float) -> None:
-        """Record one batch's latencies, stamped at wall-clock second `now_s`."""
+        """Record one batch's latencies, stamped at wall-clock second `now_s`.
+
+        A batch's values fall in few buckets: sorted once (in C), each occupied bucket
+        takes its whole run of values with two bisections, instead of two bisections
+        per value (~0.4 µs a row at thousands of rows a batch)."""
+        if not latencies_ms:
+            return
         index = self._slot(now_s)
-        slot = self._slots[index]
-        prom = self.prometheus_counts
-        for value in latencies_ms:
-            slot[bisect.bisect_left(BOUNDS_MS, value)] += 1
-            prom[bisect.bisect_left(PROMETHEUS_BOUNDS_S, value / 1000.0)] += 1
-        if latencies_ms:
-            self._slot_max[index] = max(self._slot_max[index], *latencies_ms)
-        self.count += len(latencies_ms)
+        ordered = sorted(latencies_ms)
+        _count_runs(ordered, BOUNDS_MS, self._slots[index], None)
+        _count_runs(ordered, PROMETHEUS_BOUNDS_S, self.prometheus_counts, _ms_to_s)
+        self._slot_max[index] = max(self._slot_max[index], ordered[-1])
+        self.count += len(ordered)
         self.sum_s += sum(latencies_ms) / 1000.0
 
     def percentiles(

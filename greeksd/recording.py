@@ -219,8 +219,12 @@ class FixtureError(ValueError):
     """Not a greeksd fixture, or a line that cannot be read; says which line."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
+    """One fixture line. Not frozen: one is made per frame read, where a frozen
+    dataclass's `__init__` (a `object.__setattr__` call per field) costs ~0.3 µs more;
+    nothing assigns to one (and its dict body never made it hashable)."""
+
     at: datetime
     broker: str
     kind: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -12,10 +13,11 @@ from greeksd import heap
 
 @pytest.fixture
 def restored_gc() -> Iterator[None]:
-    thresholds = gc.get_threshold()
+    thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
     yield
     gc.unfreeze()
     gc.set_threshold(*thresholds)
+    sys.setswitchinterval(interval)
 
 
 @pytest.mark.usefixtures("restored_gc")
@@ -27,6 +29,7 @@ def test_settle_freezes_the_startup_heap_and_collects_young_objects_less_often()
     heap.settle()
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
+    assert sys.getswitchinterval() == pytest.approx(heap.SWITCH_INTERVAL_S)
     assert not any(o is startup for o in gc.get_objects())  # never walked again
     cycle_a, cycle_b = Node(), Node()  # garbage made after startup is still collected
     cycle_a.other, cycle_b.other = cycle_b, cycle_a
