@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -146,6 +147,29 @@ async def test_a_stuck_call_is_cut_off_and_its_thread_does_not_linger(
     assert TIMEOUT_S <= waited < TIMEOUT_S + 1.0
     assert link.conn.broken, "the connection was cut, not left waiting"
     link.close()
+
+
+async def test_a_connect_that_times_out_before_the_deadline_is_a_database_timeout() -> None:
+    """libpq's own connect_timeout can beat the deadline's timer (a loaded box runs the
+    timer late): a server that accepts TCP and never answers the startup packet must
+    still read as DatabaseTimeout, not as a raw psycopg error that callers do not treat
+    as an outage. Here the deadline (30 s) is far behind libpq's 2 s on purpose."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        url = f"host=127.0.0.1 port={port} user=x dbname=x connect_timeout=2"
+
+        def connect(watch: Watch) -> None:
+            watch.open(psycopg.connect, url, None).close()
+
+        started = time.monotonic()
+        with trio.fail_after(10):
+            try:
+                await call_bounded(connect, 30.0, trio.CapacityLimiter(1))
+            except DatabaseTimeout as exc:
+                assert "not answering a connect" in str(exc)
+            else:
+                raise AssertionError("a connect to a silent server returned")
+    assert time.monotonic() - started < 10
 
 
 async def test_frozen_database_is_an_outage_rows_spool_then_land_once(

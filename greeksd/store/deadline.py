@@ -185,8 +185,12 @@ async def call_bounded(
             )
             completed = True
         except psycopg.Error as exc:
+            # libpq's own connect_timeout may beat the deadline's timer to it (a loaded
+            # box runs the timer late): not answering a connect is the same failure
             if watch.expired:
                 raise DatabaseTimeout(_not_answering(timeout_s)) from exc
+            if isinstance(exc, psycopg.errors.ConnectionTimeout):
+                raise DatabaseTimeout(f"database not answering a connect: {exc}") from exc
             raise
         finally:
             timer.cancel()
