@@ -20,11 +20,7 @@ from greeksd.brokers import registry
 from greeksd.config import Settings
 from greeksd.model import Source
 from greeksd.service import RunningService, run_until_signal
-from greeksd.sim.market import default_contracts, futures_option_contracts
-
-BOOK_SIZE = 10
-#: Futures options (ES, CL, ZN) held besides the equity book, at both brokers.
-FUTURES_OPTIONS = 3
+from greeksd.sim.market import showcase_book
 
 
 def status_line(service: RunningService) -> str:
@@ -49,8 +45,7 @@ async def run_demo(
 ) -> int:
     """Serve the demo until Ctrl-C or for `duration_s` (0 = no limit); `build_sources`
     is the CLI's settings -> sources function, so the demo wires streams like `run`."""
-    today = datetime.now(UTC).date()
-    book = default_contracts(today, BOOK_SIZE) + futures_option_contracts(today, FUTURES_OPTIONS)
+    book = showcase_book(datetime.now(UTC).date())
     async with AsyncExitStack() as simulators:
         brokers = []
         for spec in registry.specs():

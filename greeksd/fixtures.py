@@ -47,7 +47,7 @@ from greeksd.recording import record_session
 from greeksd.sim import ibkr_wire as ib
 from greeksd.sim.dxlink_server import greeks_event
 from greeksd.sim.ibkr_gateway import IbkrGatewaySim, open_ibkr_sim
-from greeksd.sim.market import SimContract, default_contracts, futures_option_contracts
+from greeksd.sim.market import SimContract, showcase_book
 from greeksd.sim.readiness import wait_subscribed
 from greeksd.sim.symbols import streamer_symbol
 from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
@@ -55,9 +55,6 @@ from greeksd.sim.tastytrade_api import TastytradeSim, open_tastytrade_sim
 log = get_logger("greeksd.fixtures")
 
 DEFAULT_OUT = Path("tests/fixtures/mixed-session.jsonl.gz")
-BOOK_SIZE = 10
-#: Futures options (ES, CL, ZN) held besides the equity book, at both brokers.
-FUTURES_OPTIONS = 3
 
 
 TYPICAL_GREEKS: dict[str, Any] = {
@@ -152,8 +149,7 @@ async def record_mixed_session(
 ) -> tuple[dict[str, int], dict[str, StreamStatus]]:
     """Run both simulators and both real streams for `duration_s`, recording to `out`
     (and putting rows into `sink`, e.g. a live pipeline, when given)."""
-    today = datetime.now(UTC).date()
-    book = default_contracts(today, BOOK_SIZE) + futures_option_contracts(today, FUTURES_OPTIONS)
+    book = showcase_book(datetime.now(UTC).date())
     async with (
         open_ibkr_sim(book, tick_interval=ibkr_tick_s) as ib_sim,
         open_tastytrade_sim(contracts=book, tick_interval=dxlink_tick_s) as tt_sim,

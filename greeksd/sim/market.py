@@ -156,6 +156,12 @@ def default_contracts(as_of: date, count: int = 8) -> list[SimContract]:
     return contracts
 
 
+def showcase_book(as_of: date) -> list[SimContract]:
+    """The book `just demo` and the mixed fixture hold at both brokers: ten equity and
+    index options (`default_contracts`) and three futures options (ES, CL, ZN)."""
+    return default_contracts(as_of, 10) + futures_option_contracts(as_of, 3)
+
+
 def initial_price(underlying: str) -> float:
     """Where an underlying's path starts: its spot, or its futures product's price for a
     future code ('ESZ26' starts where ES does)."""
