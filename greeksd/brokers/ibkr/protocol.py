@@ -732,14 +732,9 @@ class MarketDataBook:
         if position is None:
             return None
         und = self._fields.get(position.und_conid, _NO_FIELDS) if position.und_conid else _NO_FIELDS
-        try:  # plain numbers (the common case): parse_value's own first step, in C
-            values = [
-                v if v - v == 0.0 else None  # absent ('nan') or not finite: None
-                for v in map(float, map(get, _FLOAT_FIELDS, _ABSENT))
-            ]
-        except ValueError:  # prior close 'C…', '1.2M', '1,234': parse_value knows them
-            values = [parse_value(get(k)) for k in _FLOAT_FIELDS]
-        delta, gamma, theta, vega, bid, ask, last, mark = values
+        delta, gamma, theta, vega, bid, ask, last, mark, und_last = _numbers(
+            [*map(get, _FLOAT_FIELDS, _NULLS), und.get(LAST, "null")]
+        )
         return Snapshot(  # positional, in field order: ~1 µs less than for_contract
             Broker.IBKR,
             *position.contract.row_identity,
@@ -749,7 +744,7 @@ class MarketDataBook:
             vega,
             None,  # rho: IBKR has none
             parse_fraction(get(IV)),
-            parse_value(und.get(LAST)),
+            und_last,
             bid,
             ask,
             last,
@@ -763,7 +758,29 @@ class MarketDataBook:
 
 _NO_FIELDS: dict[str, str] = {}
 _FLOAT_FIELDS = (DELTA, GAMMA, THETA, VEGA, BID, ASK, LAST, MARK)
-_ABSENT = ("nan",) * len(_FLOAT_FIELDS)
+_NULLS = ("null",) * len(_FLOAT_FIELDS)
+_FLOAT_OR_NONE = frozenset({float, type(None)})
+
+
+def _numbers(texts: list[str]) -> list[float | None]:
+    """`parse_value` of each text ('null': an absent field, None either way), the plain
+    numbers of the common case parsed as one JSON array: one orjson call instead of a
+    `float()` per field (~0.18 µs each: CPython copies every str to ASCII first).
+
+    A JSON number is a Python float literal and orjson rounds it correctly, as `float()`
+    does; it refuses what overflows a double, and JSON has no NaN or infinities, so every
+    float it returns is finite. Anything else falls to `parse_value`, whose result is the
+    same where both parse: a JSON integer ('-0' is int 0, float('-0') is -0.0), a text
+    with a comma or bracket that parses to another count of values, a `true`, a string,
+    a nested array, or text JSON refuses ('1_000', 'C193.10', 'nan', '1e999')."""
+    try:
+        values = orjson.loads("[" + ",".join(texts) + "]")
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if len(values) == len(texts) and _FLOAT_OR_NONE.issuperset(map(type, values)):
+            return values  # type: ignore[no-any-return]
+    return [parse_value(t) for t in texts]
 _TRIGGERS = (*_FLOAT_FIELDS, IV)
 assert frozenset(_TRIGGERS) == SNAPSHOT_TRIGGERS
 _NO_TRIGGERS: list[str | None] = [None] * len(_TRIGGERS)
