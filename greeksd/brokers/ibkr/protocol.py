@@ -739,9 +739,20 @@ class MarketDataBook:
         if position is None:
             return None
         und = self._fields.get(position.und_conid, _NO_FIELDS) if position.und_conid else _NO_FIELDS
-        delta, gamma, theta, vega, bid, ask, last, mark, und_last = _numbers(
-            [*map(get, _FLOAT_FIELDS, _NULLS), und.get(LAST, "null")]
-        )
+        iv = get(IV)
+        # '28.4%' rides along as '28.4e-2': parse_fraction's own first step (see there)
+        percent = iv is not None and iv[-1:] == "%" and len(iv) <= 16
+        texts = [
+            *map(get, _FLOAT_FIELDS, _NULLS),
+            und.get(LAST, "null"),
+            iv[:-1] + "e-2" if percent else "null",  # type: ignore[index]
+        ]
+        values = _plain_numbers(texts)
+        if values is None:
+            values = [*map(parse_value, texts[:-1]), parse_fraction(iv)]
+        elif not percent:
+            values[-1] = parse_fraction(iv)
+        delta, gamma, theta, vega, bid, ask, last, mark, und_last, implied_volatility = values
         return Snapshot(  # positional, in field order: ~1 µs less than for_contract
             Broker.IBKR,
             *position.contract.row_identity,
@@ -750,7 +761,7 @@ class MarketDataBook:
             theta,
             vega,
             None,  # rho: IBKR has none
-            parse_fraction(get(IV)),
+            implied_volatility,
             und_last,
             bid,
             ask,
@@ -769,25 +780,25 @@ _NULLS = ("null",) * len(_FLOAT_FIELDS)
 _FLOAT_OR_NONE = frozenset({float, type(None)})
 
 
-def _numbers(texts: list[str]) -> list[float | None]:
-    """`parse_value` of each text ('null': an absent field, None either way), the plain
-    numbers of the common case parsed as one JSON array: one orjson call instead of a
-    `float()` per field (~0.18 µs each: CPython copies every str to ASCII first).
+def _plain_numbers(texts: list[str]) -> list[float | None] | None:
+    """`parse_value` of each text ('null': an absent field, None either way) when all are
+    plain numbers, the common case, parsed as one JSON array: one orjson call instead of
+    a `float()` per field (~0.18 µs each: CPython copies every str to ASCII first). None
+    when any is not: the caller parses them one by one.
 
     A JSON number is a Python float literal and orjson rounds it correctly, as `float()`
     does; it refuses what overflows a double, and JSON has no NaN or infinities, so every
-    float it returns is finite. Anything else falls to `parse_value`, whose result is the
-    same where both parse: a JSON integer ('-0' is int 0, float('-0') is -0.0), a text
-    with a comma or bracket that parses to another count of values, a `true`, a string,
-    a nested array, or text JSON refuses ('1_000', 'C193.10', 'nan', '1e999')."""
+    float it returns is finite. Anything else gives None: a JSON integer ('-0' is int 0,
+    float('-0') is -0.0), a text with a comma or bracket that parses to another count of
+    values, a `true`, a string, a nested array, or text JSON refuses ('1_000', 'C193.10',
+    'nan', '1e999')."""
     try:
         values = orjson.loads("[" + ",".join(texts) + "]")
     except orjson.JSONDecodeError:
-        pass
-    else:
-        if len(values) == len(texts) and _FLOAT_OR_NONE.issuperset(map(type, values)):
-            return values  # type: ignore[no-any-return]
-    return [parse_value(t) for t in texts]
+        return None
+    if len(values) == len(texts) and _FLOAT_OR_NONE.issuperset(map(type, values)):
+        return values  # type: ignore[no-any-return]
+    return None
 
 
 _TRIGGERS = (*_FLOAT_FIELDS, IV)
