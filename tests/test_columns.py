@@ -3,11 +3,14 @@ the spool records earlier versions wrote, and the fingerprint stored rows carry.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
+from hypothesis import given
+from hypothesis import strategies as st
 
 from greeksd.model import Broker, OptionRight
 from greeksd.store.columns import (
@@ -15,6 +18,7 @@ from greeksd.store.columns import (
     COPY_COLUMNS,
     COPY_TYPES,
     FINGERPRINTED,
+    MEASURES,
     SNAPSHOT_COLUMNS,
     encode_row,
     snapshot_from_dict,
@@ -230,3 +234,18 @@ def test_the_remembered_identity_follows_every_change_of_a_contracts_objects(
     # numerics stored as text keep their scale: 1 and 1.0 both made it
     quantities = {row[COPY_COLUMNS.index("quantity")] for row in stored}
     assert {"1", "1.0", "5", "-3", None} <= quantities
+
+
+@given(st.lists(st.floats() | st.none(), min_size=11, max_size=11), st.decimals() | st.none())
+def test_encode_row_writes_the_fingerprint_snapshot_row_computes(
+    measures: list[float | None], quantity: Decimal | None
+) -> None:
+    """`encode_row` writes the fingerprint's int8 straight from the two checksums; the
+    bytes are those of `snapshot_row`'s fingerprint (negative or not), whatever the
+    values (NaN, infinities, None, any quantity)."""
+    if quantity is not None and quantity.is_snan():
+        quantity = None  # float() refuses a signalling NaN, in both
+    snapshot = replace(
+        make_snapshot(0), quantity=quantity, **dict(zip(MEASURES, measures, strict=True))
+    )
+    assert encode_row(snapshot)[-12:] == struct.pack(">iq", 8, snapshot_row(snapshot)[-1])

@@ -289,7 +289,14 @@ _BINARY: dict[str, str] = {  # each other type as a field: an expression over `{
     # psycopg's JsonbBinaryDumper: format version 1, then the JSON
     "jsonb": "(_NULL if {v} is None else _field(b'\\x01' + _dumps({v})))",
 }
+# `_fingerprint_of(fp)` as an int8 field without the 64-bit int: subtracting 2**63 from
+# (crc << 32 | adler) flips its top bit, so its big-endian bytes are crc's with the top
+# bit flipped, then adler's
+_FINGERPRINT_FIELD = "_F_FP(8, _crc32(fp) ^ 0x80000000, _adler32(fp))"
 _BINARY_NAMES: dict[str, Any] = {
+    "_F_FP": struct.Struct(">iII").pack,
+    "_crc32": zlib.crc32,
+    "_adler32": zlib.adler32,
     "_NULL": _NULL,
     "_F_F8": _F_F8,
     "_F_I8": _F_I8,
@@ -385,6 +392,10 @@ def _encode_source() -> str:
             lines.append(f"    {c.name} = s.{c.name}")
         if c in memo:
             lines += [f"    {line}" for line in _memo_lines(c)]
+        elif c.name == "fingerprint":
+            packed = values[c.name].removeprefix("_fingerprint_of(").removesuffix(")")
+            assert packed != values[c.name], "the fingerprint is _fingerprint_of(packed)"
+            lines += [f"    fp = {packed}", f"    f_{c.name} = {_FINGERPRINT_FIELD}"]
         else:
             lines.append(f"    f_{c.name} = {_BINARY[c.pg_type].format(v=values[c.name])}")
     fields = ["f_run"] + [f"f_{c.name}" for c in _WRITTEN if c not in run]
