@@ -428,7 +428,7 @@ def test_numbers_parsed_as_one_array_are_what_parse_value_gives_each(texts: list
     """The book parses a row's prices and Greeks as one JSON array: exactly the floats
     (bit for bit) and Nones `parse_value` gives each text, or None (parse them one by
     one), whatever the texts hold; plain numbers never take the slow path."""
-    values = p._plain_numbers(texts)
+    values = p._plain_numbers(f"[{','.join(texts)}]", len(texts))
     if values is not None:
         assert _bits(values) == _bits([p.parse_value(t) for t in texts])
     if all(t == "null" or _is_float_repr(t) for t in texts):
@@ -449,7 +449,7 @@ def test_a_percent_iv_parsed_in_the_array_is_what_parse_fraction_gives(raw: str)
     it is `parse_fraction`'s value, bit for bit."""
     if len(raw) > 16:
         return  # the book sends longer ones to parse_fraction
-    values = p._plain_numbers([raw[:-1] + "e-2"])
+    values = p._plain_numbers(f"[{raw[:-1]}e-2]", 1)
     if values is not None:
         assert _bits(values) == _bits([p.parse_fraction(raw)])
 
