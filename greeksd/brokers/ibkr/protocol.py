@@ -185,9 +185,12 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
 
+_BYTES = (bytes, bytearray)  # a tuple: `bytes | bytearray` would be built at each call
+
+
 def parse_frame(data: str | bytes) -> Event:
     """Decode one websocket frame. Never raises: bad input becomes `Malformed`."""
-    raw = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) else data
+    raw = data.decode("utf-8", "replace") if isinstance(data, _BYTES) else data
     if raw[:1] != "{" and raw.strip() == ECHO_HB:  # a JSON object never is the echo
         return Echo()
     try:
