@@ -7,6 +7,7 @@ import struct
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 from hypothesis import given
@@ -245,7 +246,6 @@ def test_encode_row_writes_the_fingerprint_snapshot_row_computes(
     values (NaN, infinities, None, any quantity)."""
     if quantity is not None and quantity.is_snan():
         quantity = None  # float() refuses a signalling NaN, in both
-    snapshot = replace(
-        make_snapshot(0), quantity=quantity, **dict(zip(MEASURES, measures, strict=True))
-    )
+    values: dict[str, Any] = dict(zip(MEASURES, measures, strict=True))
+    snapshot = replace(make_snapshot(0), quantity=quantity, **values)
     assert encode_row(snapshot)[-12:] == struct.pack(">iq", 8, snapshot_row(snapshot)[-1])
