@@ -203,7 +203,7 @@ async def _child_main(spec: dict[str, Any], load: LoadPart) -> tuple[Any | None,
 
     async def work(stop: trio.Event) -> Any:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_at_end_of_stdin, stop)
+            nursery.start_soon(_stop_at_end_of_stdin, stop, part.index)
             stats = await load(
                 spec["url"], Path(spec["path"]), part, PartOptions(**spec["options"]), stop
             )
@@ -213,12 +213,12 @@ async def _child_main(spec: dict[str, Any], load: LoadPart) -> tuple[Any | None,
     return await stop_on_signals(work, part=part.index)
 
 
-async def _stop_at_end_of_stdin(stop: trio.Event) -> None:
+async def _stop_at_end_of_stdin(stop: trio.Event, part: int) -> None:
     """The replay closes the pipe to say stop (or died, which closes it too)."""
     async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as pipe:
         while await pipe.receive_some():
             pass
-    log.warning("replay_stopping", reason="the replay closed the pipe")
+    log.warning("replay_stopping", part=part, reason="the replay closed the pipe")
     stop.set()
 
 
