@@ -122,31 +122,47 @@ def _cmd_record(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from greeksd.recording import FixtureError
     from greeksd.replay import replay_fixture
+    from greeksd.replay_parts import ReplayPartFailed, stop_on_signals
 
     if option := _database_url_option(args.database_url):
         settings = replace(settings, database_url=option)
     if args.speed < 0:
         raise ConfigError("--speed must be 0 (as fast as possible) or a positive factor")
+    if args.processes < 0:
+        raise ConfigError("--processes must be 0 (one per CPU) or a positive count")
     with database_url(settings) as url:
         migrate(url)
         heap.settle()
+        replay = partial(
+            replay_fixture,
+            url,
+            Path(args.fixture),
+            speed=args.speed,
+            instance=settings.instance,
+            store_payload=settings.store_payload,
+            compact=settings.compact_partitions,
+            processes=args.processes,
+        )
         try:
-            stats = trio.run(
-                partial(
-                    replay_fixture,
-                    url,
-                    Path(args.fixture),
-                    speed=args.speed,
-                    instance=settings.instance,
-                    store_payload=settings.store_payload,
-                    compact=settings.compact_partitions,
-                )
-            )
-        except (FixtureError, OSError) as exc:
+            stats, code = trio.run(partial(stop_on_signals, lambda stop: replay(stop=stop)))
+        except (FixtureError, OSError, ReplayPartFailed) as exc:
             print(f"greeksd replay: {exc}", file=sys.stderr)
             return 1
+    if stats is None:
+        print(
+            f"greeksd replay: interrupted twice; rows not yet committed were dropped, "
+            f"replay {args.fixture} again to complete it",
+            file=sys.stderr,
+        )
+        return code
+    if code:
+        print(
+            f"greeksd replay: stopped early; what it read is committed, replay "
+            f"{args.fixture} again to complete it",
+            file=sys.stderr,
+        )
     print(f"replayed {args.fixture}: {stats.summary()}")
-    return 0
+    return code
 
 
 def _cmd_archive_frames(args: argparse.Namespace, settings: Settings) -> int:
@@ -307,6 +323,13 @@ def make_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--database-url",
         help="replay into this database (default: GREEKSD_DATABASE_URL, else embedded)",
+    )
+    replay.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="at full speed, replay the sources in up to this many processes at once "
+        "(default 0: one per CPU, at most one per source; 1: this process only)",
     )
     replay.set_defaults(handler=_cmd_replay)
 

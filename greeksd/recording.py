@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 import trio
@@ -253,25 +253,32 @@ class FixtureRecords:
     Two things an archive file (greeksd.archive) may hold are read as such: another
     header line (fixtures concatenated with `cat`, e.g. consecutive hour files) is
     skipped, and a compressed tail cut short by a crash ends the records with a
-    `fixture_truncated` warning (counted in `rejected`) instead of an error."""
+    `fixture_truncated` warning (counted in `rejected`) instead of an error.
 
-    def __init__(self, path: Path, f: IO[str]) -> None:
+    `part` keeps only the records of some sources (a parallel replay's share,
+    greeksd.replay_parts); lines that cannot be read are then logged and counted by the
+    part that `reports_damage` only, so each is reported once across the processes."""
+
+    def __init__(self, path: Path, f: IO[str], part: RecordFilter | None = None) -> None:
         self.path = path
         self._f = f
+        self._part = part
+        self._reports = part is None or part.reports_damage
         self.rejected = 0
+
+    def _reject(self, event: str, **fields: Any) -> None:
+        if self._reports:
+            self.rejected += 1
+            log.warning(event, fixture=str(self.path), **fields)
 
     def _lines(self) -> Iterator[str]:
         try:
             yield from self._f
         except (EOFError, OSError) as exc:  # gzip: a member cut short, or garbage after it
-            self.rejected += 1
-            log.warning(
-                "fixture_truncated",
-                fixture=str(self.path),
-                reason=f"{type(exc).__name__}: {exc}"[:200],
-            )
+            self._reject("fixture_truncated", reason=f"{type(exc).__name__}: {exc}"[:200])
 
     def __iter__(self) -> Iterator[Record]:
+        keeps = None if self._part is None else self._part.keeps
         with self._f:
             for number, line in enumerate(self._lines(), start=2):
                 try:
@@ -283,6 +290,8 @@ class FixtureRecords:
                         raise
                     if isinstance(obj, dict) and obj.get("fixture") == FORMAT:
                         continue  # the header of a fixture concatenated to this one
+                    if keeps is not None and not keeps(obj["b"]):
+                        continue  # another part's source
                     at = datetime.fromisoformat(obj["t"])
                     if at.tzinfo is None or not isinstance(obj["b"], str):
                         raise ValueError("needs an aware time and a broker name")
@@ -291,10 +300,8 @@ class FixtureRecords:
                     if kind == "frame":
                         record.data = frame_data(obj)  # validated now, not mid-replay
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    self.rejected += 1
-                    log.warning(
+                    self._reject(
                         "fixture_record_rejected",
-                        fixture=str(self.path),
                         line=number,
                         reason=f"{type(exc).__name__}: {exc}"[:200],
                     )
@@ -302,8 +309,20 @@ class FixtureRecords:
                 yield record
 
 
-def read_fixture(path: Path) -> tuple[dict[str, Any], FixtureRecords]:
-    """The header, and the records. Raises FixtureError when `path` is not a fixture."""
+class RecordFilter(Protocol):
+    """Which sources' records a reader keeps (greeksd.replay_parts.SourcePart)."""
+
+    @property
+    def reports_damage(self) -> bool: ...
+
+    def keeps(self, source: Any) -> bool: ...
+
+
+def read_fixture(
+    path: Path, part: RecordFilter | None = None
+) -> tuple[dict[str, Any], FixtureRecords]:
+    """The header, and the records (only `part`'s, when given). Raises FixtureError when
+    `path` is not a fixture."""
     f = open_text(path, "r")
     try:
         first = f.readline()
@@ -316,7 +335,7 @@ def read_fixture(path: Path) -> tuple[dict[str, Any], FixtureRecords]:
     if header.get("version") != VERSION:
         f.close()
         raise FixtureError(f"{path}: fixture version {header.get('version')} is not {VERSION}")
-    return header, FixtureRecords(path, f)
+    return header, FixtureRecords(path, f, part)
 
 
 # ---- recording a session -------------------------------------------------------------

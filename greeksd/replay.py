@@ -20,7 +20,7 @@ as one builds an index after loading a table, instead of leaving them half full.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 import trio
 
-from greeksd import config
+from greeksd import config, replay_parts
 from greeksd.brokers import registry
 from greeksd.brokers.link import Connection, Rejected
 from greeksd.brokers.spec import ReplayCounts, Replayer
@@ -70,8 +70,28 @@ class ReplayStats:
     late: int = 0
     conflated: int = 0
     compacted: list[str] = field(default_factory=list)  # partitions whose indexes it rebuilt
+    last: datetime | None = None  # the last record's time
     wall_s: float = 0.0
     compact_s: float = 0.0
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ReplayStats:
+        """What `dataclasses.asdict` made of one, through JSON (a replay part's answer)."""
+        last = obj.get("last")
+        return cls(**{**obj, "last": datetime.fromisoformat(last) if last else None})
+
+    def add(self, other: ReplayStats) -> None:
+        """Count `other`'s part in (a parallel replay's parts, greeksd.replay_parts)."""
+        for name, value in dataclasses.asdict(other).items():
+            if name == "frames_by_broker":
+                for broker, n in value.items():
+                    self.frames_by_broker[broker] = self.frames_by_broker.get(broker, 0) + n
+            elif name == "last":
+                self.last = max(filter(None, (self.last, other.last)), default=None)
+            elif name == "compacted":
+                self.compacted += value
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
     @property
     def frames_per_s(self) -> float:
@@ -204,33 +224,108 @@ async def replay_fixture(
     instance: str | None = None,
     store_payload: bool = config.STORE_PAYLOAD,
     compact: bool = config.COMPACT_PARTITIONS,
+    processes: int = replay_parts.AUTO,
+    stop: trio.Event | None = None,
 ) -> ReplayStats:
     """Replay `path` into the database at `url` (migrated). `speed` 0 = as fast as
     possible, 1 = the recorded pacing, 2 = twice as fast. Rows name `instance` as the
     instance that wrote them; `store_payload`: GREEKSD_STORE_PAYLOAD; `compact`:
-    GREEKSD_COMPACT_PARTITIONS. Returns once every row is committed (and the loaded
-    partitions compacted)."""
-    _, fixture = read_fixture(path)
+    GREEKSD_COMPACT_PARTITIONS. At full speed the sources are split over up to
+    `processes` processes (greeksd.replay_parts; AUTO: one per CPU for a large
+    fixture, 1: this one only). Setting `stop` ends the reading early (in every part);
+    what was handed to the writers is still committed, and nothing is compacted.
+    Returns once every row is committed (and the loaded partitions compacted)."""
+    if stop is None:
+        stop = trio.Event()
+    header, fixture = read_fixture(path)
     records = iter(fixture)
     first = next(records, None)
-    stats = ReplayStats()
+    records.close()  # type: ignore[attr-defined]  # a generator: closes the file
     started = time.perf_counter()
     if first is None:
-        return stats
+        return ReplayStats(rejected_records=fixture.rejected)
     await trio.to_thread.run_sync(_prepare_partitions, url, first.at)
+    options = replay_parts.PartOptions(flush_rows, flush_ms, instance, store_payload)
+    size = (await trio.Path(path).stat()).st_size
+    parts = replay_parts.plan(header, size, processes) if speed == 0 else []
+    if len(parts) > 1:
+        stats = await _load_parts(url, path, parts, options, stop)
+    else:
+        stats = await load_part(url, path, None, options, stop, speed)
+    stats.wall_s = time.perf_counter() - started  # the load, which the benchmarks time
+    if compact and stats.rows_written and stats.last is not None and not stop.is_set():
+        compacting = time.perf_counter()
+        stats.compacted = await trio.to_thread.run_sync(
+            _compact, url, first.at, stats.last, stats.rows_written
+        )
+        stats.compact_s = time.perf_counter() - compacting
+    log.info("replay_finished", fixture=str(path), **_log_fields(stats))
+    return stats
+
+
+async def _load_parts(
+    url: str,
+    path: Path,
+    parts: list[replay_parts.SourcePart],
+    options: replay_parts.PartOptions,
+    stop: trio.Event,
+) -> ReplayStats:
+    """Part 0 here, the others in child processes, all at once; their stats added up."""
+    results: list[ReplayStats] = []
+
+    async def child(part: replay_parts.SourcePart) -> None:
+        answer = await replay_parts.run_child(url, path, part, options, stop)
+        results.append(ReplayStats.from_json(answer))
+
+    async with trio.open_nursery() as nursery:
+        for part in parts[1:]:
+            nursery.start_soon(child, part)
+        log.info(
+            "replay_parts_started",
+            fixture=str(path),
+            parts=len(parts),
+            sources=" | ".join(p.describe() for p in parts),
+        )
+        stats = await load_part(url, path, parts[0], options, stop)
+    for result in results:
+        stats.add(result)
+    return stats
+
+
+async def load_part(
+    url: str,
+    path: Path,
+    part: replay_parts.SourcePart | None,
+    options: replay_parts.PartOptions,
+    stop: trio.Event,
+    speed: float = 0.0,
+) -> ReplayStats:
+    """Replay `part`'s records (all, when None) through one pipeline; setting `stop`
+    ends the reading early, and what was handed over is still committed. The caller has
+    prepared the partitions."""
+    _, fixture = read_fixture(path, part)
+    stats = ReplayStats()
     async with open_pipeline(
         url,
-        flush_rows=flush_rows,
-        flush_ms=flush_ms,
+        flush_rows=options.flush_rows,
+        flush_ms=options.flush_ms,
         queue_size=HIGH_WATER * 2,
         # rows keep their recorded receive time, so "write latency" is the fixture's
         # age: no SLO to check
         slo_ms=sys.maxsize,
-        instance=instance,
-        store_payload=store_payload,
+        instance=options.instance,
+        store_payload=options.store_payload,
     ) as pipeline:
-        with keeping_payload(store_payload):
-            last = await _feed(itertools.chain([first], records), pipeline, stats, speed)
+        with keeping_payload(options.store_payload):
+            async with trio.open_nursery() as reading:
+
+                async def on_stop() -> None:
+                    await stop.wait()
+                    reading.cancel_scope.cancel()
+
+                reading.start_soon(on_stop)
+                await _feed(iter(fixture), pipeline, stats, speed)
+                reading.cancel_scope.cancel()
     writer = pipeline.writer.stats
     stats.rows_written, stats.duplicates, stats.late = (
         writer.rows_written,
@@ -239,14 +334,6 @@ async def replay_fixture(
     )
     stats.conflated = pipeline.sink.conflated
     stats.rejected_records = fixture.rejected
-    stats.wall_s = time.perf_counter() - started  # the load, which the benchmarks time
-    if compact and stats.rows_written:
-        compacting = time.perf_counter()
-        stats.compacted = await trio.to_thread.run_sync(
-            _compact, url, first.at, last, stats.rows_written
-        )
-        stats.compact_s = time.perf_counter() - compacting
-    log.info("replay_finished", fixture=str(path), **_log_fields(stats))
     return stats
 
 
@@ -263,18 +350,18 @@ def _log_fields(stats: ReplayStats) -> dict[str, Any]:
 
 async def _feed(
     records: Iterator[Record], pipeline: Pipeline, stats: ReplayStats, speed: float
-) -> datetime:
-    """Hand every record's rows to the sink; returns the last record's time."""
+) -> None:
+    """Hand every record's rows to the sink; `stats.last` follows the records."""
     sink, writer = pipeline.sink, pipeline.writer
     replayers = Replayers()
     origin: datetime | None = None
     clock_origin = trio.current_time()
-    record = None
     for record in records:
         if speed > 0:
             origin = origin or record.at
             await trio.sleep_until(clock_origin + (record.at - origin).total_seconds() / speed)
         frames = stats.frames
+        stats.last = record.at
         for row in replayers.apply(record, stats):
             sink.put(row)
             stats.snapshots += 1
@@ -283,5 +370,3 @@ async def _feed(
             settled = writer.stats.rows_written + writer.stats.duplicates
             if sink.accepted - settled > HIGH_WATER:
                 await writer.wait_settled(sink.accepted - LOW_WATER)
-    assert record is not None, "replay_fixture hands over at least its first record"
-    return record.at

@@ -23,8 +23,8 @@ from greeksd.bench import (
 def test_pipeline_and_baselines_store_every_row(db_url: str, tmp_path: Path) -> None:
     fixtures = pipeline.write_fixtures(tmp_path, 300)
     rows = pipeline.run(db_url, fixtures)
-    assert [r["case"] for r in rows] == ["ibkr", "tastytrade", "mixed"]
-    assert [r["written"] for r in rows] == [300, 300, 600]
+    assert [r["case"] for r in rows] == ["ibkr", "tastytrade", "mixed", pipeline.ONE_PROCESS]
+    assert [r["written"] for r in rows] == [300, 300, 600, 600]
     assert all(r["snapshots_per_s"] > 0 for r in rows)
     loads = baselines.run(db_url, fixtures["mixed"], insert_rows=100)
     assert [r["rows"] for r in loads] == [100, 600]
