@@ -3,11 +3,15 @@ the spool records earlier versions wrote, and the fingerprint stored rows carry.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import psycopg
+from hypothesis import given
+from hypothesis import strategies as st
 
 from greeksd.model import Broker, OptionRight
 from greeksd.store.columns import (
@@ -15,6 +19,7 @@ from greeksd.store.columns import (
     COPY_COLUMNS,
     COPY_TYPES,
     FINGERPRINTED,
+    MEASURES,
     SNAPSHOT_COLUMNS,
     encode_row,
     snapshot_from_dict,
@@ -175,3 +180,72 @@ def test_copy_rows_encodes_each_chunk_once_and_sends_the_same_bytes_again() -> N
     assert b"".join(chunks) == b"".join(encode_row(s, "desk-1") for s in snapshots)
     assert chunks[0] is first
     assert all(a is b for a, b in zip(chunks, rows.chunks(), strict=True))
+
+
+def test_the_remembered_identity_follows_every_change_of_a_contracts_objects(
+    db_url: str,
+) -> None:
+    """`encode_row` remembers a contract's identity fields (broker to quantity) as one
+    entry under its key text: rows of that key text with another quantity, multiplier
+    or account (objects equal or not: 1 and 1.0), another broker, or the very same
+    snapshot changed in place, must each be written as psycopg writes them."""
+    base = make_snapshot(0, quantity=Decimal("2"), multiplier=Decimal("100"))
+    key = base.contract_key
+    one, one_point_oh = Decimal("1"), Decimal("1.0")
+    variants = [
+        base,
+        replace(base, quantity=Decimal("-3")),
+        replace(base, quantity=one),
+        replace(base, quantity=one_point_oh),
+        replace(base, quantity=None),
+        replace(base, multiplier=one_point_oh),
+        replace(base, account_id="U2"),
+        replace(base, broker=Broker.IBKR),
+        replace(base, underlying="SPX"),
+        replace(base, strike=Decimal("180.0")),
+        base,
+    ]
+    assert all(v.contract_key is key for v in variants)
+    in_place = replace(base)
+    encoded, expected = [], []
+    for quantity in (Decimal("5"), one, one_point_oh, Decimal("5")):
+        in_place.quantity = quantity  # the same Snapshot object, changed between rows
+        encoded.append(encode_row(in_place, "desk-1"))
+        expected.append(snapshot_row(in_place, "desk-1"))
+    encoded += [encode_row(v, "desk-1") for v in variants]
+    expected += [snapshot_row(v, "desk-1") for v in variants]
+    with psycopg.connect(db_url) as conn:
+        for table in ("by_psycopg", "by_greeksd"):
+            conn.execute(f"CREATE TEMP TABLE {table} (LIKE greek_snapshots INCLUDING DEFAULTS)")
+        with conn.cursor() as cur:
+            copy_rows(
+                cur,
+                f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
+                [b"".join(encoded)],
+            )
+            with cur.copy(
+                f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(COPY_TYPES)
+                for row in expected:
+                    copy.write_row(row)
+        stored = _stored(conn, "by_greeksd")
+        assert len(stored) == len(expected)
+        assert stored == _stored(conn, "by_psycopg")
+    # numerics stored as text keep their scale: 1 and 1.0 both made it
+    quantities = {row[COPY_COLUMNS.index("quantity")] for row in stored}
+    assert {"1", "1.0", "5", "-3", None} <= quantities
+
+
+@given(st.lists(st.floats() | st.none(), min_size=11, max_size=11), st.decimals() | st.none())
+def test_encode_row_writes_the_fingerprint_snapshot_row_computes(
+    measures: list[float | None], quantity: Decimal | None
+) -> None:
+    """`encode_row` writes the fingerprint's int8 straight from the two checksums; the
+    bytes are those of `snapshot_row`'s fingerprint (negative or not), whatever the
+    values (NaN, infinities, None, any quantity)."""
+    if quantity is not None and quantity.is_snan():
+        quantity = None  # float() refuses a signalling NaN, in both
+    values: dict[str, Any] = dict(zip(MEASURES, measures, strict=True))
+    snapshot = replace(make_snapshot(0), quantity=quantity, **values)
+    assert encode_row(snapshot)[-12:] == struct.pack(">iq", 8, snapshot_row(snapshot)[-1])

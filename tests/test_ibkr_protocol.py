@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -385,3 +386,104 @@ def _encodable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _bits(values: list[float | None]) -> list[str | None]:
+    """Values compared exactly: -0.0 is not 0.0, each float by its bits."""
+    return [None if v is None else v.hex() for v in values]
+
+
+_numeral = st.one_of(
+    st.floats().map(repr),  # every double, nan and infinities among them
+    st.floats(allow_nan=False).map(lambda v: f"{v:.25g}"),  # more digits than a double
+    st.decimals(allow_nan=True).map(str),
+    st.integers(-(10**30), 10**30).map(str),  # JSON integers, '-0' among them
+    st.from_regex(r"\A[-+]?\d{0,20}(\.\d{0,20})?([eE][-+]?\d{1,4})?\Z"),
+    st.text(alphabet='0123456789.-+eE,[]{} \t_nulaNfiCHKM%"trsx', max_size=12),
+    st.sampled_from(
+        [
+            "null",
+            "-0",
+            "1e999",
+            "-1e400",
+            "nan",
+            "1,234",
+            "C193.10",
+            "1.2M",
+            "28.4%",
+            "true",
+            "[1]",
+            '"1"',
+            "1]",
+            " 1.5 ",
+            "1_000",
+            "\u00a01",
+        ]
+    ),
+)
+
+
+@given(st.lists(_numeral, min_size=1, max_size=10))
+def test_numbers_parsed_as_one_array_are_what_parse_value_gives_each(texts: list[str]) -> None:
+    """The book parses a row's prices and Greeks as one JSON array: exactly the floats
+    (bit for bit) and Nones `parse_value` gives each text, or None (parse them one by
+    one), whatever the texts hold; plain numbers never take the slow path."""
+    values = p._plain_numbers(f"[{','.join(texts)}]", len(texts))
+    if values is not None:
+        assert _bits(values) == _bits([p.parse_value(t) for t in texts])
+    if all(t == "null" or _is_float_repr(t) for t in texts):
+        assert values is not None
+
+
+def _is_float_repr(text: str) -> bool:
+    """A finite float's repr with a point ('0.3062', '-1.5e-07'), as brokers send."""
+    try:
+        return "." in text and text == repr(float(text)) and math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+@given(_numeral.map(lambda t: t + "%") | st.from_regex(r"\A-?\d{1,8}(\.\d{1,8})?%\Z"))
+def test_a_percent_iv_parsed_in_the_array_is_what_parse_fraction_gives(raw: str) -> None:
+    """The book's IV ('28.4%') rides in the same array as '28.4e-2': when that parses,
+    it is `parse_fraction`'s value, bit for bit."""
+    if len(raw) > 16:
+        return  # the book sends longer ones to parse_fraction
+    values = p._plain_numbers(f"[{raw[:-1]}e-2]", 1)
+    if values is not None:
+        assert _bits(values) == _bits([p.parse_fraction(raw)])
+
+
+_field_id = st.one_of(
+    st.sampled_from(sorted(p._KNOWN_IDS)),
+    st.sampled_from(["", "55", "x7308", "7308x", "a", "_x", "\u0663", *p._SMD_META]),
+    st.text(max_size=4),
+)
+
+
+@given(
+    st.dictionaries(
+        _field_id,
+        st.one_of(
+            st.text(max_size=6),
+            st.integers(-(2**63), 2**63 - 1),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.none(),
+        ),
+        max_size=12,
+    )
+)
+def test_market_data_fields_are_the_digit_keyed_ones_whatever_a_frame_holds(
+    extra: dict[str, Any],
+) -> None:
+    """The smd fast paths (all meta keys present, every id a known one) keep exactly
+    the fields a plain filter keeps: ids starting with a digit, values as text."""
+    # (an `_updated` like '²' passes isdigit() but not int(): a Malformed frame)
+    extra.pop("_updated", None)
+    frame = {**extra, "topic": "smd+265598", "conid": 265598}
+    event = p.parse_frame(orjson.dumps(frame).decode())
+    assert isinstance(event, p.MarketData)
+    expected = {
+        k: p._as_text(v) for k, v in frame.items() if k not in p._SMD_META and k[:1].isdigit()
+    }
+    assert event.fields == expected

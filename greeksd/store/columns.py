@@ -26,7 +26,9 @@ So it writes each field itself: floats, timestamps, the fingerprint and the payl
 and the values that repeat row after row (text, dates, numerics: the contract's identity,
 broker, source, instance) through psycopg's own dumper once per distinct object,
 remembered by identity (never by equality: `Decimal('1')` and `Decimal('1.0')` are equal
-but are different numerics).
+but are different numerics). A contract's identity columns (broker to quantity) are
+remembered together, one lookup for the nine, as long as the row's objects are the
+very ones remembered.
 """
 
 from __future__ import annotations
@@ -244,6 +246,9 @@ _MEMO_LIMIT = 4096  # distinct objects per column before its memo starts over
 # object where equal values may differ in bytes (numeric: 1 and 1.0).
 _MEMO_TYPES = frozenset({"text", "date", "numeric"})
 _BY_VALUE = frozenset({"text", "date"})
+_RUN_KEY = "contract_key"
+"""The column whose object keys the identity run's memo: one per contract (the key text
+a `Contract` renders once), where the other identity columns repeat across contracts."""
 
 
 def _dumper(pg_type: str) -> Callable[[Any], Any]:
@@ -284,7 +289,14 @@ _BINARY: dict[str, str] = {  # each other type as a field: an expression over `{
     # psycopg's JsonbBinaryDumper: format version 1, then the JSON
     "jsonb": "(_NULL if {v} is None else _field(b'\\x01' + _dumps({v})))",
 }
+# `_fingerprint_of(fp)` as an int8 field without the 64-bit int: subtracting 2**63 from
+# (crc << 32 | adler) flips its top bit, so its big-endian bytes are crc's with the top
+# bit flipped, then adler's
+_FINGERPRINT_FIELD = "_F_FP(8, _crc32(fp) ^ 0x80000000, _adler32(fp))"
 _BINARY_NAMES: dict[str, Any] = {
+    "_F_FP": struct.Struct(">iII").pack,
+    "_crc32": zlib.crc32,
+    "_adler32": zlib.adler32,
     "_NULL": _NULL,
     "_F_F8": _F_F8,
     "_F_I8": _F_I8,
@@ -295,43 +307,110 @@ _BINARY_NAMES: dict[str, Any] = {
 }
 
 
+def _identity_run() -> list[Column]:
+    """The run of remembered columns around `_RUN_KEY`: attributes next to each other in
+    the table (the contract's identity, broker to quantity), written as one memo entry."""
+    at = next(i for i, c in enumerate(_WRITTEN) if c.name == _RUN_KEY)
+    start, end = at, at + 1
+    while (
+        start > 0 and _WRITTEN[start - 1].pg_type in _MEMO_TYPES and _WRITTEN[start - 1].attribute
+    ):
+        start -= 1
+    while end < len(_WRITTEN) and _WRITTEN[end].pg_type in _MEMO_TYPES and _WRITTEN[end].attribute:
+        end += 1
+    return list(_WRITTEN[start:end])
+
+
+def _memo_lines(c: Column) -> list[str]:
+    """`f_<name>`, the field of remembered column `c`, from its own memo."""
+    if c.pg_type in _BY_VALUE:
+        return [
+            f"f_{c.name} = _memo_{c.name}.get({c.name})"
+            f" or _remember(_memo_{c.name}, _dump_{c.name}, {c.name}, {c.name})"
+        ]
+    return [
+        f"e = _memo_{c.name}.get(id({c.name}))",
+        f"f_{c.name} = e[1] if e is not None and e[0] is {c.name} else "
+        f"_remember(_memo_{c.name}, _dump_{c.name}, {c.name}, id({c.name}))",
+    ]
+
+
 def _encode_source() -> str:
     """`encode_row`: snapshot_row's values, each written as a binary COPY field. A
-    remembered column is looked up by its raw value; its codec runs on a miss only."""
+    remembered column is looked up by its raw value; its codec runs on a miss only.
+
+    The identity run (`_identity_run`) is one lookup instead of one per column: an entry
+    keyed by the id of the row's `_RUN_KEY` holds the run's objects, their fields joined,
+    and their fingerprint values; it is used only when every one of the row's objects
+    *is* the entry's (so a changed quantity, multiplier or account, or any other object
+    equal or not, takes the per-column memos, and the entry is replaced). The entry
+    keeps its objects alive, so an id in the memo is never reused by another object."""
     memo = [c for c in _WRITTEN if c.pg_type in _MEMO_TYPES]
     assert all(c.codec.copy == "{v}" for c in memo if c.fingerprinted), "fingerprints raw"
+    run = _identity_run()
+    run_prints = [c for c in run if c.fingerprinted]
     # jsonb: the dict itself, not the Jsonb wrapper snapshot_row hands psycopg
     raw = [c for c in _WRITTEN if c.pg_type == "jsonb"]
     lines, values = _row_body(frozenset(c.name for c in memo + raw))
+    for c in run_prints:  # the fingerprint takes these from the run's entry
+        packed = f"_NAN if {c.name} is None else {c.codec.fingerprint.format(v=c.name)}"  # type: ignore[union-attr]
+        assert packed in values["fingerprint"], f"{c.name} not in the fingerprint"
+        values["fingerprint"] = values["fingerprint"].replace(packed, f"fp_{c.name}")
     source = [
         f"def _dump_{c.name}(v):\n    return _psycopg_{c.pg_type}({c.codec.copy.format(v='v')})"
         for c in memo
     ]
     lines.insert(0, f"def encode_row(s, {', '.join(f'{p}=None' for p in _PARAMETERS)}):")
+    names = [c.name for c in run]
+    lines += [f"    {name} = s.{name}" for name in names]
+    entry = len(run)
+    lines += [
+        f"    e = _memo_run.get(id({_RUN_KEY}))",
+        "    if e is not None and "
+        + " and ".join(f"e[{i}] is {name}" for i, name in enumerate(names))
+        + ":",
+        f"        f_run = e[{entry}]",
+        *(f"        fp_{c.name} = e[{entry + 1 + i}]" for i, c in enumerate(run_prints)),
+        "    else:",
+        *(f"        {line}" for c in run for line in _memo_lines(c)),
+        f"        f_run = b''.join(({', '.join('f_' + name for name in names)},))",
+        *(
+            f"        fp_{c.name} = _NAN if {c.name} is None else "
+            f"{c.codec.fingerprint.format(v=c.name)}"  # type: ignore[union-attr]
+            for c in run_prints
+        ),
+        "        if len(_memo_run) >= _MEMO_LIMIT:",
+        "            _memo_run.clear()",
+        f"        _memo_run[id({_RUN_KEY})] = ({', '.join(names)}, f_run, "
+        f"{', '.join('fp_' + c.name for c in run_prints)})",
+    ]
     for c in _WRITTEN:
         assert c.pg_type is not None
+        if c in run:
+            continue
         if (c in memo or c in raw) and c.attribute:
             lines.append(f"    {c.name} = s.{c.name}")
-        if c in memo and c.pg_type in _BY_VALUE:
-            lines.append(
-                f"    f_{c.name} = _memo_{c.name}.get({c.name})"
-                f" or _remember(_memo_{c.name}, _dump_{c.name}, {c.name}, {c.name})"
-            )
-        elif c in memo:
-            lines += [
-                f"    e = _memo_{c.name}.get(id({c.name}))",
-                f"    f_{c.name} = e[1] if e is not None and e[0] is {c.name} else "
-                f"_remember(_memo_{c.name}, _dump_{c.name}, {c.name}, id({c.name}))",
-            ]
+        if c in memo:
+            lines += [f"    {line}" for line in _memo_lines(c)]
+        elif c.name == "fingerprint":
+            packed = values[c.name].removeprefix("_fingerprint_of(").removesuffix(")")
+            assert packed != values[c.name], "the fingerprint is _fingerprint_of(packed)"
+            lines += [f"    fp = {packed}", f"    f_{c.name} = {_FINGERPRINT_FIELD}"]
         else:
             lines.append(f"    f_{c.name} = {_BINARY[c.pg_type].format(v=values[c.name])}")
-    lines.append(f"    return b''.join((_COUNT, {', '.join('f_' + c.name for c in _WRITTEN)}))")
+    fields = ["f_run"] + [f"f_{c.name}" for c in _WRITTEN if c not in run]
+    lines.append(f"    return b''.join((_COUNT, {', '.join(fields)}))")
     return "\n\n".join([*source, "\n".join(lines)])
 
 
 def _binary_names() -> dict[str, Any]:
-    """What `encode_row` uses: psycopg's dumper per remembered type, a memo per column."""
-    names: dict[str, Any] = {"_COUNT": struct.pack(">h", len(_WRITTEN))}
+    """What `encode_row` uses: psycopg's dumper per remembered type, a memo per column,
+    the identity run's memo."""
+    names: dict[str, Any] = {
+        "_COUNT": struct.pack(">h", len(_WRITTEN)),
+        "_memo_run": {},
+        "_MEMO_LIMIT": _MEMO_LIMIT,
+    }
     for c in _WRITTEN:
         if c.pg_type in _MEMO_TYPES:
             names[f"_memo_{c.name}"] = {}
