@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import gzip
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -277,7 +277,7 @@ class FixtureRecords:
         except (EOFError, OSError) as exc:  # gzip: a member cut short, or garbage after it
             self._reject("fixture_truncated", reason=f"{type(exc).__name__}: {exc}"[:200])
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Generator[Record, None, None]:
         keeps = None if self._part is None else self._part.keeps
         with self._f:
             for number, line in enumerate(self._lines(), start=2):

@@ -238,9 +238,9 @@ async def replay_fixture(
     if stop is None:
         stop = trio.Event()
     header, fixture = read_fixture(path)
-    records = iter(fixture)
+    records = fixture.__iter__()  # (a generator: closing it closes the file)
     first = next(records, None)
-    records.close()  # type: ignore[attr-defined]  # a generator: closes the file
+    records.close()
     started = time.perf_counter()
     if first is None:
         return ReplayStats(rejected_records=fixture.rejected)
