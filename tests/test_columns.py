@@ -4,6 +4,7 @@ the spool records earlier versions wrote, and the fingerprint stored rows carry.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -123,6 +124,29 @@ def _stored(conn: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
     return conn.execute(f"SELECT {columns} FROM {table} ORDER BY {columns}").fetchall()
 
 
+def _stored_both_ways(
+    db_url: str, chunks: Iterable[bytes], rows: Sequence[Sequence[Any]]
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """What the table holds after greeksd's binary COPY of `chunks`, and after psycopg's
+    own COPY of the same `rows` (snapshot_row's values), each into a fresh table."""
+    with psycopg.connect(db_url) as conn:
+        for table in ("by_psycopg", "by_greeksd"):
+            conn.execute(f"CREATE TEMP TABLE {table} (LIKE greek_snapshots INCLUDING DEFAULTS)")
+        with conn.cursor() as cur:
+            copy_rows(
+                cur,
+                f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
+                chunks,
+            )
+            with cur.copy(
+                f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(COPY_TYPES)
+                for row in rows:
+                    copy.write_row(row)
+        return _stored(conn, "by_greeksd"), _stored(conn, "by_psycopg")
+
+
 def test_encode_row_stores_what_psycopg_stores_from_snapshot_row(db_url: str) -> None:
     """The writer's own binary rows and psycopg's COPY of the same snapshots' tuples
     leave the same text in every column: NULLs, non-finite floats, numerics equal but
@@ -143,24 +167,13 @@ def test_encode_row_stores_what_psycopg_stores_from_snapshot_row(db_url: str) ->
             source_payload={"7308": "0.5", "nested": [1, None, "é"]},
         ),
     ]
-    with psycopg.connect(db_url) as conn:
-        for table in ("by_psycopg", "by_greeksd"):
-            conn.execute(f"CREATE TEMP TABLE {table} (LIKE greek_snapshots INCLUDING DEFAULTS)")
-        with conn.cursor() as cur:
-            copy_rows(
-                cur,
-                f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
-                CopyRows(snapshots * 2, "desk-1").chunks(),
-            )
-            with cur.copy(
-                f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.set_types(COPY_TYPES)
-                for s in snapshots * 2:
-                    copy.write_row(snapshot_row(s, "desk-1"))
-        expected = _stored(conn, "by_psycopg")
-        assert len(expected) == 10
-        assert _stored(conn, "by_greeksd") == expected
+    by_greeksd, by_psycopg = _stored_both_ways(
+        db_url,
+        CopyRows(snapshots * 2, "desk-1").chunks(),
+        [snapshot_row(s, "desk-1") for s in snapshots * 2],
+    )
+    assert len(by_psycopg) == 10
+    assert by_greeksd == by_psycopg
 
 
 def test_copy_rows_encodes_each_chunk_once_and_sends_the_same_bytes_again() -> None:
@@ -214,24 +227,9 @@ def test_the_remembered_identity_follows_every_change_of_a_contracts_objects(
         expected.append(snapshot_row(in_place, "desk-1"))
     encoded += [encode_row(v, "desk-1") for v in variants]
     expected += [snapshot_row(v, "desk-1") for v in variants]
-    with psycopg.connect(db_url) as conn:
-        for table in ("by_psycopg", "by_greeksd"):
-            conn.execute(f"CREATE TEMP TABLE {table} (LIKE greek_snapshots INCLUDING DEFAULTS)")
-        with conn.cursor() as cur:
-            copy_rows(
-                cur,
-                f"COPY by_greeksd ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
-                [b"".join(encoded)],
-            )
-            with cur.copy(
-                f"COPY by_psycopg ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.set_types(COPY_TYPES)
-                for row in expected:
-                    copy.write_row(row)
-        stored = _stored(conn, "by_greeksd")
-        assert len(stored) == len(expected)
-        assert stored == _stored(conn, "by_psycopg")
+    stored, by_psycopg = _stored_both_ways(db_url, [b"".join(encoded)], expected)
+    assert len(stored) == len(expected)
+    assert stored == by_psycopg
     # numerics stored as text keep their scale: 1 and 1.0 both made it
     quantities = {row[COPY_COLUMNS.index("quantity")] for row in stored}
     assert {"1", "1.0", "5", "-3", None} <= quantities
