@@ -88,10 +88,18 @@ def plan(header: dict[str, Any], size: int, processes: int = AUTO) -> list[Sourc
         if isinstance(named, list)
         else []
     )
-    limit = processes if processes > 0 else len(os.sched_getaffinity(0))
+    limit = processes if processes > 0 else usable_cpus()
     count = max(1, min(limit, len(sources)))
     shares = tuple(frozenset(sources[i::count]) for i in range(count))
     return [SourcePart(i, shares) for i in range(count)]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (Linux: its affinity, e.g. under `taskset` or a
+    container's cpuset; elsewhere the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
