@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,12 @@ class SourcePart:
 
     index: int
     sources: tuple[frozenset[str], ...]
+    # the other parts' sources in one set: `keeps` runs once per fixture line
+    _others: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        others = frozenset().union(*(s for i, s in enumerate(self.sources) if i != self.index))
+        object.__setattr__(self, "_others", others)
 
     @property
     def reports_damage(self) -> bool:
@@ -69,7 +75,7 @@ class SourcePart:
     def keeps(self, source: Any) -> bool:
         if self.index:
             return source in self.sources[self.index]
-        return not any(source in other for other in self.sources[1:])
+        return source not in self._others
 
     def describe(self) -> str:
         named = ",".join(sorted(self.sources[self.index])) or "-"
